@@ -1,0 +1,53 @@
+"""Build and install rto_fast: `pip install .` or `pip install -e .` (add `[test]` / `[bench]` for the extras).
+
+The package is `rto_fast/`; the Triton kernels in `kernels/` install as the subpackage `rto_fast.kernels` (never as
+a top-level `kernels`, which would shadow the Hub package transformers imports); `csrc/*.cpp` builds with pybind11
+into `rto_fast._C`. A failed C++ build fails the install: there is no silent fallback.
+"""
+
+import sys
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+extensions = [
+    Pybind11Extension(
+        "rto_fast._C",
+        sorted(glob("csrc/*.cpp")),
+        cxx_std=17,
+        extra_compile_args=["-O3", *openmp],
+        extra_link_args=openmp,
+    )
+]
+
+packages = find_packages(include=["rto_fast", "rto_fast.*"]) + ["rto_fast.kernels"]
+
+setup(
+    name="rto_fast",
+    version="0.1.0",
+    description="Fast Reinforced Token Optimization (RTO) for RLHF: fused Triton ops and a lean trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"rto_fast": "rto_fast", "rto_fast.kernels": "kernels"},
+    ext_modules=extensions,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.46",
+        "datasets>=2.20",
+        "deepspeed>=0.15",
+        "safetensors",
+        "pyyaml",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "trl", "liger-kernel"],
+        "bench": ["trl", "liger-kernel"],
+    },
+    zip_safe=False,
+)
