@@ -46,7 +46,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "trl", "liger-kernel"],
+        "test": ["pytest>=8", "trl", "liger-kernel", "pybind11>=2.12", "wheel"],
         "bench": ["trl", "liger-kernel"],
     },
     zip_safe=False,
