@@ -298,7 +298,9 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, values=None, old_value
         if value_clip is None:
             v_clipped = v
         else:
-            v_clipped = old_v + (v - old_v).clamp(-value_clip, value_clip)
+            # clamp(v, old - c, old + c) rather than old + clamp(v - old, -c, c): mathematically the same, but
+            # exactly v inside the range, so rounding never counts an unclipped token in vf_clipfrac.
+            v_clipped = torch.clamp(v, old_v - value_clip, old_v + value_clip)
         loss_unclipped = (v - ret).square()
         loss_clipped = (v_clipped - ret).square()
         vf = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
