@@ -33,6 +33,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"rto_fast": "rto_fast", "rto_fast.kernels": "kernels"},
+    package_data={"rto_fast": ["assets/tokenizer/*"]},
     ext_modules=extensions,
     cmdclass={"build_ext": build_ext},
     install_requires=[

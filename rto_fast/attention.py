@@ -1,0 +1,353 @@
+"""Attention for packed streams: one backend per process, plugged into transformers; `packed_forward` calls a model.
+
+Usage:
+    from rto_fast.attention import packed_forward
+    logits = packed_forward(model, batch).logits        # batch: rto_fast.packing.PackedBatch, a (1, N) stream
+
+`packed_forward` calls the model with `input_ids`, `position_ids` (restarting at 0 per sequence), `use_cache=False`
+and NO `attention_mask`, plus `cu_seq_lens_q/k` and `max_length_q/k` for flash-style backends. The KV cache and an
+attention mask are exactly what would make transformers attend across sequences (DESIGN.md "Traps").
+
+Backends, decided once per process and device type and logged (`logging`, logger `rto_fast.attention`):
+- CUDA: flash-attn's varlen kernel when `flash_attn` imports; else `torch.nn.attention.varlen.varlen_attn` when this
+  torch has it; else FlexAttention with a document mask. These run inside the attention function registered with
+  transformers as "rto_fast_packed" (`AttentionInterface.register`), so any causal LM built on transformers'
+  attention interface works. flash and varlen need fp16/bf16 inputs: fp32 calls go to FlexAttention.
+- CPU: transformers' own "sdpa" implementation, which splits documents from `position_ids` when there is no
+  attention mask and no cache.
+Force one with RTO_FAST_ATTENTION=sdpa|flex|flash|varlen (or `set_backend(name)` in tests); on CPU "flex" runs
+FlexAttention unfused (slow, forward only: torch has no CPU flex backward; for testing the registered path).
+
+Calls that are not packed streams (generation: a padding mask, a KV cache, several rows) take a plain masked sdpa
+path inside the registered function, so `model.generate` still works with the packed implementation set.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "flex", "flash", "varlen")
+ENV_VAR = "RTO_FAST_ATTENTION"
+PACKED_IMPLEMENTATION = "rto_fast_packed"
+# Implementations that find sequence boundaries from position_ids themselves and need no cu_seqlens keywords.
+_POSITION_IDS_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+_forced_backend: str | None = None
+_chosen: dict[str, str] = {}
+
+
+# ------------------------------------------------------------------------------------------------ backend choice
+
+def set_backend(name: str | None) -> None:
+    """Test hook: force a backend for this process (None: back to RTO_FAST_ATTENTION or automatic). Clears the
+    cached choice."""
+    global _forced_backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    _forced_backend = name
+    _chosen.clear()
+
+
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # a broken build raises more than ImportError
+        return False
+    return True
+
+
+@functools.cache
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def select_backend(device: torch.device | str | None = None) -> str:
+    """The packed-attention backend for `device` ('cuda' when available, else 'cpu', when None); decided once per
+    device type and logged."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    if device_type in _chosen:
+        return _chosen[device_type]
+    forced = _forced_backend or os.environ.get(ENV_VAR) or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {forced!r}")
+        if forced == "flash" and not _flash_attn_available():
+            raise RuntimeError(f"{ENV_VAR}=flash but flash_attn does not import")
+        if forced == "varlen" and _torch_varlen_attn() is None:
+            raise RuntimeError(f"{ENV_VAR}=varlen but torch {torch.__version__} has no torch.nn.attention.varlen")
+        if forced in ("flash", "varlen") and device_type != "cuda":
+            raise RuntimeError(f"{ENV_VAR}={forced} needs CUDA tensors, not {device_type}")
+        backend, reason = forced, f"forced by {ENV_VAR} or set_backend"
+    elif device_type == "cuda":
+        if _flash_attn_available():
+            backend, reason = "flash", "flash_attn imports"
+        elif _torch_varlen_attn() is not None:
+            backend, reason = "varlen", "torch.nn.attention.varlen is available, flash_attn is not"
+        else:
+            backend, reason = "flex", "neither flash_attn nor torch varlen attention is available"
+    else:
+        backend, reason = "sdpa", f"{device_type} tensors: transformers sdpa splits documents from position_ids"
+    _chosen[device_type] = backend
+    logger.info("rto_fast packed attention on %s: %s (%s)", device_type, backend, reason)
+    return backend
+
+
+def model_attn_implementation(device: torch.device | str | None = None) -> str:
+    """The `attn_implementation` to give `from_pretrained` / `from_config` for packed streams on `device`."""
+    if select_backend(device) == "sdpa":
+        return "sdpa"
+    register_packed_attention()
+    return PACKED_IMPLEMENTATION
+
+
+def configure_packed_attention(model: torch.nn.Module, device: torch.device | str | None = None) -> str:
+    """Switch an already built transformers model to the implementation for `device` (default: its parameters'
+    device); returns the implementation name."""
+    if device is None:
+        device = next(model.parameters()).device
+    implementation = model_attn_implementation(device)
+    if _model_config(model)._attn_implementation != implementation:
+        model.set_attn_implementation(implementation)
+    return implementation
+
+
+@functools.cache
+def register_packed_attention() -> None:
+    """Register "rto_fast_packed" with transformers (attention function and mask function); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention)
+    # Like flash attention: no (N, N) mask is ever built; a 2D padding mask (generation) is passed through as is.
+    AttentionMaskInterface.register(PACKED_IMPLEMENTATION, flash_attention_mask)
+
+
+# ------------------------------------------------------------------------------------------------ the call
+
+def _model_config(model: torch.nn.Module):
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "module"):  # DeepSpeed engine, DDP
+        config = getattr(model.module, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no transformers config")
+    return config
+
+
+def packed_forward(model: torch.nn.Module, batch, **model_kwargs):
+    """Run `model` on a packed `(1, N)` stream (`rto_fast.packing.PackedBatch`) and return the model's output.
+
+    Always `use_cache=False` and no `attention_mask`; `model_kwargs` go to the model (e.g. `output_hidden_states`).
+    The batch is moved to the model's device when it is elsewhere."""
+    for name in ("attention_mask", "use_cache", "past_key_values"):
+        if name in model_kwargs:
+            raise ValueError(f"packed_forward: {name} must not be passed; packed streams never use it")
+    device = next(model.parameters()).device
+    if batch.input_ids.device != device:
+        batch = batch.to(device)
+    call_kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if _model_config(model)._attn_implementation not in _POSITION_IDS_IMPLEMENTATIONS:
+        # Flash-style backends (ours and transformers' flash_attention_*) read the boundaries directly.
+        call_kwargs.update(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                           max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+    return model(**call_kwargs, **model_kwargs)
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(1, N) position_ids restarting at 0 per sequence -> (cu_seqlens int32 (S+1,), max_seqlen)."""
+    positions = position_ids.reshape(-1)
+    starts = torch.nonzero(positions == 0).flatten()
+    if starts.numel() == 0 or starts[0] != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    total = torch.tensor([positions.numel()], device=positions.device, dtype=starts.dtype)
+    cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
+    """The attention function registered as "rto_fast_packed". query (B, H, T, D), key/value (B, Hkv, S, D);
+    returns ((B, T, H, D), None) like transformers' own implementations."""
+    batch_size, num_heads, q_length, head_dim = query.shape
+    kv_length = key.shape[2]
+    if scaling is None:
+        scaling = head_dim**-0.5
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("rto_fast packed attention supports neither logit softcapping nor attention sinks")
+    packed_stream = batch_size == 1 and attention_mask is None and q_length == kv_length
+    if not packed_stream:
+        return _masked_sdpa(query, key, value, attention_mask, scaling), None
+
+    if cu_seq_lens_q is None:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(q_length, device=query.device)[None]
+        cu_seq_lens_q, max_length_q = cu_seqlens_from_position_ids(position_ids)
+    elif max_length_q is None:
+        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and max_length_q > sliding_window:
+        raise NotImplementedError(f"sequence of {max_length_q} tokens exceeds the model's sliding window "
+                                  f"({sliding_window}); rto_fast packed attention has no sliding windows")
+
+    backend = select_backend(query.device)
+    if backend in ("flash", "varlen") and query.dtype not in (torch.float16, torch.bfloat16):
+        _warn_fp32_fallback(backend)
+        backend = "flex"
+    if dropout > 0.0 and backend != "flash":
+        raise NotImplementedError(f"attention dropout {dropout} is not supported by the {backend} packed backend; "
+                                  "set the model config's attention dropout to 0")
+    cu_seqlens = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
+    if backend == "flash":
+        output_THD = _flash(query, key, value, cu_seqlens, int(max_length_q), dropout, scaling)
+    elif backend == "varlen":
+        output_THD = _varlen(query, key, value, cu_seqlens, int(max_length_q), scaling)
+    elif backend == "flex":
+        return _flex(query, key, value, cu_seqlens, scaling), None
+    else:
+        output_THD = _per_sequence_sdpa(query, key, value, cu_seqlens, scaling)
+    return output_THD.unsqueeze(0), None
+
+
+@functools.cache
+def _warn_fp32_fallback(backend: str) -> None:
+    logger.warning("rto_fast packed attention: %s needs fp16/bf16 inputs; fp32 calls use FlexAttention", backend)
+
+
+def _to_THD(tensor_BHTD: torch.Tensor) -> torch.Tensor:
+    # Usually already contiguous: models build q/k/v as (B, T, H, D) and transpose to (B, H, T, D).
+    return tensor_BHTD[0].transpose(0, 1).contiguous()
+
+
+def _flash(query, key, value, cu_seqlens, max_seqlen, dropout, scaling):
+    from flash_attn import flash_attn_varlen_func
+
+    # flash-attn handles grouped-query attention itself (fewer KV heads).
+    return flash_attn_varlen_func(_to_THD(query), _to_THD(key), _to_THD(value), cu_seqlens, cu_seqlens,
+                                  max_seqlen, max_seqlen, dropout_p=dropout, softmax_scale=scaling, causal=True)
+
+
+def _repeat_kv_heads(tensor_BHTD: torch.Tensor, num_heads: int) -> torch.Tensor:
+    repeats = num_heads // tensor_BHTD.shape[1]
+    return tensor_BHTD if repeats == 1 else tensor_BHTD.repeat_interleave(repeats, dim=1)
+
+
+def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling):
+    varlen_attn = _torch_varlen_attn()
+    parameters = inspect.signature(varlen_attn).parameters
+    options = {}
+    # The causal switch changed name across torch versions (is_causal in 2.10, window_size later).
+    if "window_size" in parameters:
+        options["window_size"] = (-1, 0)
+    elif "is_causal" in parameters:
+        options["is_causal"] = True
+    else:
+        raise RuntimeError(f"torch {torch.__version__} varlen_attn has no causal option")
+    if "scale" in parameters:
+        options["scale"] = scaling
+    elif abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
+        raise RuntimeError(f"torch {torch.__version__} varlen_attn takes no scale; the model needs {scaling}")
+    num_heads = query.shape[1]
+    if key.shape[1] != num_heads:
+        if "enable_gqa" in parameters:
+            options["enable_gqa"] = True
+        else:
+            key, value = _repeat_kv_heads(key, num_heads), _repeat_kv_heads(value, num_heads)
+    return varlen_attn(_to_THD(query), _to_THD(key), _to_THD(value), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                       **options)
+
+
+_block_mask_cache: tuple = (None, None)
+
+
+def _document_block_mask(cu_seqlens: torch.Tensor, length: int):
+    """BlockMask for causal attention within documents; cached for the last cu_seqlens tensor, which every layer
+    of one forward pass shares."""
+    global _block_mask_cache
+    cached_cu_seqlens, cached_mask = _block_mask_cache
+    if cached_cu_seqlens is cu_seqlens:
+        return cached_mask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    document_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+
+    def document_causal(batch, head, q_index, kv_index):
+        return (document_ids[q_index] == document_ids[kv_index]) & (kv_index <= q_index)
+
+    options = {}
+    if cu_seqlens.is_cuda and "_compile" in inspect.signature(create_block_mask).parameters:
+        options["_compile"] = True  # uncompiled, create_block_mask materializes the (N, N) mask first
+    block_mask = create_block_mask(document_causal, None, None, length, length, device=cu_seqlens.device, **options)
+    _block_mask_cache = (cu_seqlens, block_mask)
+    return block_mask
+
+
+@functools.cache
+def _flex_attention_function(device_type: str):
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type == "cuda":
+        # Unfused flex materializes the (N, N) scores; compiled it is a fused kernel.
+        return torch.compile(flex_attention)
+    # The CPU path exists for tests of the registered function: eager is enough.
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
+
+
+def _flex(query, key, value, cu_seqlens, scaling):
+    block_mask = _document_block_mask(cu_seqlens, query.shape[2])
+    flex_attention = _flex_attention_function(query.device.type)
+    output_BHTD = flex_attention(query, key, value, block_mask=block_mask, scale=scaling,
+                                 enable_gqa=key.shape[1] != query.shape[1])
+    return output_BHTD.transpose(1, 2).contiguous()
+
+
+def _per_sequence_sdpa(query, key, value, cu_seqlens, scaling):
+    """Exact per-document causal sdpa, one call per sequence: the CPU fallback when a model set to the packed
+    implementation runs on CPU."""
+    num_heads = query.shape[1]
+    key, value = _repeat_kv_heads(key, num_heads), _repeat_kv_heads(value, num_heads)
+    outputs = []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end],
+                                                      value[:, :, start:end], is_causal=True, scale=scaling))
+    return torch.cat(outputs, dim=2)[0].transpose(0, 1)
+
+
+def _masked_sdpa(query, key, value, attention_mask, scaling):
+    """Generation and padded batches: causal (offset by the cached length) and padding mask, plain sdpa."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    num_heads = query.shape[1]
+    key, value = _repeat_kv_heads(key, num_heads), _repeat_kv_heads(value, num_heads)
+    q_positions = torch.arange(q_length, device=query.device)[:, None] + (kv_length - q_length)
+    allowed = torch.arange(kv_length, device=query.device)[None, :] <= q_positions  # (T, S)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            allowed = allowed & attention_mask[:, None, None, -kv_length:].bool()
+        elif attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask
+        else:
+            allowed = allowed & (attention_mask == 0)
+        # A padding query row that sees nothing would give NaN; let it see itself (its output is never used).
+        blind = ~allowed.any(dim=-1, keepdim=True)
+        diagonal = torch.arange(kv_length, device=query.device)[None, :] == q_positions
+        allowed = allowed | (blind & diagonal[None, None])
+    output_BHTD = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return output_BHTD.transpose(1, 2).contiguous()

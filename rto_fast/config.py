@@ -1,0 +1,479 @@
+"""Trainer configuration: dataclasses with defaults, loaded from YAML and overridden by dotted `key=value` arguments.
+
+Usage:
+    config = load_config("configs/tiny.yaml", ["sft.lr=1e-4", "stages=[sft,dpo]", "runtime.device=cpu"])
+    save_config(config, "runs/x/config.yaml")      # the resolved config, every field
+    print(config_help())                          # every option with its type, default and meaning (`--help`)
+
+A YAML file sets only what differs from the defaults. Unknown keys raise ConfigError naming the full dotted key and
+the closest valid one; values of the wrong type raise ConfigError naming the key, the expected and the given type
+(an int where a float is expected is accepted). Override values are parsed as YAML scalars or lists
+(`stages=[sft,dpo]`, `stages=sft,dpo`, `runtime.deepspeed=null`); a field of type str takes the text as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+# Stages a config may list, in pipeline order. Later stages (rl, eval) join by adding their name and config here.
+STAGES = ("sft", "dpo", "rm")
+DATA_FORMATS = ("hh-rlhf", "preference", "prompt")
+DTYPE_CHOICES = ("fp32", "bf16")
+# Names people carry over from other trainers, mapped to ours, for the "did you mean" hint.
+KEY_ALIASES = {
+    "learning_rate": "lr", "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+    "gradient_accumulation_steps": "grad_accumulation", "gradient_accumulation": "grad_accumulation",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "warmup": "warmup_ratio", "seq_len": "max_prompt_length",
+    "model_name": "name_or_path", "model_path": "name_or_path", "dataset": "source", "output": "output_dir",
+    "torch_dtype": "dtype", "precision": "dtype", "micro_batch_size": "micro_batch_tokens",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: unknown key, wrong type, bad value. The message is one line."""
+
+
+def option(default: Any = None, help: str = "", choices: tuple | None = None, factory: Any = None):
+    """A dataclass field carrying its one-line help (and allowed values), which `config_help` prints."""
+    metadata = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """Models: where each stage's model comes from."""
+
+    name_or_path: str = option("tiny", "base model: a Hub name, a local folder, or 'tiny' (a small Llama built "
+                                       "from a config, with the tokenizer shipped in the package)")
+    tokenizer: str | None = option(None, "tokenizer folder or Hub name; null: the base model's own ('tiny': the "
+                                          "shipped byte-level tokenizer)")
+    dtype: str = option("fp32", "dtype the weights are loaded and trained in", DTYPE_CHOICES)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    sft_path: str | None = option(None, "start after SFT from this model (skips needing the sft stage's output)")
+    dpo_path: str | None = option(None, "the DPO model (RTO's token reward); null: the dpo stage's output")
+    ref_path: str | None = option(None, "the frozen reference model; null: the SFT model")
+    reward_path: str | None = option(None, "the reward model (value-head folder); null: the rm stage's output")
+    critic_path: str | None = option(None, "the critic's starting point; null: the reward model, else the SFT model")
+
+
+@dataclass
+class DataConfig:
+    """Data: source, format, splits, lengths."""
+
+    source: str = option("synthetic", "Hub dataset name, local .jsonl/.json/.parquet/.csv file, or 'synthetic' "
+                                      "(the bundled synthetic preference task)")
+    format: str = option("preference", "hh-rlhf: chosen/rejected transcripts; preference: prompt/chosen/rejected "
+                                       "columns (strings or chat messages); prompt: prompts only", DATA_FORMATS)
+    train_split: str = option("train", "split used for training")
+    test_split: str | None = option("test", "split used for evaluation; null: no evaluation")
+    prompt_field: str = option("prompt", "column holding the prompt (preference and prompt formats)")
+    chosen_field: str = option("chosen", "column holding the preferred response (or transcript for hh-rlhf)")
+    rejected_field: str = option("rejected", "column holding the dispreferred response (or transcript)")
+    max_prompt_length: int = option(256, "prompt tokens kept")
+    max_response_length: int = option(256, "response tokens kept")
+    truncation: str = option("truncate", "truncate: keep a prompt's last max_prompt_length tokens and a response's "
+                                         "first max_response_length; drop: skip (and count) rows over a limit",
+                             ("truncate", "drop"))
+    max_bad_fraction: float = option(0.05, "above this fraction of malformed rows the data is an error")
+    max_train_samples: int | None = option(None, "use at most this many training rows; null: all")
+    max_eval_samples: int | None = option(None, "use at most this many evaluation rows; null: all")
+
+
+@dataclass
+class StageConfig:
+    """Optimisation settings every training stage shares."""
+
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    warmup_ratio: float = option(0.1, "fraction of the optimizer steps spent in linear warmup")
+    lr_schedule: str = option("cosine", "learning-rate schedule after warmup", ("cosine", "constant", "linear"))
+    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of lr (cosine and linear)")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm; null: no clipping")
+    batch_size: int = option(32, "sequences (or tokens, see batch_unit) per optimizer step, over all ranks")
+    batch_unit: str = option("sequences", "what batch_size counts", ("sequences", "tokens"))
+    micro_batch_tokens: int = option(4096, "token budget of one packed micro-batch (forward/backward)")
+    grad_accumulation: int = option(1, "batches whose gradients add up before each optimizer step")
+    epochs: float = option(1.0, "passes over the training split (fractions allowed)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps; null: set by epochs")
+    eval_every: int = option(0, "evaluate every N optimizer steps; 0: only at the end")
+    eval_batch_tokens: int | None = option(None, "token budget of an evaluation micro-batch; null: micro_batch_tokens")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning on the chosen responses (NLL over response tokens)."""
+
+    lr: float = option(2e-5, "peak learning rate (AdamW)")
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Direct preference optimisation against the frozen SFT model."""
+
+    lr: float = option(5e-7, "peak learning rate (AdamW)")
+    beta: float = option(0.1, "DPO temperature beta")
+
+
+@dataclass
+class RMConfig(StageConfig):
+    """Bradley-Terry reward model (value head on the SFT backbone)."""
+
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+
+
+@dataclass
+class RuntimeConfig:
+    """Runtime: device, precision, seed, outputs, checkpoints, distributed."""
+
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    dtype: str = option("fp32", "compute dtype of forward passes: fp32, or bf16 autocast", DTYPE_CHOICES)
+    seed: int = option(0, "seed for weights, data order and sampling")
+    output_dir: str = option("runs/default", "run folder: resolved config, metrics.jsonl, plots, checkpoints, models")
+    log_every: int = option(1, "write metrics every N optimizer steps")
+    checkpoint_every: int = option(100, "checkpoint every N optimizer steps (and at the end); 0: only at the end")
+    keep_last: int = option(2, "checkpoints kept per stage (older ones are deleted)")
+    resume: str = option("auto", "auto: continue from the latest checkpoint in output_dir; never; or a checkpoint "
+                                 "folder")
+    deepspeed: str | dict | None = option(None, "DeepSpeed config (JSON file path or inline mapping); null: plain "
+                                                "PyTorch")
+    progress_bar: bool = option(True, "show a progress bar with step, ETA and tokens/s")
+
+
+@dataclass
+class Config:
+    """rto_fast trainer configuration."""
+
+    stages: list[str] = option(help=f"stages to run, in order, from {list(STAGES)}", factory=lambda: ["sft", "dpo"])
+    model: ModelConfig = option(factory=ModelConfig, help="models")
+    data: DataConfig = option(factory=DataConfig, help="data")
+    sft: SFTConfig = option(factory=SFTConfig, help="sft stage")
+    dpo: DPOConfig = option(factory=DPOConfig, help="dpo stage")
+    rm: RMConfig = option(factory=RMConfig, help="rm stage")
+    runtime: RuntimeConfig = option(factory=RuntimeConfig, help="runtime")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ typing helpers
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+
+
+def _union_members(annotation) -> tuple | None:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return None
+
+
+def _type_name(annotation) -> str:
+    members = _union_members(annotation)
+    if members is not None:
+        return " or ".join("null" if member is type(None) else _type_name(member) for member in members)
+    if typing.get_origin(annotation) is list:
+        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _value_type(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, annotation in _hints(cls).items():
+        key = f"{prefix}{name}"
+        if _is_section(annotation):
+            keys.extend(_all_keys(annotation, key + "."))
+        else:
+            keys.append(key)
+    return keys
+
+
+def _suggest(key: str, cls) -> str:
+    """' (did you mean X?)' with the closest valid dotted key: by the whole key, else by its last part anywhere."""
+    valid = _all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    if KEY_ALIASES.get(leaf) in _hints(cls):
+        return f" (did you mean '{key[: len(key) - len(leaf)]}{KEY_ALIASES[leaf]}'?)"
+    sections = [name for name, annotation in _hints(Config).items() if _is_section(annotation)]
+    match = difflib.get_close_matches(key, valid + sections, n=1, cutoff=0.6)
+    if not match:
+        by_leaf = {candidate.rsplit(".", 1)[-1]: candidate for candidate in reversed(valid)}
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        match = [by_leaf[close[0]]] if close else []
+    if match:
+        return f" (did you mean '{match[0]}'?)"
+    return f"; valid keys here: {', '.join(sorted(_hints(cls)))}"
+
+
+def _coerce(value, annotation, key: str):
+    """`value` as `annotation`, or ConfigError naming the key and both types."""
+    members = _union_members(annotation)
+    if members is not None:
+        if value is None and type(None) in members:
+            return None
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return _coerce(value, member, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_value_type(value)} ({value!r})")
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_value_type(value)} ({value!r})")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected dict, got {_value_type(value)} ({value!r})")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        # YAML reads 1e-5 as a string (no dot in the mantissa): accept the numeric spellings.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_value_type(value)} ({value!r})")
+
+
+def _accepts_str(annotation) -> bool:
+    members = _union_members(annotation)
+    return annotation is str or (members is not None and str in members)
+
+
+def _build(cls, values: dict | None, prefix: str = ""):
+    """An instance of dataclass `cls` from a (possibly partial) mapping, recursively, with checks."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_value_type(values)}")
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, cls)}")
+        annotation = hints[name]
+        if _is_section(annotation):
+            kwargs[name] = _build(annotation, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, annotation, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, raw: str) -> None:
+    """Apply one `key=raw` override to the nested mapping `tree`, checking the key against the dataclasses."""
+    parts = key.split(".")
+    cls = Config
+    node = tree
+    for depth, part in enumerate(parts):
+        hints = _hints(cls)
+        dotted = ".".join(parts[: depth + 1])
+        if part not in hints:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, cls)}")
+        annotation = hints[part]
+        last = depth == len(parts) - 1
+        if _is_section(annotation):
+            if last:
+                example = next(iter(_hints(annotation)))
+                raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. {key}.{example}=...")
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: expected a mapping")
+            cls = annotation
+            continue
+        if not last:
+            raise ConfigError(f"unknown config key '{key}': '{dotted}' is not a section")
+        node[part] = _parse_override(raw, annotation)
+
+
+def _parse_override(raw: str, annotation):
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is not None and not isinstance(value, str) and _accepts_str(annotation) \
+            and not isinstance(value, (dict, list)):
+        return raw  # a path or name that YAML would read as a number or a date
+    if isinstance(value, str) and typing.get_origin(annotation) is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def _choices_of(cls) -> dict[str, tuple]:
+    return {item.name: item.metadata.get("choices") for item in dataclasses.fields(cls) if item.metadata.get("choices")}
+
+
+def _validate(config: Config) -> Config:
+    def check_choices(section, prefix):
+        for name, choices in _choices_of(type(section)).items():
+            value = getattr(section, name)
+            if value not in choices:
+                raise ConfigError(f"{prefix}{name}: must be one of {list(choices)}, got {value!r}")
+
+    def positive(key, value, allow_zero=False):
+        if value is None:
+            return
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+    if not config.stages:
+        raise ConfigError(f"stages: list at least one of {list(STAGES)}")
+    for i, stage in enumerate(config.stages):
+        if stage not in STAGES:
+            close = difflib.get_close_matches(stage, STAGES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"stages[{i}]: unknown stage {stage!r}{hint}; allowed: {list(STAGES)}")
+    if len(set(config.stages)) != len(config.stages):
+        raise ConfigError(f"stages: a stage is listed twice: {config.stages}")
+
+    for name in ("model", "data", "runtime", *STAGES):
+        check_choices(getattr(config, name), f"{name}.")
+
+    data = config.data
+    positive("data.max_prompt_length", data.max_prompt_length)
+    positive("data.max_response_length", data.max_response_length)
+    if not 0.0 <= data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {data.max_bad_fraction!r}")
+    positive("data.max_train_samples", data.max_train_samples)
+    positive("data.max_eval_samples", data.max_eval_samples, allow_zero=True)
+
+    longest = data.max_prompt_length + data.max_response_length
+    for stage in STAGES:
+        settings = getattr(config, stage)
+        positive(f"{stage}.lr", settings.lr)
+        positive(f"{stage}.weight_decay", settings.weight_decay, allow_zero=True)
+        positive(f"{stage}.max_grad_norm", settings.max_grad_norm)
+        positive(f"{stage}.batch_size", settings.batch_size)
+        positive(f"{stage}.micro_batch_tokens", settings.micro_batch_tokens)
+        positive(f"{stage}.eval_batch_tokens", settings.eval_batch_tokens)
+        positive(f"{stage}.grad_accumulation", settings.grad_accumulation)
+        positive(f"{stage}.epochs", settings.epochs)
+        positive(f"{stage}.max_steps", settings.max_steps)
+        positive(f"{stage}.eval_every", settings.eval_every, allow_zero=True)
+        positive(f"{stage}.min_lr_ratio", settings.min_lr_ratio, allow_zero=True)
+        if not 0.0 <= settings.warmup_ratio < 1.0:
+            raise ConfigError(f"{stage}.warmup_ratio: must be in [0, 1), got {settings.warmup_ratio!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(settings, name) < 1.0:
+                raise ConfigError(f"{stage}.{name}: must be in [0, 1), got {getattr(settings, name)!r}")
+        # The data layer truncates to prompt + response lengths; the packer refuses longer sequences.
+        for name in ("micro_batch_tokens", "eval_batch_tokens"):
+            budget = getattr(settings, name)
+            if stage in config.stages and budget is not None and budget < longest:
+                raise ConfigError(f"{stage}.{name}={budget} is below data.max_prompt_length + "
+                                  f"data.max_response_length = {longest}: the longest sequence would not fit")
+    if "dpo" in config.stages:
+        positive("dpo.beta", config.dpo.beta)
+
+    runtime = config.runtime
+    if runtime.device != "auto" and runtime.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"runtime.device: must be auto, cpu, cuda or cuda:N, got {runtime.device!r}")
+    positive("runtime.log_every", runtime.log_every)
+    positive("runtime.checkpoint_every", runtime.checkpoint_every, allow_zero=True)
+    positive("runtime.keep_last", runtime.keep_last)
+    if not runtime.resume.strip():
+        raise ConfigError("runtime.resume: must be auto, never, or a checkpoint folder")
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; checked; ConfigError if not."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(error).split())}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {_value_type(loaded)}")
+        tree = loaded or {}
+    # Validate the file's keys and types before the overrides touch the tree.
+    _build(Config, tree)
+    for override in overrides:
+        key, separator, raw = override.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        _set_dotted(tree, key.strip(), raw.strip())
+    return _validate(_build(Config, tree))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config (every field) as YAML; `load_config(path)` gives the same config back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), encoding="utf-8")
+
+
+def config_help() -> str:
+    """Every option, section by section: dotted key, type, default, meaning and allowed values."""
+    lines = ["Configuration (YAML file sets what differs from these defaults; override with key=value):", ""]
+
+    def describe(cls, prefix: str) -> None:
+        hints = _hints(cls)
+        for item in dataclasses.fields(cls):
+            annotation = hints[item.name]
+            if _is_section(annotation):
+                continue
+            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+            default_text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            text = f"  {prefix}{item.name} ({_type_name(annotation)}, default {default_text}): {item.metadata['help']}"
+            choices = item.metadata.get("choices")
+            if choices:
+                text += f" [one of: {', '.join(choices)}]"
+            lines.append(text)
+
+    describe(Config, "")
+    for item in dataclasses.fields(Config):
+        annotation = _hints(Config)[item.name]
+        if _is_section(annotation):
+            lines.append("")
+            lines.append(f"{item.name}: {(annotation.__doc__ or '').strip().splitlines()[0]}")
+            describe(annotation, f"{item.name}.")
+    return "\n".join(lines)

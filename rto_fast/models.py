@@ -1,0 +1,260 @@
+"""Models and tokenizer for the trainer: causal LMs (policy, reference, DPO) and value-head models (critic, reward).
+
+Usage:
+    tokenizer = build_tokenizer()                                   # the byte-level tokenizer shipped in the package
+    policy = load_causal_lm("tiny", dtype="fp32", gradient_checkpointing=False, trainable=True)
+    reference = load_causal_lm("runs/x/sft", dtype="bf16", trainable=False)   # frozen: eval mode, no gradients
+    critic = ValueHeadModel.from_pretrained("runs/x/sft")           # backbone of a causal LM + a scalar head
+    values_BT = critic(input_ids=..., position_ids=..., use_cache=False)   # one scalar per token
+
+`"tiny"` builds a small Llama-style model from `tiny_model_config()` with random weights and the shipped tokenizer;
+nothing is downloaded. Any other name is a local folder or a Hub name handed to `from_pretrained`.
+Packed micro-batches go through `rto_fast.attention.packed_forward`, which works with both kinds of model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TINY = "tiny"
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+# HH-RLHF-style turns, so that chat-message data and HH transcripts render alike. Assistant turns end with <eos>,
+# which makes the rendering of a prompt with add_generation_prompt=True a prefix of the rendering with the answer.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '\n\nHuman: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '\n\nAssistant: ' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
+)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'fp32' / 'bf16' (or a torch.dtype) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------------- tokenizer
+
+def _byte_to_char() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table that the `tokenizers` ByteLevel pre-tokenizer uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def make_byte_tokenizer(folder: str | os.PathLike) -> None:
+    """Write the byte-level tokenizer to `folder`: token id = byte value (0-255), then <pad>=256, <bos>=257,
+    <eos>=258. This is how rto_fast/assets/tokenizer/ was made; a test checks the shipped files still match."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in _byte_to_char().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # No merges, so the regex split would change nothing: skip it.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"), pretty=False)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def build_tokenizer(path: str | os.PathLike | None = None):
+    """The tokenizer shipped in the package (path None or 'tiny'), else `AutoTokenizer.from_pretrained(path)`.
+
+    A tokenizer without a pad token gets its eos token as pad (packed batches never pad; generation needs one)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if path is None or str(path) == TINY:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+def tiny_model_config(vocab_size: int | None = None, **overrides):
+    """A small Llama-style config (hidden 64, 2 layers, 4 heads, 2 KV heads, MLP 128) sized to the shipped tokenizer."""
+    from transformers import LlamaConfig
+
+    if vocab_size is None:
+        vocab_size = len(build_tokenizer())
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def check_model_source(path: str) -> None:
+    """Fail early with one clear line when `path` is neither 'tiny', a model folder nor something like a Hub name."""
+    if path == TINY:
+        return
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path!r} has no config.json")
+        return
+    # A Hub name is "name" or "org/name"; anything else that does not exist is a mistyped local path.
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    if looks_local or not path.strip():
+        raise FileNotFoundError(f"model path {path!r} does not exist (and is not a Hub name like 'org/model')")
+
+
+def _attention_implementation() -> str:
+    from rto_fast.attention import model_attn_implementation
+
+    return model_attn_implementation()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (transformers' activation checkpointing)."""
+    if isinstance(model, ValueHeadModel):
+        model = model.backbone
+    # Non-reentrant checkpointing works with frozen embeddings and with inputs that need no gradient.
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool) -> nn.Module:
+    if trainable:
+        model.train()
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    # Packed streams must never go through the KV cache (DESIGN.md "Traps"): make it off by default too.
+    model.config.use_cache = False
+    return model
+
+
+def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", gradient_checkpointing: bool = False,
+                   trainable: bool = True, vocab_size: int | None = None):
+    """AutoModelForCausalLM for the policy, reference or DPO model.
+
+    `"tiny"` builds `tiny_model_config()` with random weights (seed the RNG first for reproducible weights);
+    anything else goes to `from_pretrained`. Frozen models (`trainable=False`) are in eval mode with
+    requires_grad False. The attention implementation is the one `rto_fast.attention` chose for this process."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(dtype)
+    attn = _attention_implementation()
+    if path_or_tiny == TINY:
+        config = tiny_model_config(vocab_size)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        check_model_source(path_or_tiny)
+        model = AutoModelForCausalLM.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation=attn)
+    return _prepare(model, gradient_checkpointing, trainable)
+
+
+class ValueHeadModel(nn.Module):
+    """A causal LM's backbone (`AutoModel`) plus a scalar head read at every token: the critic and the reward model.
+
+    `forward(input_ids, position_ids=..., use_cache=False)` returns values of shape (B, T) in float32.
+    `save_pretrained(folder)` writes the backbone (loadable with `AutoModel.from_pretrained`) and
+    `value_head.safetensors`; `from_pretrained(folder)` reads both, or starts a fresh zero-initialised head on the
+    backbone of any causal LM folder (e.g. the SFT model)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        hidden_size = self.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden_size, 1, dtype=next(backbone.parameters()).dtype)
+        # A zero head starts every value at 0: the critic's first PPO losses are not dominated by random values.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("use_cache", False)
+        hidden_BTD = self.backbone(input_ids=input_ids, **kwargs).last_hidden_state
+        return self.value_head(hidden_BTD.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        self.backbone.save_pretrained(folder, **kwargs)
+        head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()}
+        save_file(head, str(folder / VALUE_HEAD_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32",
+                        gradient_checkpointing: bool = False, trainable: bool = True,
+                        vocab_size: int | None = None) -> "ValueHeadModel":
+        """Backbone from a causal LM or value-head folder ('tiny': random tiny Llama); head from
+        value_head.safetensors when the folder has one, else zeros."""
+        from transformers import AutoModel
+
+        dtype = torch_dtype(dtype)
+        attn = _attention_implementation()
+        if path_or_tiny == TINY:
+            backbone = AutoModel.from_config(tiny_model_config(vocab_size), dtype=dtype, attn_implementation=attn)
+        else:
+            check_model_source(path_or_tiny)
+            # AutoModel on a causal LM checkpoint loads the backbone and drops the LM head.
+            backbone = AutoModel.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation=attn)
+        model = cls(backbone)
+        head_file = Path(path_or_tiny) / VALUE_HEAD_FILE
+        if path_or_tiny != TINY and head_file.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(head_file))
+            model.value_head.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()})
+        return _prepare(model, gradient_checkpointing, trainable)

@@ -1,0 +1,436 @@
+"""Packed micro-batches, packed attention and the models around them.
+
+- planning: first-fit-decreasing respects the budget, places every sequence once; rank balancing;
+- packing: labels shifted within each sequence, position_ids, cu_seqlens, unpacking helpers;
+- attention: for a tiny Llama and a tiny GPT-NeoX (fp32, random weights) packed logits equal each sequence's own
+  logits on every CPU path; packed calls never touch the KV cache (the cross-sequence contamination trap);
+- models: the shipped tokenizer, the tiny model, ValueHeadModel save/load.
+"""
+
+import json
+import logging
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, GPTNeoXConfig, LlamaConfig
+
+from rto_fast import attention
+from rto_fast.models import (TOKENIZER_DIR, ValueHeadModel, build_tokenizer, check_model_source, load_causal_lm,
+                             make_byte_tokenizer, tiny_model_config)
+from rto_fast.packing import (IGNORE_INDEX, PackedBatch, TokenizedSequence, balance_across_ranks,
+                              build_micro_batches, build_rank_micro_batches, first_fit_decreasing, pack,
+                              sequence_sums, to_input_order, unpack)
+
+VOCAB = 301  # odd on purpose
+
+
+def random_sequences(lengths, vocab=VOCAB, all_trained=False):
+    sequences = []
+    for length in lengths:
+        ids = torch.randint(0, vocab, (length,)).tolist()
+        prompt = random.Random(length).randint(0, length - 1)
+        mask = [True] * length if all_trained else [False] * prompt + [True] * (length - prompt)
+        sequences.append(TokenizedSequence(ids, mask))
+    return sequences
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+@pytest.mark.parametrize("count, budget", [(1, 7), (37, 64), (500, 1000)])
+def test_ffd_budget_and_every_sequence_once(count, budget):
+    lengths = torch.randint(1, budget + 1, (count,)).tolist()
+    bins = first_fit_decreasing(lengths, budget)
+    placed = sorted(index for b in bins for index in b)
+    assert placed == list(range(count))
+    assert all(sum(lengths[i] for i in b) <= budget for b in bins)
+    lower_bound = -(-sum(lengths) // budget)
+    # First-fit-decreasing uses at most 11/9 OPT + 6/9 bins.
+    assert lower_bound <= len(bins) <= 11 / 9 * max(lower_bound, sum(length > budget / 2 for length in lengths)) + 1
+    assert bins == first_fit_decreasing(lengths, budget)  # deterministic
+
+
+def test_ffd_known_plan():
+    # Decreasing: 6(i1) 5(i3) 4(i0) 3(i2) 2(i4) 2(i5) -> [6,4] [5,3,2] [2]
+    assert first_fit_decreasing([4, 6, 3, 5, 2, 2], 10) == [[1, 0], [3, 2, 4], [5]]
+
+
+def test_ffd_rejects_long_and_empty_sequences():
+    with pytest.raises(ValueError, match=r"sequence 2 has 11 tokens, more than the micro-batch budget max_tokens=10"):
+        first_fit_decreasing([3, 4, 11, 2], 10)
+    with pytest.raises(ValueError, match="sequence 1 has length 0"):
+        first_fit_decreasing([3, 0], 10)
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        first_fit_decreasing([3], 0)
+    with pytest.raises(ValueError, match="sequence 1 has 12 tokens"):
+        build_micro_batches(random_sequences([3, 12]), 10)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 8])
+def test_rank_balance(num_ranks):
+    lengths = torch.randint(1, 200, (301,)).tolist()
+    budget = 512
+    ranks = balance_across_ranks(first_fit_decreasing(lengths, budget), lengths, num_ranks, budget)
+    assert len(ranks) == num_ranks
+    assert len({len(rank) for rank in ranks}) == 1, "every rank must take the same number of micro-batches"
+    assert sorted(i for rank in ranks for b in rank for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= budget for rank in ranks for b in rank)
+    tokens = [sum(lengths[i] for b in rank for i in b) for rank in ranks]
+    assert max(tokens) - min(tokens) <= budget  # near-equal: within one micro-batch
+    if num_ranks > 1:
+        assert max(tokens) - min(tokens) <= 0.03 * sum(tokens) / num_ranks
+
+
+def test_rank_balance_splits_bins_when_there_are_too_few():
+    lengths = [3, 3, 2, 1, 1]
+    ranks = balance_across_ranks(first_fit_decreasing(lengths, 100), lengths, 4)  # one bin -> four
+    assert [len(rank) for rank in ranks] == [1, 1, 1, 1]
+    assert sorted(i for rank in ranks for b in rank for i in b) == list(range(5))
+    with pytest.raises(ValueError, match="cannot give each of 4 ranks"):
+        balance_across_ranks([[0, 1, 2]], [1, 1, 1], 4)
+    with pytest.raises(ValueError, match="cannot be dealt evenly"):
+        balance_across_ranks([[0], [1], [2]], [9, 9, 9], 2)
+
+
+def test_build_rank_micro_batches_covers_everything():
+    sequences = random_sequences(torch.randint(1, 40, (50,)).tolist())
+    per_rank = build_rank_micro_batches(sequences, 64, num_ranks=3)
+    assert len({len(rank) for rank in per_rank}) == 1
+    seen = torch.cat([batch.sequence_index for rank in per_rank for batch in rank]).sort().values
+    assert torch.equal(seen, torch.arange(50))
+    assert all(batch.num_tokens <= 64 for rank in per_rank for batch in rank)
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+def expected_labels(ids, mask):
+    """Per-sequence labels written the slow way: next token when it is trained on, else -100; last is -100."""
+    return [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def test_pack_layout_and_labels_never_cross_a_boundary():
+    lengths = [5, 1, 9, 2, 13, 3]
+    sequences = random_sequences(lengths)
+    order = [4, 0, 3, 1, 5, 2]
+    batch = pack(sequences, order)
+    total = sum(lengths)
+    assert batch.input_ids.shape == batch.position_ids.shape == batch.labels.shape == (1, total)
+    assert batch.response_mask.shape == (1, total) and batch.response_mask.dtype == torch.bool
+    assert batch.cu_seqlens.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == [0] + torch.tensor([lengths[i] for i in order]).cumsum(0).tolist()
+    assert batch.sequence_index.tolist() == order
+    assert batch.max_seqlen == 13
+    for slot, index in enumerate(order):
+        start, end = batch.cu_seqlens[slot].item(), batch.cu_seqlens[slot + 1].item()
+        ids, mask = sequences[index].input_ids, sequences[index].label_mask
+        assert batch.input_ids[0, start:end].tolist() == ids
+        assert batch.position_ids[0, start:end].tolist() == list(range(end - start))
+        assert batch.labels[0, start:end].tolist() == expected_labels(ids, mask)
+        assert batch.labels[0, end - 1] == IGNORE_INDEX  # never the next sequence's first token
+    assert torch.equal(batch.response_mask, batch.labels != IGNORE_INDEX)
+
+
+def test_pack_accepts_mappings_and_default_mask():
+    batch = pack([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "label_mask": [True, False]}])
+    assert batch.labels.tolist() == [[6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    with pytest.raises(ValueError, match="sequence 0: label_mask has 2 entries for 3 tokens"):
+        pack([{"input_ids": [1, 2, 3], "label_mask": [True, True]}])
+    with pytest.raises(ValueError, match="sequence 1 is empty"):
+        pack([{"input_ids": [1]}, {"input_ids": []}])
+
+
+def test_unpack_and_sums_and_input_order():
+    sequences = random_sequences([4, 7, 2, 5, 3])
+    batches = build_micro_batches(sequences, 9)
+    assert sorted(torch.cat([b.sequence_index for b in batches]).tolist()) == list(range(5))
+    per_batch = []
+    for batch in batches:
+        values = torch.randn(1, batch.num_tokens)
+        pieces = unpack(values, batch)
+        assert [piece.numel() for piece in pieces] == batch.seqlens.tolist()
+        sums = sequence_sums(values, batch)
+        expected = [(piece * mask).sum() for piece, mask in zip(pieces, unpack(batch.response_mask, batch))]
+        torch.testing.assert_close(sums, torch.stack(expected))
+        per_batch.append(torch.tensor([float(i) for i in batch.sequence_index]))
+    assert to_input_order(batches, per_batch).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="positions"):
+        unpack(torch.zeros(3), batches[0])
+
+
+def test_packed_batch_to():
+    batch = pack(random_sequences([3, 4]))
+    moved = batch.to("cpu")
+    assert isinstance(moved, PackedBatch) and moved.max_seqlen == batch.max_seqlen
+    assert torch.equal(moved.labels, batch.labels)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+def tiny_llama(implementation):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+
+
+def tiny_neox(implementation):
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "neox": tiny_neox}
+
+
+@pytest.fixture
+def attention_backend(request, monkeypatch):
+    """'sdpa': transformers' sdpa splitting documents from position_ids; 'flex': our registered function with
+    FlexAttention; 'packed-sdpa': our registered function's per-sequence CPU fallback."""
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    name = request.param
+    attention.set_backend("flex" if name == "flex" else "sdpa")
+    yield name
+    attention.set_backend(None)
+
+
+def model_for(kind, backend):
+    implementation = attention.model_attn_implementation("cpu")
+    if backend == "packed-sdpa":
+        attention.register_packed_attention()
+        implementation = attention.PACKED_IMPLEMENTATION
+    model = BUILDERS[kind](implementation)
+    expected = "sdpa" if backend == "sdpa" else attention.PACKED_IMPLEMENTATION
+    assert model.config._attn_implementation == expected
+    return model
+
+
+def own_logits(model, sequences, batch):
+    """Each sequence alone, no packing, in packed order."""
+    return torch.cat([model(input_ids=torch.tensor([sequences[i].input_ids]), use_cache=False).logits[0]
+                      for i in batch.sequence_index.tolist()])
+
+
+@pytest.mark.parametrize("attention_backend", ["sdpa", "flex", "packed-sdpa"], indirect=True)
+@pytest.mark.parametrize("kind", ["llama", "neox"])
+def test_packed_logits_equal_each_sequence_alone(kind, attention_backend):
+    model = model_for(kind, attention_backend)
+    sequences = random_sequences([7, 1, 19, 4, 12])
+    batch = pack(sequences, [2, 0, 4, 1, 3])
+    with torch.no_grad():
+        packed = attention.packed_forward(model, batch).logits[0]
+        alone = own_logits(model, sequences, batch)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+# FlexAttention has no backward on CPU (torch raises), so the registered function is checked via its sdpa fallback.
+@pytest.mark.parametrize("attention_backend", ["sdpa", "packed-sdpa"], indirect=True)
+def test_packed_gradients_equal_per_sequence_gradients(attention_backend):
+    model = model_for("llama", attention_backend)
+    sequences = random_sequences([6, 11, 3])
+    batch = pack(sequences)
+    logits = attention.packed_forward(model, batch).logits
+    loss = torch.nn.functional.cross_entropy(logits[0], batch.labels[0], ignore_index=IGNORE_INDEX, reduction="sum")
+    packed_grads = torch.autograd.grad(loss, list(model.parameters()))
+    loss_alone = 0
+    for sequence in sequences:
+        single = pack([sequence])
+        logits = model(input_ids=single.input_ids, use_cache=False).logits
+        loss_alone = loss_alone + torch.nn.functional.cross_entropy(logits[0], single.labels[0],
+                                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+    alone_grads = torch.autograd.grad(loss_alone, list(model.parameters()))
+    for packed_grad, alone_grad in zip(packed_grads, alone_grads):
+        torch.testing.assert_close(packed_grad, alone_grad, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox"])
+def test_kv_cache_contaminates_and_packed_forward_avoids_it(kind, monkeypatch):
+    """The trap: with the default cache, sdpa sees one long sequence. packed_forward must never go there."""
+    model = BUILDERS[kind]("sdpa")
+    assert model.config.use_cache  # the transformers default, left on to show packed_forward does not rely on it
+    sequences = random_sequences([9, 14, 6])
+    batch = pack(sequences)
+    with torch.no_grad():
+        alone = own_logits(model, sequences, batch)
+        wrong = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[0]
+        assert (wrong - alone).abs().max() > 1e-3, "the wrong call should attend across sequences"
+
+        calls = []
+        original_forward = model.forward
+
+        def recording_forward(*args, **kwargs):
+            calls.append(kwargs)
+            return original_forward(*args, **kwargs)
+
+        def no_cache(*args, **kwargs):
+            raise AssertionError("a packed forward used the KV cache")
+
+        monkeypatch.setattr(model, "forward", recording_forward)
+        monkeypatch.setattr(DynamicCache, "update", no_cache)
+        packed = attention.packed_forward(model, batch).logits[0]
+    (kwargs,) = calls
+    assert kwargs["use_cache"] is False
+    assert "attention_mask" not in kwargs and "past_key_values" not in kwargs
+    assert torch.equal(kwargs["position_ids"], batch.position_ids)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_mask must not be passed"):
+        attention.packed_forward(model, batch, attention_mask=torch.ones_like(batch.input_ids))
+    with pytest.raises(ValueError, match="use_cache must not be passed"):
+        attention.packed_forward(model, batch, use_cache=True)
+
+
+def test_flash_style_models_get_cu_seqlens(monkeypatch):
+    attention.register_packed_attention()
+    model = tiny_llama(attention.PACKED_IMPLEMENTATION)
+    batch = pack(random_sequences([5, 8]))
+    calls = []
+    original_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k) or original_forward(*a, **k))
+    with torch.no_grad():
+        attention.packed_forward(model, batch)
+    (kwargs,) = calls
+    assert torch.equal(kwargs["cu_seq_lens_q"], batch.cu_seqlens) and torch.equal(kwargs["cu_seq_lens_k"],
+                                                                                 batch.cu_seqlens)
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 8
+    assert kwargs["use_cache"] is False and "attention_mask" not in kwargs
+
+
+@pytest.mark.parametrize("attention_backend", ["flex"], indirect=True)
+def test_generation_with_the_packed_implementation(attention_backend):
+    """generate() (left padding, KV cache) through the registered function matches plain sdpa."""
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"
+    model = tiny_llama("sdpa")
+    inputs = tokenizer(["Hello there, how", "Hi"], return_tensors="pt", padding=True)
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(**inputs, **options)
+    assert attention.configure_packed_attention(model) == attention.PACKED_IMPLEMENTATION
+    assert torch.equal(model.generate(**inputs, **options), expected)
+
+
+def test_backend_choice_env_and_logging(monkeypatch, caplog):
+    attention.set_backend(None)
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    with caplog.at_level(logging.INFO, logger="rto_fast.attention"):
+        assert attention.select_backend("cpu") == "sdpa"
+    assert "packed attention on cpu: sdpa" in caplog.text
+    assert attention.model_attn_implementation("cpu") == "sdpa"
+    try:
+        monkeypatch.setenv(attention.ENV_VAR, "flex")
+        attention.set_backend(None)  # clears the cached choice
+        assert attention.select_backend("cpu") == "flex"
+        monkeypatch.setenv(attention.ENV_VAR, "banana")
+        attention.set_backend(None)
+        with pytest.raises(ValueError, match="RTO_FAST_ATTENTION must be one of"):
+            attention.select_backend("cpu")
+        monkeypatch.setenv(attention.ENV_VAR, "varlen")
+        attention.set_backend(None)
+        with pytest.raises(RuntimeError, match="varlen"):
+            attention.select_backend("cpu")
+        with pytest.raises(ValueError):
+            attention.set_backend("bogus")
+    finally:
+        monkeypatch.delenv(attention.ENV_VAR, raising=False)
+        attention.set_backend(None)
+
+
+def test_cu_seqlens_from_position_ids():
+    batch = pack(random_sequences([3, 1, 4]))
+    cu_seqlens, longest = attention.cu_seqlens_from_position_ids(batch.position_ids)
+    assert torch.equal(cu_seqlens, batch.cu_seqlens) and longest == 4
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def test_shipped_tokenizer_is_reproducible(tmp_path):
+    make_byte_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads((TOKENIZER_DIR / name).read_text()), name
+
+
+def test_tokenizer_round_trip_and_special_tokens():
+    from transformers import AutoTokenizer
+
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) == 259
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (256, 257, 258)
+    text = "Human: héllo wörld, 你好 ✓\n\tend"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == list(text.encode("utf-8"))  # byte level: id = byte, nothing added
+    assert tokenizer.decode(ids) == text
+    assert tokenizer("a<eos>")["input_ids"] == [97, 258]
+    assert AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))(text)["input_ids"] == ids
+
+
+def test_chat_template():
+    tokenizer = build_tokenizer()
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert full == "\n\nHuman: Hi?\n\nAssistant: Hello.<eos>"
+    assert prompt == "\n\nHuman: Hi?\n\nAssistant:"
+    assert full.startswith(prompt)  # the data layer splits prompt and response this way
+
+
+def test_tiny_model_and_loaders():
+    config = tiny_model_config()
+    assert config.vocab_size == len(build_tokenizer())
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 2, 4)
+    torch.manual_seed(0)
+    policy = load_causal_lm("tiny", gradient_checkpointing=True)
+    assert policy.training and any(getattr(m, "gradient_checkpointing", False) for m in policy.modules())
+    assert all(p.requires_grad for p in policy.parameters())
+    assert policy.config.use_cache is False
+    # Checkpointing changes memory, not gradients.
+    torch.manual_seed(0)
+    plain = load_causal_lm("tiny")
+    batch = pack(random_sequences([7, 4], vocab=config.vocab_size))
+    for model in (policy, plain):
+        attention.packed_forward(model, batch).logits.logsumexp(-1).sum().backward()
+    for checkpointed, reference in zip(policy.parameters(), plain.parameters()):
+        torch.testing.assert_close(checkpointed.grad, reference.grad, atol=1e-6, rtol=1e-5)
+    frozen = load_causal_lm("tiny", dtype="bf16", trainable=False)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert next(frozen.parameters()).dtype == torch.bfloat16
+    batch = pack(random_sequences([5, 3], vocab=config.vocab_size))
+    with torch.no_grad():
+        assert attention.packed_forward(frozen, batch).logits.shape == (1, 8, config.vocab_size)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_causal_lm("tiny", dtype="fp16")
+
+
+def test_check_model_source(tmp_path):
+    check_model_source("tiny")
+    check_model_source("EleutherAI/pythia-70m")  # looks like a Hub name: left to from_pretrained
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_model_source(str(tmp_path / "nothing" / "here"))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        check_model_source(str(tmp_path))
+
+
+def test_value_head_model_save_load(tmp_path):
+    lm = load_causal_lm("tiny")
+    lm.save_pretrained(tmp_path / "lm")
+    critic = ValueHeadModel.from_pretrained(str(tmp_path / "lm"))
+    # The backbone is the causal LM's; a fresh head starts at zero.
+    lm_state = lm.model.state_dict()
+    for name, tensor in critic.backbone.state_dict().items():
+        torch.testing.assert_close(tensor, lm_state[name], atol=0, rtol=0)
+    assert critic.value_head.weight.abs().sum() == 0
+
+    torch.nn.init.normal_(critic.value_head.weight)
+    torch.nn.init.normal_(critic.value_head.bias)
+    sequences = random_sequences([6, 2, 9], vocab=lm.config.vocab_size)
+    batch = pack(sequences)
+    critic.eval()
+    with torch.no_grad():
+        values = attention.packed_forward(critic, batch)
+        alone = torch.cat([critic(input_ids=torch.tensor([s.input_ids])) for s in sequences], dim=1)
+    assert values.shape == (1, batch.num_tokens) and values.dtype == torch.float32
+    torch.testing.assert_close(values, alone, atol=1e-5, rtol=1e-5)
+
+    critic.save_pretrained(tmp_path / "critic")
+    assert (tmp_path / "critic" / "value_head.safetensors").is_file()
+    loaded = ValueHeadModel.from_pretrained(str(tmp_path / "critic"), trainable=False)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(attention.packed_forward(loaded, batch), values, atol=0, rtol=0)
