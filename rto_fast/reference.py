@@ -115,7 +115,14 @@ def response_run_flags(mask, cu_seqlens=None):
     next_valid = torch.cat([flat[1:], flat.new_zeros(1)]) & ~next_starts
     run_start = flat & ~prev_valid
     run_last = flat & ~next_valid
-    segment_id = torch.cumsum(starts.long(), 0) - 1
+    if cu_seqlens is None:
+        segment_id = torch.cumsum(starts.long(), 0) - 1
+    else:
+        # Empty sequences (repeated cu_seqlens entries) keep their numbers: the segment of position p is the last
+        # s with cu_seqlens[s] <= p.
+        positions = torch.arange(flat.numel(), device=flat.device)
+        offsets = cu_seqlens.to(device=flat.device, dtype=torch.int64)
+        segment_id = torch.searchsorted(offsets, positions, right=True) - 1
     return run_start, run_last, segment_id
 
 

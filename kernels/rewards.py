@@ -1,0 +1,255 @@
+"""Triton kernels for RTO token rewards, with their launchers.
+
+    from rto_fast.kernels import rewards as K
+    rewards = K.token_rewards_forward(logprobs, ref_logprobs, mask, mode="rto", dpo_logprobs=dpo_logprobs)
+    logprobs, ref_logprobs, dpo_logprobs = K.three_logprobs_forward(logits, ref_logits, labels,
+                                                                    dpo_logits=dpo_logits, temperature=1.0)
+
+Callers are `rto_fast.ops.rewards` (input checks, dispatch, custom ops); nothing here validates arguments.
+
+Rewards: one program per segment (a row of a padded batch or one packed sequence) walks its positions in blocks
+of BLOCK. Per position it computes the KL estimate and the dense RTO term; a position ends a response run when it
+is True and the next position is False or outside the segment. For `dppo` the per-run sums of (dpo - ref) come
+from `tl.associative_scan` over (value, run-start flag) pairs, a segmented prefix sum whose running value is
+carried from one block to the next. With `score`, a first loop over the (1-byte) mask finds the segment's last
+True position with a max-reduction. Every position of the segment is written (0 outside the mask).
+
+Log-probs from logits: one program per row reads the policy, reference and (optional) DPO logits rows once each,
+block by block over the vocabulary, keeping an online max / sum-exp in float32 per tensor, and gathers the
+label's logit; no float32 log-softmax is ever materialized.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MODES = {"rto": 0, "ppo": 1, "dppo": 2}
+KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token rewards from log-probs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _segmented_add(sum_left, reset_left, sum_right, reset_right):
+    # Pairs (running sum, "a run started in this span"): a run start on the right drops everything to its left.
+    return tl.where(reset_right != 0, sum_right, sum_left + sum_right), reset_left | reset_right
+
+
+@triton.jit
+def _token_rewards_kernel(logprobs_ptr, ref_ptr, dpo_ptr, mask_ptr, score_ptr, offsets_ptr, out_ptr,
+                          row_length, kl_coef, dpo_coef, score_coef, dpo_clip,
+                          MODE: tl.constexpr, KL: tl.constexpr, HAS_SCORE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                          PACKED: tl.constexpr, BLOCK: tl.constexpr):
+    segment = tl.program_id(0).to(tl.int64)
+    if PACKED:
+        begin = tl.load(offsets_ptr + segment).to(tl.int64)
+        end = tl.load(offsets_ptr + segment + 1).to(tl.int64)
+    else:
+        begin = segment * row_length
+        end = begin + row_length
+    lanes = tl.arange(0, BLOCK)
+    num_blocks = tl.cdiv(end - begin, BLOCK)
+
+    if HAS_SCORE:
+        # The segment's last True position (begin - 1 when it has none): where the score lands.
+        last_valid = begin - 1
+        for block in range(0, num_blocks):
+            positions = begin + block * BLOCK + lanes
+            inside = positions < end
+            valid = tl.load(mask_ptr + positions, mask=inside, other=0) != 0
+            last_valid = tl.maximum(last_valid, tl.max(tl.where(valid, positions, begin - 1), axis=0))
+        score = tl.load(score_ptr + segment).to(tl.float32) * score_coef
+
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0)  # run sum up to the previous block's last lane
+    for block in range(0, num_blocks):
+        positions = begin + block * BLOCK + lanes
+        inside = positions < end
+        valid = tl.load(mask_ptr + positions, mask=inside, other=0) != 0
+        next_valid = tl.load(mask_ptr + positions + 1, mask=positions + 1 < end, other=0) != 0
+        logprob = tl.load(logprobs_ptr + positions, mask=valid, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + positions, mask=valid, other=0.0).to(tl.float32)
+        log_ratio = logprob - ref
+        if KL == 1:
+            kl = log_ratio
+        elif KL == 2:
+            kl = 0.5 * log_ratio * log_ratio
+        else:
+            kl = tl.exp(-log_ratio) - 1.0 + log_ratio
+        reward = -kl_coef * kl
+        if MODE == 0:
+            dpo = tl.load(dpo_ptr + positions, mask=valid, other=0.0).to(tl.float32)
+            dense = dpo_coef * (dpo - ref)
+            if HAS_CLIP:
+                dense = tl.minimum(tl.maximum(dense, -dpo_clip), dpo_clip)
+            reward += dense
+        if MODE == 2:
+            dpo = tl.load(dpo_ptr + positions, mask=valid, other=0.0).to(tl.float32)
+            previous = tl.load(mask_ptr + positions - 1, mask=inside & (positions > begin), other=0) != 0
+            run_start = (valid & (previous == 0)).to(tl.int32)
+            dpo_log_ratio = tl.where(valid, dpo - ref, 0.0)
+            run_sum, started = tl.associative_scan((dpo_log_ratio, run_start), 0, _segmented_add)
+            # Lanes before the block's first run start continue the run that the previous block left open.
+            run_sum = run_sum + tl.where(started == 0, carry, 0.0)
+            carry = tl.sum(tl.where(lanes == BLOCK - 1, run_sum, 0.0), axis=0)
+            run_last = valid & (next_valid == 0)
+            reward += tl.where(run_last, dpo_coef * run_sum, 0.0)
+        if HAS_SCORE:
+            reward += tl.where(positions == last_valid, score, 0.0)
+        tl.store(out_ptr + positions, tl.where(valid, reward, 0.0), mask=inside)
+
+
+def _default_block(row_length, packed):
+    # Padded rows: one block per row up to 1024 positions; packed sequences are usually shorter.
+    if packed:
+        return 256
+    return min(1024, triton.next_power_of_2(max(row_length, 16)))
+
+
+def token_rewards_forward(logprobs, ref_logprobs, mask, *, mode="rto", dpo_logprobs=None, score=None,
+                          kl_coef=0.03, dpo_coef=0.1, score_coef=1.0, dpo_clip=None, kl_estimator="k1",
+                          cu_seqlens=None, block=None, out=None):
+    """float32 rewards of mask's shape for inputs on one device (float32 / bfloat16 / float16 log-probs).
+
+    Segments are the rows of mask (its last dimension) or, with `cu_seqlens` (int32, (S+1,)), the sequences of
+    a packed stream. `score` holds one value per segment. `block` forces the position block size (a power of 2);
+    `out` may be a preallocated float32 buffer of mask's shape.
+    """
+    logprobs, ref_logprobs, mask = logprobs.contiguous(), ref_logprobs.contiguous(), mask.contiguous()
+    numel = mask.numel()
+    row_length = mask.shape[-1] if mask.dim() else 1
+    packed = cu_seqlens is not None
+    if packed:
+        num_segments = cu_seqlens.numel() - 1
+    else:
+        num_segments = numel // row_length if row_length else 0
+    if out is None:
+        out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+    if block is None:
+        block = _default_block(row_length, packed)
+    if numel == 0 or num_segments == 0:
+        return out
+    mode_id = MODES[mode]
+    uses_dpo = mode_id in (0, 2)
+    dpo = dpo_logprobs.contiguous() if uses_dpo else logprobs  # placeholder pointer when unused: never read
+    mask_bytes = mask.view(torch.uint8)
+    has_score = score is not None
+    score = score.contiguous() if has_score else logprobs
+    offsets = cu_seqlens.contiguous() if packed else mask_bytes
+    has_clip = mode_id == 0 and dpo_clip is not None
+    _token_rewards_kernel[(num_segments,)](
+        logprobs, ref_logprobs, dpo, mask_bytes, score, offsets, out,
+        row_length, float(kl_coef), float(dpo_coef), float(score_coef), float(dpo_clip) if has_clip else 0.0,
+        MODE=mode_id, KL=KL_ESTIMATORS[kl_estimator], HAS_SCORE=has_score, HAS_CLIP=has_clip, PACKED=packed,
+        BLOCK=block, num_warps=4 if block >= 512 else 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy, reference and DPO log-probs from their logits, one read of each row
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_logsumexp_step(row_ptr, columns, vocab_size, inv_temperature, running_max, running_sum):
+    """Fold one vocabulary block into (running max, running sum of exp(z - running max)), z = logits / T."""
+    z = tl.load(row_ptr + columns, mask=columns < vocab_size, other=float("-inf")).to(tl.float32) * inv_temperature
+    new_max = tl.maximum(running_max, tl.max(z, axis=0))
+    # A block (or row prefix) of -inf logits must not turn -inf - -inf into NaN.
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(z - safe_max), axis=0)
+    return new_max, running_sum
+
+
+@triton.jit
+def _label_logprob(row_ptr, label, valid, inv_temperature, running_max, running_sum):
+    safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
+    log_normalizer = safe_max + tl.log(running_sum)
+    label_logit = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_temperature
+    return tl.where(valid, label_logit - log_normalizer, 0.0)
+
+
+@triton.jit
+def _three_logprobs_kernel(logits_ptr, ref_logits_ptr, dpo_logits_ptr, labels_ptr,
+                           logprobs_ptr, ref_logprobs_ptr, dpo_logprobs_ptr,
+                           inner_size, vocab_size, ignore_index, inv_temperature,
+                           logits_stride_outer, logits_stride_inner, ref_stride_outer, ref_stride_inner,
+                           dpo_stride_outer, dpo_stride_inner,
+                           HAS_DPO: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // inner_size
+    inner = row - outer * inner_size
+    logits_row = logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner
+    ref_row = ref_logits_ptr + outer * ref_stride_outer + inner * ref_stride_inner
+    dpo_row = dpo_logits_ptr + outer * dpo_stride_outer + inner * dpo_stride_inner
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+
+    minus_inf = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
+    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+    max_policy, sum_policy = minus_inf, zero
+    max_ref, sum_ref = minus_inf, zero
+    max_dpo, sum_dpo = minus_inf, zero
+    for start in range(0, vocab_size, BLOCK_V):
+        columns = start + tl.arange(0, BLOCK_V)
+        max_policy, sum_policy = _online_logsumexp_step(logits_row, columns, vocab_size, inv_temperature,
+                                                        max_policy, sum_policy)
+        max_ref, sum_ref = _online_logsumexp_step(ref_row, columns, vocab_size, inv_temperature, max_ref, sum_ref)
+        if HAS_DPO:
+            max_dpo, sum_dpo = _online_logsumexp_step(dpo_row, columns, vocab_size, inv_temperature,
+                                                      max_dpo, sum_dpo)
+    tl.store(logprobs_ptr + row, _label_logprob(logits_row, label, valid, inv_temperature, max_policy, sum_policy))
+    tl.store(ref_logprobs_ptr + row, _label_logprob(ref_row, label, valid, inv_temperature, max_ref, sum_ref))
+    if HAS_DPO:
+        tl.store(dpo_logprobs_ptr + row, _label_logprob(dpo_row, label, valid, inv_temperature, max_dpo, sum_dpo))
+
+
+def _rows_view(logits, labels):
+    """logits as a (P, Q, V) view with unit vocabulary stride, Q = labels.shape[-1]; copies only when it must."""
+    vocab_size = logits.shape[-1]
+    inner_size = labels.shape[-1] if labels.dim() else 1
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    try:
+        return logits.view(-1, inner_size, vocab_size)
+    except RuntimeError:
+        return logits.reshape(-1, inner_size, vocab_size)
+
+
+def three_logprobs_forward(logits, ref_logits, labels, *, dpo_logits=None, temperature=1.0, ignore_index=-100,
+                           block_v=None):
+    """(logprobs, ref_logprobs, dpo_logprobs or None), float32 of labels' shape, one pass over each logits row.
+
+    logits tensors: labels' shape plus a vocabulary dimension, any float dtype, unit stride along the vocabulary
+    (other strides are followed, so `logits[:, :-1]` needs no copy). Labels must be inside [0, V) or equal to
+    ignore_index (checked by the caller). `block_v` forces the vocabulary block size (a power of 2).
+    """
+    vocab_size = logits.shape[-1]
+    num_rows = labels.numel()
+    inner_size = labels.shape[-1] if labels.dim() else 1
+    device = labels.device
+    has_dpo = dpo_logits is not None
+    logprobs = torch.empty(labels.shape, dtype=torch.float32, device=device)
+    ref_logprobs = torch.empty(labels.shape, dtype=torch.float32, device=device)
+    dpo_logprobs = torch.empty(labels.shape, dtype=torch.float32, device=device) if has_dpo else None
+    if num_rows == 0:
+        return logprobs, ref_logprobs, dpo_logprobs
+    views = [_rows_view(tensor, labels) for tensor in (logits, ref_logits, dpo_logits if has_dpo else logits)]
+    if block_v is None:
+        block_v = min(4096, triton.next_power_of_2(vocab_size))
+    _three_logprobs_kernel[(num_rows,)](
+        views[0], views[1], views[2], labels.contiguous(),
+        logprobs, ref_logprobs, dpo_logprobs if has_dpo else logprobs,
+        inner_size, vocab_size, int(ignore_index), 1.0 / float(temperature),
+        views[0].stride(0), views[0].stride(1), views[1].stride(0), views[1].stride(1),
+        views[2].stride(0), views[2].stride(1),
+        HAS_DPO=has_dpo, BLOCK_V=block_v, num_warps=8 if block_v >= 4096 else 4)
+    return logprobs, ref_logprobs, dpo_logprobs
