@@ -1,9 +1,526 @@
-"""(being written)"""
+"""Per-token log-probs (and entropy) from logits or from hidden states: input checks, dispatch, custom ops, autograd.
+
+    import rto_fast.ops as ops
+    logprobs = ops.token_logprobs(logits, labels)                                   # (B, T) float32
+    logprobs, entropy = ops.token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
+    logprobs = ops.token_logprobs(logits, labels, inplace_backward=True)            # backward overwrites logits
+    logprobs = ops.linear_token_logprobs(hidden, lm_head.weight, labels)            # never holds (N, V) logits
+
+`token_logprobs(logits (..., V), labels (...))` returns log softmax(logits / temperature)[label] as float32 with the
+shape of `labels`; positions whose label is `ignore_index` give 0 (and entropy 0, and zero gradient). Labels
+outside [0, V) that are not `ignore_index` raise ValueError. Differentiable in `logits`.
+
+`inplace_backward=True` writes the gradient of the logits into the logits tensor itself (no second (N, V) tensor):
+after backward, `logits` holds its own gradient. Use it only when nothing else needs the logits afterwards (the
+usual case: logits produced by the LM head and consumed only here); autograd's version check reports any other
+saved use of them. A non-contiguous `logits` is copied first, and then it is the copy that is overwritten.
+
+`linear_token_logprobs(hidden (..., D), weight (V, D), labels (...), bias=(V,))` is `token_logprobs` of
+`hidden @ weight.T + bias` without holding the (N, V) logits: tokens go through in chunks whose logits hold about as
+many elements as `hidden` itself (Liger-Kernel's rule: rows per chunk = next power of 2 of N / ceil(V / D)), at
+least 2^22 and never more than 2^27 elements (`linear_chunk_rows`). Only hidden, weight, bias and per-token row
+statistics / entropy are saved; backward recomputes each chunk's logits, turns them into grad_logits in place,
+and accumulates grad_weight / grad_bias in float32.
+
+Backends (`rto_fast.ops._common.backend_for`): CUDA tensors run the Triton kernels of `rto_fast.kernels.logprobs`
+(float64 takes the torch path to keep its precision); CPU tensors run a vectorized torch path that walks the rows in
+chunks of about 1 MiB elements, casts a chunk to float32 into a reused buffer and uses log_softmax / gather on it
+(fused, vectorized ATen kernels; the chunk stays in cache, and no float32 copy of the whole logits ever exists).
+`reference` runs `rto_fast.reference` for the forward. The raw ops are registered as `torch.library.custom_op`s
+(`rto_fast::token_logprobs_fwd`, `..._bwd`, `..._bwd_inplace`, `rto_fast::linear_token_logprobs_fwd`, `..._bwd`)
+with fake implementations and autograd, so `torch.compile`d code calls them without graph breaks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ._common import FLOAT_DTYPES, backend_for, check_labels, check_tensor
+
+__all__ = ["token_logprobs", "linear_token_logprobs"]
+
+# The torch path casts at most this many logits to float32 at a time (4 MiB): small enough to stay in L2/L3 while
+# log_softmax walks it, large enough that per-chunk overhead is noise (measured in bench/bench_logprobs.py).
+_TORCH_CHUNK_ELEMENTS = 1 << 20
+# linear_token_logprobs: bounds on the logits of one token chunk (elements). The floor keeps the chunk matmul big
+# enough to run at full speed when D is small (32-row chunks ran 2.5x slower than one matmul on CPU); the cap bounds
+# memory when D is huge.
+_LINEAR_CHUNK_MIN_ELEMENTS = 1 << 22
+_LINEAR_CHUNK_MAX_ELEMENTS = 1 << 27
 
 
-def token_logprobs(*args, **kwargs):
-    raise NotImplementedError
+def _kernels():
+    from ..kernels import logprobs as kernels  # imports triton: only when the Triton backend runs
+
+    return kernels
 
 
-def linear_token_logprobs(*args, **kwargs):
-    raise NotImplementedError
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _use_kernels(backend: str, dtype: torch.dtype) -> bool:
+    # float64 keeps its precision on the torch path; the kernels compute in float32.
+    return backend == "triton" and dtype != torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vectorized torch path (CPU, float64, or any device when forced)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    return max(1, _TORCH_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _scaled_chunk(logits_chunk, buffer, temperature):
+    """logits_chunk / temperature in the compute dtype, in `buffer` unless the chunk can be used as it is."""
+    if logits_chunk.dtype == buffer.dtype and temperature == 1.0:
+        return logits_chunk
+    buffer.copy_(logits_chunk)  # cast first: dividing a bf16 tensor would round the quotient to bf16
+    if temperature != 1.0:
+        buffer.div_(temperature)
+    return buffer
+
+
+def _forward_torch(logits, labels, temperature, ignore_index, return_entropy, need_stats=True):
+    """(logprobs float32, row_stats (N, 2), entropy float32 or None) for logits (N, V), labels (N,).
+
+    row_stats = (m, log s): the row max of z = logits / temperature and log sum exp(z - m), what backward needs
+    (kernels/logprobs.py says why not lse). They cost two extra max passes over each cached chunk; without
+    `need_stats` they are zeros.
+    """
+    n_rows, vocab_size = logits.shape
+    dtype = _compute_dtype(logits.dtype)
+    device = logits.device
+    logprobs = torch.empty(n_rows, device=device, dtype=torch.float32)
+    row_stats = (torch.empty if need_stats else torch.zeros)(n_rows, 2, device=device, dtype=dtype)
+    entropy = torch.empty(n_rows, device=device, dtype=torch.float32) if return_entropy else None
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).long().unsqueeze(-1)
+    rows = min(_chunk_rows(vocab_size), max(n_rows, 1))
+    scaled_buffer = torch.empty(rows, vocab_size, device=device, dtype=dtype)
+    log_p_buffer = torch.empty(rows, vocab_size, device=device, dtype=dtype)
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        count = stop - start
+        z = _scaled_chunk(logits[start:stop], scaled_buffer[:count], temperature)
+        log_p = torch.log_softmax(z, dim=-1, out=log_p_buffer[:count])
+        logprobs[start:stop] = log_p.gather(-1, safe_labels[start:stop]).squeeze(-1)
+        if need_stats:
+            # log_p = z - lse keeps the order of z, so both maxima sit at the same column: max log_p = -log s.
+            row_stats[start:stop, 0] = z.amax(-1)
+            row_stats[start:stop, 1] = log_p.amax(-1).neg_()
+        if return_entropy:
+            p_log_p = torch.exp(log_p, out=scaled_buffer[:count]).mul_(log_p)
+            entropy[start:stop] = p_log_p.sum(-1).neg_()
+    logprobs.masked_fill_(~valid, 0.0)
+    row_stats.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    if return_entropy:
+        entropy.masked_fill_(~valid, 0.0)
+    return logprobs, row_stats, entropy
+
+
+def _backward_torch(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out):
+    """Gradient of the logits (N, V), written chunk by chunk into `out` (which may be `logits` itself)."""
+    n_rows, vocab_size = logits.shape
+    dtype = _compute_dtype(logits.dtype)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).long().unsqueeze(-1)
+    # Per-row factors with ignored rows zeroed: their gradient comes out exactly 0.
+    g_lp = torch.where(valid, grad_logprobs.to(dtype), 0.0).unsqueeze(-1) if grad_logprobs is not None else None
+    g_h = torch.where(valid, grad_entropy.to(dtype), 0.0).unsqueeze(-1) if grad_entropy is not None else None
+    row_max = row_stats[:, 0:1].to(dtype)
+    log_sum = row_stats[:, 1:2].to(dtype)
+    entropy = entropy.to(dtype).unsqueeze(-1) if g_h is not None else None
+    rows = min(_chunk_rows(vocab_size), max(n_rows, 1))
+    log_p_buffer = torch.empty(rows, vocab_size, device=logits.device, dtype=dtype)
+    p_buffer = torch.empty(rows if out.dtype != dtype else 0, vocab_size, device=logits.device, dtype=dtype)
+    # When the gradient has the compute dtype, p and the gradient are built in `out` itself: one pass fewer.
+    direct = out.dtype == dtype
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        count = stop - start
+        logits_chunk = logits[start:stop]
+        log_p = log_p_buffer[:count]
+        if logits_chunk.dtype == dtype:
+            if temperature != 1.0:
+                # Divide exactly as the forward did: z must round the same way for z - m to be exact at the max.
+                torch.div(logits_chunk, temperature, out=log_p).sub_(row_max[start:stop])
+            else:
+                torch.sub(logits_chunk, row_max[start:stop], out=log_p)
+        else:
+            log_p.copy_(logits_chunk)
+            if temperature != 1.0:
+                log_p.div_(temperature)
+            log_p.sub_(row_max[start:stop])
+        log_p.sub_(log_sum[start:stop])  # (z - m) - log s: see kernels/logprobs.py
+        # log_p holds everything needed from the logits chunk, so `out` may overwrite it now (in-place backward).
+        p = torch.exp(log_p, out=out[start:stop] if direct else p_buffer[:count])
+        if g_h is not None:
+            # grad = -p * (g_lp + g_h * (log p + H)) + g_lp * onehot
+            factor = log_p.add_(entropy[start:stop]).mul_(g_h[start:stop])
+            if g_lp is not None:
+                factor.add_(g_lp[start:stop])
+            grad = p.mul_(factor).neg_()
+        else:
+            grad = p.mul_(g_lp[start:stop].neg())
+        if g_lp is not None:
+            grad.scatter_add_(-1, safe_labels[start:stop], g_lp[start:stop])
+        if temperature != 1.0:
+            grad.div_(temperature)
+        invalid_rows = torch.nonzero(~valid[start:stop]).squeeze(-1)
+        if invalid_rows.numel():  # exact zeros even where the logits of an ignored row are inf
+            grad[invalid_rows] = 0.0
+        if not direct:
+            out[start:stop].copy_(grad)
+    return out
+
+
+def _forward_reference(logits, labels, temperature, ignore_index, return_entropy):
+    dtype = _compute_dtype(logits.dtype)
+    result = reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                      return_entropy=return_entropy)
+    logprobs, entropy = result if return_entropy else (result, None)
+    z = logits.to(dtype) / temperature
+    row_max = z.amax(-1, keepdim=True)
+    row_stats = torch.cat([row_max, torch.logsumexp(z - row_max, dim=-1, keepdim=True)], dim=-1)
+    row_stats.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
+    return logprobs.float(), row_stats, entropy.float() if entropy is not None else None
+
+
+def _forward_any(backend, logits, labels, temperature, ignore_index, return_entropy, need_stats=True):
+    if _use_kernels(backend, logits.dtype):
+        return _kernels().logprobs_forward(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                           return_entropy=return_entropy)
+    if backend == "reference":
+        return _forward_reference(logits, labels, temperature, ignore_index, return_entropy)
+    return _forward_torch(logits, labels, temperature, ignore_index, return_entropy, need_stats)
+
+
+def _backward_any(backend, logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature,
+                  ignore_index, out):
+    if _use_kernels(backend, logits.dtype):
+        return _kernels().logprobs_backward(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy,
+                                            temperature=temperature, ignore_index=ignore_index, out=out)
+    return _backward_torch(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+                           out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: token_logprobs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _empty_entropy(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("rto_fast::token_logprobs_fwd", mutates_args=())
+def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                        return_entropy: bool, inplace_backward: bool, need_stats: bool) -> tuple[
+                                            torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, V) contiguous, labels (N,) -> (logprobs f32, row_stats (N, 2), entropy f32 or empty).
+
+    `need_stats`: backward will run (the torch path skips row_stats otherwise); `inplace_backward` is read by autograd.
+    """
+    check_labels(labels, logits.shape[-1], ignore_index)
+    logprobs, row_stats, entropy = _forward_any(backend_for(logits), logits, labels, temperature, ignore_index,
+                                                return_entropy, need_stats)
+    return logprobs, row_stats, entropy if entropy is not None else _empty_entropy(logits)
+
+
+@_token_logprobs_fwd.register_fake
+def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backward, need_stats):
+    n_rows = logits.shape[0]
+    logprobs = logits.new_empty(n_rows, dtype=torch.float32)
+    row_stats = logits.new_empty(n_rows, 2, dtype=_compute_dtype(logits.dtype))
+    entropy = logits.new_empty(n_rows if return_entropy else 0, dtype=torch.float32)
+    return logprobs, row_stats, entropy
+
+
+@torch.library.custom_op("rto_fast::token_logprobs_bwd", mutates_args=())
+def _token_logprobs_bwd(logits: torch.Tensor, labels: torch.Tensor, row_stats: torch.Tensor, entropy: torch.Tensor,
+                        grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                        temperature: float, ignore_index: int) -> torch.Tensor:
+    out = torch.empty_like(logits)
+    return _backward_any(backend_for(logits), logits, labels, row_stats, entropy, grad_logprobs, grad_entropy,
+                         temperature, ignore_index, out)
+
+
+@_token_logprobs_bwd.register_fake
+def _(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("rto_fast::token_logprobs_bwd_inplace", mutates_args=("logits",))
+def _token_logprobs_bwd_inplace(logits: torch.Tensor, labels: torch.Tensor, row_stats: torch.Tensor,
+                                entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
+                                grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int) -> None:
+    _backward_any(backend_for(logits), logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature,
+                  ignore_index, logits)
+
+
+@_token_logprobs_bwd_inplace.register_fake
+def _(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
+    return None
+
+
+def _token_logprobs_setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, return_entropy, inplace_backward, _ = inputs
+    _, row_stats, entropy = output
+    ctx.save_for_backward(logits, labels, row_stats, entropy)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.return_entropy = return_entropy
+    ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(row_stats)
+    ctx.set_materialize_grads(False)
+
+
+def _token_logprobs_backward(ctx, grad_logprobs, grad_row_stats, grad_entropy):
+    logits, labels, row_stats, entropy = ctx.saved_tensors
+    if not ctx.return_entropy:
+        grad_entropy = None
+    if grad_logprobs is None and grad_entropy is None:
+        return None, None, None, None, None, None, None
+    grad_logprobs = grad_logprobs.contiguous() if grad_logprobs is not None else None
+    grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
+    if ctx.inplace_backward:
+        torch.ops.rto_fast.token_logprobs_bwd_inplace(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy,
+                                                      ctx.temperature, ctx.ignore_index)
+        grad_logits = logits
+    else:
+        grad_logits = torch.ops.rto_fast.token_logprobs_bwd(logits, labels, row_stats, entropy, grad_logprobs,
+                                                            grad_entropy, ctx.temperature, ctx.ignore_index)
+    return grad_logits, None, None, None, None, None, None
+
+
+torch.library.register_autograd("rto_fast::token_logprobs_fwd", _token_logprobs_backward,
+                                setup_context=_token_logprobs_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: linear_token_logprobs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def linear_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk: a chunk's logits hold about as many elements as `hidden` (Liger-Kernel's rule, rounded up
+    to a power of 2 of rows), but at least 2^22 and at most 2^27 elements."""
+    ratio = -(-vocab_size // max(hidden_size, 1))
+    rows = 1 << max(0, (-(-n_rows // ratio) - 1).bit_length())
+    rows = max(rows, _LINEAR_CHUNK_MIN_ELEMENTS // vocab_size)
+    rows = min(rows, _LINEAR_CHUNK_MAX_ELEMENTS // vocab_size)
+    return max(1, min(rows, n_rows))
+
+
+def _chunk_logits(hidden_chunk, weight, bias):
+    if bias is None:
+        return hidden_chunk @ weight.T
+    return torch.addmm(bias, hidden_chunk, weight.T)
+
+
+def _mm_float32(a, b):
+    """a @ b accumulated and returned in float32 (no float32 copies of bf16 operands on CUDA)."""
+    if a.dtype == torch.float32 or a.dtype == torch.float64:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return (a @ b).float()
+
+
+@torch.library.custom_op("rto_fast::linear_token_logprobs_fwd", mutates_args=())
+def _linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               bias: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                               return_entropy: bool, need_stats: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """hidden (N, D), weight (V, D), labels (N,) -> (logprobs f32, row_stats (N, 2), entropy f32 or empty)."""
+    n_rows = hidden.shape[0]
+    vocab_size = weight.shape[0]
+    check_labels(labels, vocab_size, ignore_index)
+    backend = backend_for(hidden)
+    dtype = _compute_dtype(hidden.dtype)
+    logprobs = hidden.new_empty(n_rows, dtype=torch.float32)
+    row_stats = hidden.new_empty(n_rows, 2, dtype=dtype)
+    entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32)
+    rows = linear_chunk_rows(n_rows, vocab_size, hidden.shape[1])
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        logits = _chunk_logits(hidden[start:stop], weight, bias)
+        if backend == "reference":
+            backend = "torch"  # the reference has no chunked form; the torch path is its chunked equivalent
+        chunk_lp, chunk_stats, chunk_entropy = _forward_any(backend, logits, labels[start:stop], temperature,
+                                                          ignore_index, return_entropy, need_stats)
+        logprobs[start:stop] = chunk_lp
+        row_stats[start:stop] = chunk_stats
+        if return_entropy:
+            entropy[start:stop] = chunk_entropy
+    return logprobs, row_stats, entropy
+
+
+@_linear_token_logprobs_fwd.register_fake
+def _(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, need_stats):
+    n_rows = hidden.shape[0]
+    return (hidden.new_empty(n_rows, dtype=torch.float32),
+            hidden.new_empty(n_rows, 2, dtype=_compute_dtype(hidden.dtype)),
+            hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32))
+
+
+@torch.library.custom_op("rto_fast::linear_token_logprobs_bwd", mutates_args=())
+def _linear_token_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               bias: Optional[torch.Tensor], row_stats: torch.Tensor, entropy: torch.Tensor,
+                               grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                               temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
+                               need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden or empty, grad_weight or empty, grad_bias or empty), in the dtypes of the inputs."""
+    n_rows = hidden.shape[0]
+    vocab_size = weight.shape[0]
+    backend = backend_for(hidden)
+    if backend == "reference":
+        backend = "torch"
+    accumulate = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=accumulate) if need_weight else None
+    grad_bias = torch.zeros(vocab_size, device=weight.device, dtype=accumulate) if need_bias else None
+    rows = linear_chunk_rows(n_rows, vocab_size, hidden.shape[1])
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        hidden_chunk = hidden[start:stop]
+        logits = _chunk_logits(hidden_chunk, weight, bias)
+        grad_logits = _backward_any(
+            backend, logits, labels[start:stop], row_stats[start:stop],
+            entropy[start:stop] if grad_entropy is not None else entropy,
+            grad_logprobs[start:stop] if grad_logprobs is not None else None,
+            grad_entropy[start:stop] if grad_entropy is not None else None,
+            temperature, ignore_index, logits)  # in place: the chunk's logits become its gradient
+        if need_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
+        if need_weight:
+            grad_weight += _mm_float32(grad_logits.T, hidden_chunk)
+        if need_bias:
+            grad_bias += grad_logits.sum(0, dtype=accumulate)
+    return (grad_hidden,
+            grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0),
+            grad_bias.to(bias.dtype) if need_bias else weight.new_empty(0))
+
+
+@_linear_token_logprobs_bwd.register_fake
+def _(hidden, weight, labels, bias, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+      need_hidden, need_weight, need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            bias.new_empty(bias.shape) if need_bias else weight.new_empty(0))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, temperature, ignore_index, return_entropy, _ = inputs
+    _, row_stats, entropy = output
+    ctx.save_for_backward(hidden, weight, labels, bias, row_stats, entropy)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.return_entropy = return_entropy
+    ctx.mark_non_differentiable(row_stats)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, grad_logprobs, grad_row_stats, grad_entropy):
+    hidden, weight, labels, bias, row_stats, entropy = ctx.saved_tensors
+    need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    need_bias = bool(need_bias and bias is not None)
+    if not ctx.return_entropy:
+        grad_entropy = None
+    if (grad_logprobs is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
+        return None, None, None, None, None, None, None, None
+    grad_hidden, grad_weight, grad_bias = torch.ops.rto_fast.linear_token_logprobs_bwd(
+        hidden, weight, labels, bias, row_stats, entropy,
+        grad_logprobs.contiguous() if grad_logprobs is not None else None,
+        grad_entropy.contiguous() if grad_entropy is not None else None,
+        ctx.temperature, ctx.ignore_index, need_hidden, need_weight, need_bias)
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None, None,
+            grad_bias if need_bias else None, None, None, None, None)
+
+
+torch.library.register_autograd("rto_fast::linear_token_logprobs_fwd", _linear_backward,
+                                setup_context=_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_common(labels, batch_shape, batch_name, device, temperature, ignore_index):
+    check_tensor("labels", labels, device=device)
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"labels: expected an integer dtype, got {str(labels.dtype).replace('torch.', '')}")
+    if tuple(labels.shape) != tuple(batch_shape):
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match {batch_name} "
+                         f"{tuple(batch_shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature: must be positive and finite, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+
+
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   inplace_backward=False):
+    """log softmax(logits / temperature)[labels] as float32 `labels.shape`; `(logprobs, entropy)` if asked.
+
+    logits: (..., V) float32 / bfloat16 / float16 / float64; labels: (...) integer, in [0, V) or `ignore_index`
+    (those positions give 0 and no gradient). `inplace_backward=True`: backward overwrites `logits` with its own
+    gradient (see the module docstring).
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits: expected shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    _check_common(labels, logits.shape[:-1], "logits.shape[:-1]", logits.device, temperature, ignore_index)
+    vocab_size = logits.shape[-1]
+    logits_2d = logits.reshape(-1, vocab_size)
+    if logits_2d.stride(-1) != 1:
+        logits_2d = logits_2d.contiguous()
+    need_stats = torch.is_grad_enabled() and logits.requires_grad
+    logprobs, _, entropy = torch.ops.rto_fast.token_logprobs_fwd(
+        logits_2d, labels.reshape(-1), float(temperature), int(ignore_index), bool(return_entropy),
+        bool(inplace_backward), need_stats)
+    logprobs = logprobs.view(labels.shape)
+    if return_entropy:
+        return logprobs, entropy.view(labels.shape)
+    return logprobs
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False):
+    """token_logprobs of `hidden @ weight.T + bias` without ever holding the (N, V) logits.
+
+    hidden: (..., D); weight: (V, D) and bias: (V,), both in hidden's dtype; labels: (...). Differentiable in
+    hidden, weight and bias. The matmuls run in the input dtype; log-probs and entropy come back as float32.
+    """
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
+    check_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2, device=hidden.device)
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape (V, {hidden.shape[-1]}) with V >= 1, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(hidden.dtype,), ndim=1, device=hidden.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_common(labels, hidden.shape[:-1], "hidden.shape[:-1]", hidden.device, temperature, ignore_index)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    need_stats = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    logprobs, _, entropy = torch.ops.rto_fast.linear_token_logprobs_fwd(
+        hidden_2d, weight, labels.reshape(-1), bias, float(temperature), int(ignore_index), bool(return_entropy),
+        need_stats)
+    logprobs = logprobs.view(labels.shape)
+    if return_entropy:
+        return logprobs, entropy.view(labels.shape)
+    return logprobs
