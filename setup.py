@@ -44,6 +44,8 @@ setup(
         "deepspeed>=0.15",
         "safetensors",
         "pyyaml",
+        "tqdm",
+        "matplotlib",
         "numpy",
     ],
     extras_require={

@@ -1,0 +1,219 @@
+"""What a run records: metrics.jsonl (one JSON object per step), a progress bar, PNG plots and a summary table.
+
+Usage:
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    log.truncate(stage="sft", after_step=10)            # on resume: drop records the checkpoint does not cover
+    log.write({"stage": "sft", "step": 11, "loss": 1.2})
+    bar = ProgressBar(total=100, initial=10, desc="sft", enabled=True)
+    bar.update(step=11, tokens=2048, loss=1.2)          # shows step, ETA, tokens/s and the loss
+    bar.close()
+    write_plots(run_dir)                                # run_dir/plots/<stage>.png from metrics.jsonl
+    text = write_summary(run_dir)                       # run_dir/summary.md: one row per stage; returns the text
+
+Plots need matplotlib; without it they are skipped with a warning (the metrics are all in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.md"
+PLOTS_DIR = "plots"
+# Per stage, the curves worth a panel each: (train key, eval key or None, title).
+STAGE_PANELS = {
+    "sft": [("loss", "eval_loss", "NLL per response token"), ("lr", None, "learning rate")],
+    "dpo": [("loss", "eval_loss", "DPO loss"), ("reward_margin", "eval_reward_margin", "implicit reward margin"),
+            ("reward_accuracy", "eval_reward_accuracy", "reward accuracy"), ("lr", None, "learning rate")],
+    "rm": [("loss", "eval_loss", "Bradley-Terry loss"), ("accuracy", "eval_accuracy", "accuracy"),
+           ("lr", None, "learning rate")],
+}
+# Columns of the summary table, when a stage has them.
+SUMMARY_KEYS = ("loss", "eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_accuracy")
+
+
+def _json_value(value):
+    if hasattr(value, "item"):  # torch / numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / inf
+    return value
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; each write is flushed and fsynced so a killed run keeps what it logged."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        line = json.dumps({key: _json_value(value) for key, value in record.items()})
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    def truncate(self, stage: str, after_step: int) -> None:
+        """Drop `stage` records past `after_step` (a resumed run writes them again), rewriting the file atomically."""
+        if not self.path.exists():
+            return
+        kept = [record for record in self.read()
+                if not (record.get("stage") == stage and record.get("step", 0) > after_step)]
+        temp = self.path.with_name(self.path.name + ".tmp")
+        with open(temp, "w", encoding="utf-8") as handle:
+            for record in kept:
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self.path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a kill during a write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class ProgressBar:
+    """tqdm bar over optimizer steps: step/total, ETA, tokens per second and the latest loss."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True):
+        self._bar = None
+        self._tokens = 0
+        self._start = time.perf_counter()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, tokens: int, **values) -> None:
+        self._tokens += tokens
+        if self._bar is None:
+            return
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        postfix = {"tok/s": f"{self._tokens / elapsed:,.0f}"}
+        postfix.update({key: f"{value:.4g}" for key, value in values.items() if value is not None})
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ end of run
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def write_plots(run_dir: str | os.PathLike) -> list[Path]:
+    """One PNG per stage (a panel per main curve, eval points over the train curve); returns the files written."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / METRICS_FILE)
+    if not records:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (the curves are in %s)", METRICS_FILE)
+        return []
+    written = []
+    stages = list(dict.fromkeys(record.get("stage") for record in records if record.get("stage")))
+    for stage in stages:
+        stage_records = [record for record in records if record.get("stage") == stage]
+        panels = [panel for panel in STAGE_PANELS.get(stage, [("loss", "eval_loss", "loss")])
+                  if any(_finite(record.get(panel[0])) for record in stage_records)]
+        if not panels:
+            continue
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+        for axis, (train_key, eval_key, title) in zip(axes[0], panels):
+            points = [(r["step"], r[train_key]) for r in stage_records if _finite(r.get(train_key))]
+            if points:
+                axis.plot(*zip(*points), label="train", linewidth=1.2)
+            if eval_key is not None:
+                points = [(r["step"], r[eval_key]) for r in stage_records if _finite(r.get(eval_key))]
+                if points:
+                    axis.plot(*zip(*points), "o-", label="eval", markersize=4)
+            axis.set_title(title)
+            axis.set_xlabel("optimizer step")
+            axis.grid(alpha=0.3)
+            if eval_key is not None:
+                axis.legend()
+        figure.suptitle(f"{stage} ({run_dir.name})")
+        figure.tight_layout()
+        path = run_dir / PLOTS_DIR / f"{stage}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _format(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per stage: steps, tokens, wall time, tokens/s, last train loss and the last value of each eval metric."""
+    rows = []
+    for stage in dict.fromkeys(record.get("stage") for record in records if record.get("stage")):
+        stage_records = [record for record in records if record.get("stage") == stage]
+        last = stage_records[-1]
+        row = {"stage": stage, "steps": last.get("step"), "tokens": last.get("tokens_seen"),
+               "time_s": last.get("elapsed_s")}
+        if _finite(row["tokens"]) and _finite(row["time_s"]) and row["time_s"] > 0:
+            row["tokens_per_s"] = row["tokens"] / row["time_s"]
+        for key in SUMMARY_KEYS:
+            values = [record[key] for record in stage_records if _finite(record.get(key))]
+            if values:
+                row[key] = values[-1]
+        rows.append(row)
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A markdown table with one row per stage."""
+    columns = ["stage", "steps", "tokens", "time_s", "tokens_per_s"]
+    columns += [key for key in SUMMARY_KEYS if any(key in row for row in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(column)) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(run_dir: str | os.PathLike) -> str:
+    """run_dir/summary.md from metrics.jsonl; returns the table."""
+    run_dir = Path(run_dir)
+    table = summary_table(summarize(read_metrics(run_dir / METRICS_FILE)))
+    (run_dir / SUMMARY_FILE).write_text(f"# Summary of {run_dir.name}\n\n{table}\n", encoding="utf-8")
+    return table

@@ -1,0 +1,504 @@
+"""Training stages SFT, DPO and RM, and the loop they share (packed micro-batches, accumulation, eval, checkpoints).
+
+Usage (the CLI `python -m rto_fast.train` does this for every stage a config lists):
+    context = RunContext(config, run_dir, device, tokenizer, train_examples, eval_examples, metrics)
+    output_folder = run_stage("sft", context)          # run_dir/sft/model: loads with from_pretrained
+
+Stages:
+- sft: mean NLL over response tokens of prompt + chosen (prompt tokens masked).
+- dpo: -log sigmoid(beta * [(S_pi(y_w) - S_ref(y_w)) - (S_pi(y_l) - S_ref(y_l))]) with S the sum of response-token
+  log-probs from `rto_fast.ops.token_logprobs` on packed streams; the frozen reference's log-probs are computed once
+  per batch, in `torch.inference_mode`, before the policy's passes. Logs the implicit rewards and their margin.
+- rm: Bradley-Terry -log sigmoid(r(x, y_w) - r(x, y_l)) with `ValueHeadModel`, r read at each sequence's last
+  token; logs accuracy.
+
+Batches: an optimizer step takes `batch_size` examples (`batch_unit: sequences`; a preference pair counts once) or
+examples up to `batch_size` tokens (`batch_unit: tokens`; prompt + response tokens, both sequences of a pair). The
+step is processed as `grad_accumulation` consecutive batches; each is packed into micro-batches of at most
+`micro_batch_tokens` tokens (a pair always lands in one micro-batch), whose gradients add up. Losses are normalised
+by the whole step (response tokens for SFT, pairs for DPO/RM), so the gradient does not depend on how the step
+was cut into micro-batches.
+
+Data order: epoch e visits the training examples in a permutation drawn from its own generator seeded by
+(runtime.seed, stage, e), so the data position of a checkpoint is just its step number, and a resumed run sees
+exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .attention import packed_forward
+from .config import STAGES, Config, StageConfig
+from .models import TINY, ValueHeadModel, load_causal_lm
+from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
+from .run_log import MetricsLog, ProgressBar
+
+logger = logging.getLogger(__name__)
+
+# Added to runtime.seed per stage, so stages draw different (but fixed) random numbers.
+STAGE_SEED_OFFSET = {name: 1000 * (index + 1) for index, name in enumerate(STAGES)}
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
+    """(1, N) float32 log-prob of each label (0 where the label is -100): the only place the stages get log-probs.
+
+    Goes through the fused op; in training its backward overwrites the logits with their gradient (nothing else
+    reads them), which saves one (N, V) tensor."""
+    from .ops import token_logprobs as fused_token_logprobs
+
+    return fused_token_logprobs(logits, labels, inplace_backward=training and logits.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------ run context
+
+@dataclass
+class RunContext:
+    """Everything a stage needs from the run: config, folders, device, tokenizer, tokenized data, the log."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    tokenizer: object
+    train_examples: list
+    eval_examples: list
+    metrics: MetricsLog
+    # Output model folder of each finished stage of this run; feeds the next stage.
+    outputs: dict = field(default_factory=dict)
+
+
+def _get(example, name: str):
+    return example[name] if isinstance(example, dict) else getattr(example, name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ data plan
+
+class DataPlan:
+    """Which training examples each optimizer step uses; a pure function of (seed, stage, step)."""
+
+    def __init__(self, example_tokens: list[int], settings: StageConfig, seed: int):
+        if not example_tokens:
+            raise ValueError("no training examples")
+        self.example_tokens = np.asarray(example_tokens, dtype=np.int64)
+        self.settings = settings
+        self.seed = seed
+        self._epochs: dict[int, list[list[int]]] = {}
+        self._epoch_steps: dict[int, int] = {}  # steps per epoch, kept for every epoch seen (cheap)
+        steps_first_epoch = len(self.epoch_batches(0))
+        if settings.max_steps is not None:
+            self.total_steps = settings.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(settings.epochs * steps_first_epoch - 1e-9))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.example_tokens), generator=generator).tolist()
+            size = self.settings.batch_size
+            if self.settings.batch_unit == "sequences":
+                batches = [order[start:start + size] for start in range(0, len(order), size)]
+            else:
+                batches, current, tokens = [], [], 0
+                for index in order:
+                    length = int(self.example_tokens[index])
+                    if current and tokens + length > size:
+                        batches.append(current)
+                        current, tokens = [], 0
+                    current.append(index)
+                    tokens += length
+                if current:
+                    batches.append(current)
+            self._epochs = {epoch: batches}  # only the current epoch's batches are kept
+            self._epoch_steps[epoch] = len(batches)
+        return self._epochs[epoch]
+
+    def _steps_in(self, epoch: int) -> int:
+        if epoch not in self._epoch_steps:
+            self.epoch_batches(epoch)
+        return self._epoch_steps[epoch]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index in that epoch) of 0-based optimizer step `step`."""
+        epoch = 0
+        while step >= self._steps_in(epoch):
+            step -= self._steps_in(epoch)
+            epoch += 1
+        return epoch, step
+
+    def batch(self, step: int) -> tuple[list[int], float]:
+        """Example indices of step `step` and the fractional epoch reached after it."""
+        epoch, index = self.position(step)
+        batches = self.epoch_batches(epoch)
+        return batches[index], epoch + (index + 1) / len(batches)
+
+
+def split_even(items: list, parts: int) -> list[list]:
+    """`items` cut into at most `parts` consecutive chunks of near-equal size (none empty)."""
+    parts = max(1, min(parts, len(items)))
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+class Stage:
+    """One training stage: how examples become sequences, the models, the loss of one packed micro-batch."""
+
+    name = ""
+    pairs = False  # True: each example gives a (chosen, rejected) pair packed into the same micro-batch
+
+    def __init__(self, context: RunContext, settings: StageConfig):
+        self.context = context
+        self.settings = settings
+        self.config = context.config
+        self.model = None
+
+    # --- data
+    def sequences(self, example) -> list[TokenizedSequence]:
+        prompt = list(_get(example, "prompt_ids"))
+        responses = [_get(example, "chosen_ids")]
+        if self.pairs:
+            responses.append(_get(example, "rejected_ids"))
+        return [TokenizedSequence(prompt + list(response), [False] * len(prompt) + [True] * len(response))
+                for response in responses]
+
+    def micro_batches(self, examples: list, indices: list[int], max_tokens: int) -> list[PackedBatch]:
+        """Pack examples[indices] into micro-batches of at most max_tokens tokens; a pair stays together, chosen
+        at even and rejected at odd packed positions."""
+        sequences, units = [], []
+        for index in indices:
+            parts = self.sequences(examples[index])
+            units.append(list(range(len(sequences), len(sequences) + len(parts))))
+            sequences.extend(parts)
+        unit_lengths = [sum(len(sequences[i].input_ids) for i in unit) for unit in units]
+        bins = first_fit_decreasing(unit_lengths, max_tokens)
+        return [pack(sequences, [i for unit_index in bin_ for i in units[unit_index]]) for bin_ in bins]
+
+    def example_tokens(self, example) -> int:
+        return sum(len(sequence.input_ids) for sequence in self.sequences(example))
+
+    # --- models
+    def build(self, init_path: str, resume_model: Path | None) -> None:
+        raise NotImplementedError
+
+    def trainable_parameters(self):
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+
+    def save(self, folder: Path) -> None:
+        ckpt.save_model(self.model, folder, self.context.tokenizer)
+
+    # --- loss
+    def denominator(self, micro_batches: list[PackedBatch]) -> float:
+        """What the step's loss is averaged over (pairs by default)."""
+        return float(sum(batch.num_sequences for batch in micro_batches) // (2 if self.pairs else 1))
+
+    def prepare(self, micro_batches: list[PackedBatch]) -> list:
+        """Per micro-batch, what the loss needs besides the trained model (e.g. reference log-probs)."""
+        return [None] * len(micro_batches)
+
+    def loss(self, batch: PackedBatch, extra, denominator: float) -> tuple[torch.Tensor, dict]:
+        """(loss / denominator, sums of the logged statistics including 'count')."""
+        raise NotImplementedError
+
+
+def _load_lm(path: str, config: Config, trainable: bool, seed: int | None = None):
+    if path == TINY and seed is not None:
+        torch.manual_seed(seed)  # the tiny model's random weights must be the same in every process
+    return load_causal_lm(path, dtype=config.model.dtype, trainable=trainable,
+                          gradient_checkpointing=config.model.gradient_checkpointing and trainable)
+
+
+class SFTStage(Stage):
+    name = "sft"
+
+    def build(self, init_path, resume_model):
+        seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
+        self.model = _load_lm(str(resume_model) if resume_model else init_path, self.config, True, seed)
+        self.model.to(self.context.device)
+
+    def denominator(self, micro_batches):
+        return float(sum(int(batch.response_mask.sum()) for batch in micro_batches))
+
+    def loss(self, batch, extra, denominator):
+        logits = packed_forward(self.model, batch).logits
+        logprobs = token_logprobs(logits, batch.labels, torch.is_grad_enabled())
+        nll_sum = -logprobs.sum()
+        return nll_sum / denominator, {"loss": nll_sum.detach(), "count": batch.response_mask.sum()}
+
+
+class DPOStage(Stage):
+    name = "dpo"
+    pairs = True
+
+    def build(self, init_path, resume_model):
+        # Reference first, then the policy: the same order in a fresh and in a resumed run.
+        seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
+        ref_path = self.config.model.ref_path or init_path
+        self.reference = _load_lm(ref_path, self.config, False, seed)
+        if resume_model is not None:
+            self.model = _load_lm(str(resume_model), self.config, True)
+        elif init_path == ref_path == TINY:
+            self.model = copy.deepcopy(self.reference).requires_grad_(True).train()  # same random weights
+        else:
+            self.model = _load_lm(init_path, self.config, True, seed)
+        self.model.to(self.context.device)
+        self.reference.to(self.context.device)
+
+    def _sequence_logprobs(self, model, batch, training: bool) -> torch.Tensor:
+        logits = packed_forward(model, batch).logits
+        return sequence_sums(token_logprobs(logits, batch.labels, training), batch)  # (S,), packed order
+
+    def prepare(self, micro_batches):
+        # Once per batch, before the policy passes; no autograd graph, no saved activations.
+        with torch.inference_mode(), _autocast(self.context):
+            reference = [self._sequence_logprobs(self.reference, batch, False) for batch in micro_batches]
+        return [values.clone() for values in reference]  # plain tensors: usable next to autograd tensors
+
+    def loss(self, batch, ref_logprobs, denominator):
+        policy_logprobs = self._sequence_logprobs(self.model, batch, torch.is_grad_enabled())
+        beta = self.settings.beta
+        chosen_rewards = beta * (policy_logprobs[0::2] - ref_logprobs[0::2])
+        rejected_rewards = beta * (policy_logprobs[1::2] - ref_logprobs[1::2])
+        margins = chosen_rewards - rejected_rewards
+        losses = -F.logsigmoid(margins)
+        detached = margins.detach()
+        stats = {"loss": losses.detach().sum(), "reward_margin": detached.sum(),
+                 "reward_accuracy": (detached > 0).float().sum(), "chosen_reward": chosen_rewards.detach().sum(),
+                 "rejected_reward": rejected_rewards.detach().sum(),
+                 "chosen_logprob": policy_logprobs[0::2].detach().sum(), "count": margins.numel()}
+        return losses.sum() / denominator, stats
+
+
+class RMStage(Stage):
+    name = "rm"
+    pairs = True
+
+    def build(self, init_path, resume_model):
+        path = str(resume_model) if resume_model else init_path
+        if path == TINY:
+            torch.manual_seed(self.config.runtime.seed + STAGE_SEED_OFFSET[self.name])
+        self.model = ValueHeadModel.from_pretrained(
+            path, dtype=self.config.model.dtype, trainable=True,
+            gradient_checkpointing=self.config.model.gradient_checkpointing)
+        self.model.to(self.context.device)
+
+    def loss(self, batch, extra, denominator):
+        values = packed_forward(self.model, batch)  # (1, N) float32
+        last_token = batch.cu_seqlens[1:].long().to(values.device) - 1
+        rewards = values[0, last_token]
+        margins = rewards[0::2] - rewards[1::2]
+        losses = -F.logsigmoid(margins)
+        detached = margins.detach()
+        stats = {"loss": losses.detach().sum(), "accuracy": (detached > 0).float().sum(),
+                 "reward_margin": detached.sum(), "chosen_reward": rewards[0::2].detach().sum(),
+                 "rejected_reward": rewards[1::2].detach().sum(), "count": margins.numel()}
+        return losses.sum() / denominator, stats
+
+
+STAGE_CLASSES = {"sft": SFTStage, "dpo": DPOStage, "rm": RMStage}
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def lr_factor(step: int, total_steps: int, settings: StageConfig) -> float:
+    """Multiplier of the peak lr for 0-based optimizer step `step`: linear warmup, then cosine/linear/constant."""
+    warmup = int(round(settings.warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if settings.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    floor = settings.min_lr_ratio
+    if settings.lr_schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(context: RunContext):
+    enabled = context.config.runtime.dtype == "bf16"
+    return torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _accumulate(totals: dict, stats: dict) -> None:
+    for key, value in stats.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+
+
+def _averages(totals: dict, prefix: str = "") -> dict:
+    count = max(totals.get("count", 0.0), 1.0)
+    return {f"{prefix}{key}": value / count for key, value in totals.items() if key != "count"}
+
+
+def evaluate(stage: Stage, eval_batches: list[PackedBatch]) -> dict:
+    """Mean metrics over the evaluation micro-batches, prefixed 'eval_'."""
+    model = stage.model
+    model.eval()
+    totals: dict = {}
+    with torch.inference_mode():
+        batches = [batch.to(stage.context.device) for batch in eval_batches]
+        extras = stage.prepare(batches)
+        with _autocast(stage.context):
+            for batch, extra in zip(batches, extras):
+                _, stats = stage.loss(batch, extra, 1.0)
+                _accumulate(totals, stats)
+    model.train()
+    return _averages(totals, "eval_")
+
+
+def stage_init_path(name: str, context: RunContext) -> str:
+    """The model a stage starts from: an explicit path, else the previous stage's output, else the base model."""
+    model = context.config.model
+    if name == "sft":
+        return model.name_or_path
+    if model.sft_path:
+        return model.sft_path
+    if "sft" in context.outputs:
+        return str(context.outputs["sft"])
+    previous = context.run_dir / "sft" / MODEL_DIR
+    if previous.is_dir():  # an earlier run in this folder finished SFT
+        return str(previous)
+    return model.name_or_path
+
+
+def _explicit_checkpoint(name: str, context: RunContext) -> Path | None:
+    """The checkpoint folder `runtime.resume` names, when it belongs to stage `name`."""
+    resume = context.config.runtime.resume
+    if resume in ("auto", "never"):
+        return None
+    path = Path(resume)
+    return path if ckpt.read_state(path).get("stage") == name else None
+
+
+def run_stage(name: str, context: RunContext) -> Path:
+    """Train stage `name` (resuming from its latest checkpoint when allowed); returns its output model folder."""
+    config = context.config
+    settings = getattr(config, name)
+    runtime = config.runtime
+    stage_dir = context.run_dir / name
+    output_dir = stage_dir / MODEL_DIR
+
+    # resume: never -> start over; auto -> skip a finished stage, else continue from its latest checkpoint;
+    # a checkpoint folder -> continue its stage from it, the other stages as with auto.
+    explicit = _explicit_checkpoint(name, context)
+    if runtime.resume == "never" and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    elif explicit is None and output_dir.is_dir():
+        logger.info("%s: %s already holds the finished model; skipping the stage", name, output_dir)
+        context.outputs[name] = output_dir
+        return output_dir
+    for leftover in (ckpt.clean_temporary(stage_dir / CHECKPOINT_DIR) + ckpt.clean_temporary(stage_dir)):
+        logger.info("%s: removed %s, left by an interrupted save", name, leftover)
+
+    stage = STAGE_CLASSES[name](context, settings)
+    seed = runtime.seed + STAGE_SEED_OFFSET[name]
+    seed_everything(seed)
+    plan = DataPlan([stage.example_tokens(example) for example in context.train_examples], settings, seed)
+    total_steps = plan.total_steps
+    eval_tokens = settings.eval_batch_tokens or settings.micro_batch_tokens
+    eval_batches = (stage.micro_batches(context.eval_examples, list(range(len(context.eval_examples))), eval_tokens)
+                    if context.eval_examples else [])
+
+    resume_from = explicit
+    if resume_from is None and runtime.resume != "never":
+        resume_from = ckpt.latest_checkpoint(stage_dir / CHECKPOINT_DIR)
+    init_path = stage_init_path(name, context)
+    logger.info("%s: %d optimizer steps over %d training examples (%d eval), starting from %s%s", name, total_steps,
+                len(context.train_examples), len(context.eval_examples), init_path,
+                f", resuming from {resume_from}" if resume_from else "")
+    stage.build(init_path, resume_from / MODEL_DIR if resume_from else None)
+
+    optimizer = torch.optim.AdamW(stage.trainable_parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                  betas=(settings.adam_beta1, settings.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, settings))
+    state = {"stage": name, "tokens_seen": 0, "elapsed_s": 0.0, "evaluated_at": -1}
+    step = 0
+    if resume_from is not None:
+        saved = ckpt.load_training_state(resume_from, optimizer, scheduler)
+        step = int(saved["step"])
+        state.update({key: saved[key] for key in state if key in saved})
+        if saved.get("total_steps") not in (None, total_steps):
+            logger.warning("%s: the checkpoint was planned for %s steps, this config gives %d", name,
+                           saved.get("total_steps"), total_steps)
+    # Records past the checkpoint were written by the interrupted run; this run writes them again.
+    context.metrics.truncate(name, after_step=step)
+
+    def save_checkpoint(at_step: int) -> None:
+        epoch, batch_in_epoch = plan.position(at_step)  # where the next step starts
+        ckpt.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, stage.model, optimizer, scheduler,
+                             {**state, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": total_steps},
+                             tokenizer=context.tokenizer, keep_last=runtime.keep_last)
+
+    bar = ProgressBar(total_steps, initial=step, desc=name, enabled=runtime.progress_bar)
+    parameters = stage.trainable_parameters()
+    clip = settings.max_grad_norm if settings.max_grad_norm is not None else float("inf")
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+            indices, epoch = plan.batch(step)
+            groups = [stage.micro_batches(context.train_examples, group, settings.micro_batch_tokens)
+                      for group in split_even(indices, settings.grad_accumulation)]
+            denominator = stage.denominator([batch for group in groups for batch in group])
+            lr = scheduler.get_last_lr()[0]
+            optimizer.zero_grad(set_to_none=True)
+            totals: dict = {}
+            tokens = 0
+            for group in groups:
+                group = [batch.to(context.device) for batch in group]
+                extras = stage.prepare(group)
+                for batch, extra in zip(group, extras):
+                    with _autocast(context):
+                        loss, stats = stage.loss(batch, extra, denominator)
+                    loss.backward()
+                    _accumulate(totals, stats)
+                    tokens += batch.num_tokens
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            state["tokens_seen"] += tokens
+            step_time = time.perf_counter() - started
+            state["elapsed_s"] += step_time
+
+            record = {"stage": name, "step": step, "epoch": round(epoch, 4), "lr": lr, **_averages(totals),
+                      "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(step_time, 1e-9),
+                      "tokens_seen": state["tokens_seen"], "elapsed_s": round(state["elapsed_s"], 3)}
+            last = step == total_steps
+            if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last):
+                record.update(evaluate(stage, eval_batches))
+                state["evaluated_at"] = step
+            if step % runtime.log_every == 0 or last or "eval_loss" in record:
+                context.metrics.write(record)
+            bar.update(step, tokens, loss=record.get("loss"))
+            if last or (runtime.checkpoint_every and step % runtime.checkpoint_every == 0):
+                save_checkpoint(step)
+        if eval_batches and state["evaluated_at"] != step:
+            # Resumed from the final checkpoint of a run that had not evaluated yet.
+            context.metrics.write({"stage": name, "step": step, **evaluate(stage, eval_batches)})
+    finally:
+        bar.close()
+
+    ckpt.write_atomic_folder(output_dir, stage.save)
+    logger.info("%s: finished after %d steps; model in %s", name, step, output_dir)
+    context.outputs[name] = output_dir
+    del stage
+    return output_dir

@@ -1,0 +1,376 @@
+"""The trainer end to end on the synthetic task with the tiny model: SFT, DPO and RM learn, outputs load with
+from_pretrained, the CLI fails early and clearly, checkpoints are atomic and pruned, a SIGKILLed run resumes to
+bitwise the same weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rto_fast import checkpoint as ckpt
+from rto_fast import models, stages
+from rto_fast.config import load_config
+from rto_fast.run_log import read_metrics
+from rto_fast.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small and fast: 32 training pairs of the synthetic task (short sequences), few steps, no progress bar.
+BASE = [
+    "runtime.device=cpu", "runtime.progress_bar=false", "runtime.seed=3",
+    "data.max_train_samples=32", "data.max_eval_samples=16",
+    "data.max_prompt_length=48", "data.max_response_length=48",
+    "sft.batch_size=16", "sft.micro_batch_tokens=1024", "sft.lr=3e-3", "sft.warmup_ratio=0.0",
+    "dpo.batch_size=16", "dpo.micro_batch_tokens=1024", "dpo.lr=1e-3", "dpo.warmup_ratio=0.0",
+    "rm.batch_size=16", "rm.micro_batch_tokens=1024", "rm.lr=3e-3", "rm.warmup_ratio=0.0",
+]
+
+
+PIPELINE = ["stages=[sft,dpo]", "sft.max_steps=12", "dpo.max_steps=16", "sft.eval_every=6",
+            "runtime.checkpoint_every=5", "runtime.keep_last=2"]
+STEPS = {"sft": 12, "dpo": 16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every run here computes with one intra-op thread (subprocesses get OMP_NUM_THREADS=1): tiny models gain
+    nothing from more, and on a busy 2-core machine two OpenMP threads made a step up to 50x slower (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_main(output_dir, *overrides):
+    code = main([*BASE, f"runtime.output_dir={output_dir}", *overrides])
+    assert code == 0
+    return Path(output_dir)
+
+
+def stage_records(run_dir, stage):
+    return [record for record in read_metrics(Path(run_dir) / "metrics.jsonl") if record["stage"] == stage]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """One SFT -> DPO run shared by the tests that only read its outputs: 32 training pairs, several epochs."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    return run_main(run_dir, *PIPELINE)
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ------------------------------------------------------------------------------------------------ learning
+# These runs are seconds long on 32 pairs, so they show that each stage optimises its objective on the data it
+# sees; held-out generalisation needs the full task (configs/tiny.yaml: DPO eval margin ~0.3, accuracy ~0.69).
+
+def test_sft_loss_decreases(pipeline_run):
+    records = stage_records(pipeline_run, "sft")
+    assert [record["step"] for record in records] == list(range(1, STEPS["sft"] + 1))
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    evals = [record["eval_loss"] for record in records if "eval_loss" in record]
+    assert len(evals) == 2 and evals[-1] < evals[0] < records[0]["loss"]
+    for record in records:
+        assert record["tokens"] > 0 and record["grad_norm"] > 0 and record["lr"] > 0
+
+
+def test_dpo_implicit_reward_margin_rises(pipeline_run):
+    records = stage_records(pipeline_run, "dpo")
+    assert len(records) == STEPS["dpo"]
+    # Step 1: the policy still equals the reference, so every implicit reward is 0 and the loss is log 2.
+    assert abs(records[0]["reward_margin"]) < 1e-4
+    assert abs(records[0]["loss"] - 0.693147) < 1e-4
+    early, late = records[:4], records[-4:]
+    assert mean(r["reward_margin"] for r in late) > mean(r["reward_margin"] for r in early) + 0.1
+    assert mean(r["reward_accuracy"] for r in late) > 0.6
+    assert mean(r["loss"] for r in late) < 0.65
+    assert "eval_reward_margin" in records[-1] and "eval_reward_accuracy" in records[-1]
+
+
+def test_rm_accuracy_above_chance(tmp_path, pipeline_run):
+    run_dir = run_main(tmp_path / "rm", "stages=[rm]", f"model.sft_path={pipeline_run / 'sft' / 'model'}",
+                       "rm.max_steps=24", "runtime.checkpoint_every=0")
+    records = stage_records(run_dir, "rm")
+    late = records[-8:]
+    assert mean(r["accuracy"] for r in late) > 0.6
+    assert mean(r["loss"] for r in late) < mean(r["loss"] for r in records[:4]) - 0.03
+    assert "eval_accuracy" in records[-1]
+    head = models.ValueHeadModel.from_pretrained(str(run_dir / "rm" / "model"), trainable=False)
+    assert head.value_head.weight.abs().sum() > 0  # the trained head, not a fresh zero one
+
+
+def test_outputs_load_with_from_pretrained(pipeline_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for stage in ("sft", "dpo"):
+        folder = pipeline_run / stage / "model"
+        assert (folder / "model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = tokenizer("\n\nHuman: hi\n\nAssistant:", return_tensors="pt")["input_ids"]
+        assert torch.isfinite(model(ids).logits).all()
+        # The output is the model of the last step: the same weights as the final checkpoint.
+        final = ckpt.latest_checkpoint(pipeline_run / stage / "checkpoints")
+        assert final.name == ckpt.checkpoint_name(STEPS[stage])
+        saved, output = load_file(final / "model" / "model.safetensors"), load_file(folder / "model.safetensors")
+        assert saved.keys() == output.keys() and all(torch.equal(saved[k], output[k]) for k in saved)
+    # DPO started from the SFT output (policy and reference), not from a fresh model.
+    log = (pipeline_run / "train.log").read_text()
+    assert f"starting from {pipeline_run / 'sft' / 'model'}" in log
+
+
+def test_run_folder_contents(pipeline_run):
+    assert (pipeline_run / "config.yaml").is_file()
+    assert load_config(pipeline_run / "config.yaml").dpo.max_steps == STEPS["dpo"]
+    for stage in ("sft", "dpo"):
+        assert (pipeline_run / "plots" / f"{stage}.png").stat().st_size > 1000
+        # checkpoint_every=5 saves 5, 10, 15 and the last step; keep_last=2 leaves the newest two.
+        names = [path.name for path in ckpt.list_checkpoints(pipeline_run / stage / "checkpoints")]
+        kept = {"sft": (10, 12), "dpo": (15, 16)}[stage]
+        assert names == [ckpt.checkpoint_name(step) for step in kept]
+        state = ckpt.read_state(pipeline_run / stage / "checkpoints" / ckpt.checkpoint_name(kept[0]))
+        assert state["stage"] == stage and state["step"] == kept[0] and state["total_steps"] == STEPS[stage]
+        assert 0 <= state["batch_in_epoch"] and state["epoch"] >= 1  # 32 pairs: several epochs by then
+    summary = (pipeline_run / "summary.md").read_text()
+    assert "| sft |" in summary and "| dpo |" in summary and "eval_reward_margin" in summary
+    for line in (pipeline_run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+def test_finished_run_is_skipped_on_rerun(pipeline_run, monkeypatch):
+    before = (pipeline_run / "metrics.jsonl").read_text()
+    monkeypatch.setattr(stages, "load_causal_lm", _refuse)
+    assert main([*BASE, f"runtime.output_dir={pipeline_run}", *PIPELINE]) == 0
+    assert (pipeline_run / "metrics.jsonl").read_text() == before
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def _step_gradients(stage, examples, max_tokens, accumulation):
+    """The summed gradient of one optimizer step, the way run_stage accumulates it."""
+    stage.model.zero_grad(set_to_none=True)
+    groups = [stage.micro_batches(examples, group, max_tokens)
+              for group in stages.split_even(list(range(len(examples))), accumulation)]
+    denominator = stage.denominator([batch for group in groups for batch in group])
+    count = 0
+    for group in groups:
+        for batch, extra in zip(group, stage.prepare(group)):
+            loss, _ = stage.loss(batch, extra, denominator)
+            loss.backward()
+            count += 1
+    return count, {name: parameter.grad.clone() for name, parameter in stage.model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "rm"])
+def test_step_gradient_does_not_depend_on_micro_batching(name):
+    """One micro-batch or many, one batch or three accumulated: the same step gradient (losses are normalised by
+    the whole step)."""
+    config = load_config(None, ["runtime.device=cpu", "dpo.beta=0.5"])
+    tokenizer = models.build_tokenizer()
+    generator = torch.Generator().manual_seed(5)
+
+    def tokens(low, high):
+        return torch.randint(0, 256, (int(torch.randint(low, high, (1,), generator=generator)),),
+                             generator=generator).tolist()
+
+    examples = [{"prompt_ids": tokens(3, 20), "chosen_ids": tokens(1, 15), "rejected_ids": tokens(1, 15)}
+                for _ in range(9)]
+    context = stages.RunContext(config, Path("."), torch.device("cpu"), tokenizer, examples, [], None)
+    stage = stages.STAGE_CLASSES[name](context, getattr(config, name))
+    stage.build(models.TINY, None)
+    if name == "dpo":  # make policy and reference differ, so the DPO gradient is not the same at every pair
+        with torch.no_grad():
+            for parameter in stage.model.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    if name == "rm":
+        torch.nn.init.normal_(stage.model.value_head.weight, generator=generator)
+    whole_count, whole = _step_gradients(stage, examples, 4096, 1)
+    split_count, split = _step_gradients(stage, examples, 70, 3)
+    assert whole_count == 1 and split_count > 3
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    settings = load_config(None, ["sft.warmup_ratio=0.2", "sft.min_lr_ratio=0.1"]).sft
+    factors = [stages.lr_factor(step, 10, settings) for step in range(10)]
+    assert factors[0] == pytest.approx(1 / 3) and factors[1] == pytest.approx(2 / 3)
+    assert factors[2] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[-1] > 0.1 and stages.lr_factor(10, 10, settings) == pytest.approx(0.1)
+
+
+def test_token_batches_respect_the_budget():
+    settings = load_config(None, ["sft.batch_unit=tokens", "sft.batch_size=100", "sft.epochs=2"]).sft
+    lengths = [30, 50, 20, 70, 10, 40, 60, 25]
+    plan = stages.DataPlan(lengths, settings, seed=1)
+    for epoch in range(2):
+        batches = plan.epoch_batches(epoch)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in batch) <= 100 for batch in batches)
+    assert plan.total_steps == 2 * len(plan.epoch_batches(0))
+    assert plan.epoch_batches(0) != plan.epoch_batches(1)  # a fresh order every epoch
+
+
+# ------------------------------------------------------------------------------------------------ CLI errors
+
+@pytest.mark.parametrize("override, expected", [
+    ("sft.learning_rate=1e-4", "sft.lr"),                     # unknown key, with the suggestion
+    ("model.name_or_path=/nonexistent/model", "model.name_or_path"),
+    ("model.sft_path=./no/such/folder", "model.sft_path"),
+    ("runtime.resume=/no/such/checkpoint", "runtime.resume"),
+    ("data.format=prompt", "data.format"),
+    ("runtime.deepspeed=ds_config.json", "runtime.deepspeed"),
+    ("sft.batch_unit=pairs", "sft.batch_unit"),
+])
+def test_cli_fails_early_with_one_line(tmp_path, capsys, monkeypatch, override, expected):
+    monkeypatch.setattr(models, "load_causal_lm", _refuse)
+    monkeypatch.setattr(stages, "load_causal_lm", _refuse)
+    code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", override])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert len(error.strip().splitlines()) == 1, error
+    assert error.startswith("rto_fast.train: error:") and expected in error
+
+
+def test_cli_fails_on_missing_column(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "answer": f"b{i}"})
+                              for i in range(8)) + "\n")
+    monkeypatch.setattr(stages, "load_causal_lm", _refuse)
+    code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", f"data.source={path}", "data.format=preference"])
+    error = capsys.readouterr().err
+    assert code == 2 and len(error.strip().splitlines()) == 1, error
+    assert "rejected" in error
+
+
+def test_cli_exit_code_and_help_in_a_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rto_fast.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                             "sft.nonsense=1", f"runtime.output_dir={tmp_path}"], capture_output=True, text=True,
+                            cwd=ROOT, env=SUBPROCESS_ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "sft.nonsense" in result.stderr
+    help_text = subprocess.run([sys.executable, "-m", "rto_fast.train", "--help"], capture_output=True, text=True,
+                               cwd=ROOT, env=SUBPROCESS_ENV)
+    assert help_text.returncode == 0 and "dpo.beta" in help_text.stdout and "runtime.resume" in help_text.stdout
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def _tiny_training_objects():
+    torch.manual_seed(0)
+    model = models.load_causal_lm("tiny")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler
+
+
+def test_keep_last_k(tmp_path):
+    model, optimizer, scheduler = _tiny_training_objects()
+    for step in (1, 2, 3, 4, 5):
+        ckpt.save_checkpoint(tmp_path, step, model, optimizer, scheduler, {"stage": "sft"}, keep_last=3)
+    assert [path.name for path in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(s) for s in (3, 4, 5)]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [ckpt.checkpoint_name(s) for s in (3, 4, 5)]
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _tiny_training_objects()
+    first = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"stage": "sft"})
+    real_save = torch.save
+
+    def crash_on_rng(obj, path, *args, **kwargs):
+        if Path(path).name == "rng.pt":
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_on_rng)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"stage": "sft"})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [path.name for path in tmp_path.iterdir()] == [first.name]  # no partial folder, no leftover
+    assert ckpt.latest_checkpoint(tmp_path) == first
+
+    # A kill during a save leaves only a hidden temporary folder: never taken for a checkpoint, cleaned up later.
+    partial = tmp_path / f"{ckpt.TEMP_PREFIX}{ckpt.checkpoint_name(3)}-999"
+    (partial / "model").mkdir(parents=True)
+    (partial / "optimizer.pt").write_bytes(b"\x00" * 10)
+    assert ckpt.latest_checkpoint(tmp_path) == first
+    assert ckpt.clean_temporary(tmp_path) == [partial] and not partial.exists()
+
+    # A checkpoint restores the optimizer, scheduler and RNG states exactly.
+    optimizer.zero_grad()
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    saved = ckpt.save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {"stage": "sft", "tokens_seen": 7})
+    expected_random = torch.rand(3)
+    _, fresh_optimizer, fresh_scheduler = _tiny_training_objects()
+    state = ckpt.load_training_state(saved, fresh_optimizer, fresh_scheduler)
+    assert state["tokens_seen"] == 7 and state["step"] == 4
+    assert torch.equal(torch.rand(3), expected_random)
+    assert fresh_scheduler.last_epoch == scheduler.last_epoch
+    for a, b in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    """Kill -9 during DPO (after SFT finished), resume with the same command: the final weights equal those of an
+    uninterrupted run bit for bit (CPU, same thread count: every step replays the same float operations)."""
+    common = [*BASE, "stages=[sft,dpo]", "sft.max_steps=4", "dpo.max_steps=16", "runtime.checkpoint_every=3",
+              "runtime.keep_last=2", "data.max_eval_samples=8"]
+    killed_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "rto_fast.train", *common, f"runtime.output_dir={killed_dir}"]
+    env = SUBPROCESS_ENV
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while ckpt.latest_checkpoint(killed_dir / "dpo" / "checkpoints") is None:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no DPO checkpoint within 120 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed_dir / "dpo" / "model").exists(), "the run finished before the kill; make it longer"
+    killed_at = ckpt.read_state(ckpt.latest_checkpoint(killed_dir / "dpo" / "checkpoints"))["step"]
+    assert killed_at < 16
+
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    leftovers = [path for path in (killed_dir / "dpo").rglob(f"{ckpt.TEMP_PREFIX}*")]
+    assert not leftovers, f"temporary folders survived the resume: {leftovers}"
+
+    reference_dir = run_main(tmp_path / "reference", *common[len(BASE):])
+    for stage in ("sft", "dpo"):
+        expected = load_file(reference_dir / stage / "model" / "model.safetensors")
+        actual = load_file(killed_dir / stage / "model" / "model.safetensors")
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            assert torch.equal(expected[name], actual[name]), f"{stage}: {name} differs after resume"
+    # Every step logged exactly once, with the same losses as the uninterrupted run.
+    for stage, steps in (("sft", 4), ("dpo", 16)):
+        resumed_records = stage_records(killed_dir, stage)
+        assert [record["step"] for record in resumed_records] == list(range(1, steps + 1))
+        reference_losses = [record["loss"] for record in stage_records(reference_dir, stage)]
+        assert [record["loss"] for record in resumed_records] == reference_losses
