@@ -146,7 +146,7 @@ def _logprobs_bwd_kernel(logits_ptr, stride_row, grad_ptr, stride_grad_row, labe
     if HAS_GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + row).to(tl.float32)
         entropy = tl.load(entropy_ptr + row)
-        grad -= g_h * p * (log_p + entropy)
+        grad -= g_h * p * tl.where(p > 0.0, log_p + entropy, 0.0)  # -inf logits: 0, not 0 * -inf
     grad = tl.where(valid, grad * inv_temperature, 0.0)
     tl.store(grad_ptr + row * stride_grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -185,6 +185,7 @@ def logprobs_forward(logits, labels, *, temperature=1.0, ignore_index=-100, retu
     n_rows, vocab_size = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    labels = labels.contiguous()
     device = logits.device
     block = block or _forward_block(vocab_size)
     if split is None:
@@ -228,6 +229,7 @@ def logprobs_backward(logits, labels, row_stats, entropy, grad_logprobs, grad_en
     n_rows, vocab_size = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    labels = labels.contiguous()
     if out is None:
         out = torch.empty_like(logits)
     if n_rows == 0:

@@ -24,7 +24,7 @@ and accumulates grad_weight / grad_bias in float32.
 
 Backends (`rto_fast.ops._common.backend_for`): CUDA tensors run the Triton kernels of `rto_fast.kernels.logprobs`
 (float64 takes the torch path to keep its precision); CPU tensors run a vectorized torch path that walks the rows in
-chunks of about 1 MiB elements, casts a chunk to float32 into a reused buffer and uses log_softmax / gather on it
+chunks of about 2 M elements, casts a chunk to float32 into a reused buffer and uses log_softmax / gather on it
 (fused, vectorized ATen kernels; the chunk stays in cache, and no float32 copy of the whole logits ever exists).
 `reference` runs `rto_fast.reference` for the forward. The raw ops are registered as `torch.library.custom_op`s
 (`rto_fast::token_logprobs_fwd`, `..._bwd`, `..._bwd_inplace`, `rto_fast::linear_token_logprobs_fwd`, `..._bwd`)
@@ -42,9 +42,11 @@ from ._common import FLOAT_DTYPES, backend_for, check_labels, check_tensor
 
 __all__ = ["token_logprobs", "linear_token_logprobs"]
 
-# The torch path casts at most this many logits to float32 at a time (4 MiB): small enough to stay in L2/L3 while
-# log_softmax walks it, large enough that per-chunk overhead is noise (measured in bench/bench_logprobs.py).
-_TORCH_CHUNK_ELEMENTS = 1 << 20
+# The torch path casts at most this many logits to float32 at a time (8 MiB): small enough to stay in cache while
+# log_softmax walks it, large enough that per-chunk overhead is noise. On 2 EPYC cores 2^20 to 2^21 were fastest
+# (2048 x 32000: ~21 ms fp32, ~24 ms bf16; 2^22: +20% in bf16); 2^21 halves the number of small parallel regions,
+# which is what suffers most when other jobs share the cores.
+_TORCH_CHUNK_ELEMENTS = 1 << 21
 # linear_token_logprobs: bounds on the logits of one token chunk (elements). The floor keeps the chunk matmul big
 # enough to run at full speed when D is small (32-row chunks ran 2.5x slower than one matmul on CPU); the cap bounds
 # memory when D is huge.
