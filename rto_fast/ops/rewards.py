@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .logprobs import _forward_torch as _logprobs_forward_torch
 from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_labels, check_packed_layout,
                       check_same_shape, check_tensor)
 
@@ -38,9 +39,6 @@ __all__ = ["token_rewards", "token_rewards_from_logits"]
 
 MODES = reference.MODES
 KL_ESTIMATORS = reference.KL_ESTIMATORS
-
-# The torch path turns at most this many logits into float32 at a time (64 MiB).
-_LOGITS_CHUNK_ELEMENTS = 1 << 24
 
 
 def _kernels():
@@ -136,52 +134,23 @@ def _token_rewards_torch(logprobs, ref_logprobs, mask, dpo_logprobs, score, cu_s
     return rewards.to(torch.float32).reshape(mask.shape)
 
 
-def _logprob_rows(rows, labels, temperature, ignore_index):
-    """log softmax(rows / temperature)[labels] for a (R, V) chunk; 0 where labels == ignore_index.
-
-    float32 math (float64 for float64 rows). log_softmax is one fused pass on CPU, faster there than logsumexp.
-    """
-    dtype = _compute_dtype(rows)
-    if temperature != 1.0:
-        log_probs = torch.log_softmax(rows.to(dtype) / temperature, dim=-1)
-    else:
-        log_probs = torch.log_softmax(rows, dim=-1, dtype=dtype)
-    valid = labels != ignore_index
-    picked = log_probs.gather(1, torch.where(valid, labels, 0).long().unsqueeze(1)).squeeze(1)
-    return torch.where(valid, picked, 0.0)
-
-
 def _logprobs_torch(logits, labels, temperature, ignore_index):
-    """float32 log-probs of labels' shape, float32 (float64 for float64 logits) math in chunks of rows."""
+    """float32 log-probs of labels' shape through the chunked CPU path of token_logprobs (no fp32 copy of the
+    whole logits, no backward statistics)."""
     vocab_size = logits.shape[-1]
     flat_labels = labels.reshape(-1)
-    out = torch.empty(flat_labels.shape, dtype=torch.float32, device=labels.device)
-    num_rows = flat_labels.numel()
-    if num_rows == 0:
-        return out.reshape(labels.shape)
-    rows_per_chunk = max(1, _LOGITS_CHUNK_ELEMENTS // max(vocab_size, 1))
-    inner_size = labels.shape[-1]
+    if flat_labels.numel() == 0:
+        return torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
     try:
-        flat_logits = logits.view(num_rows, vocab_size)
+        rows = [(logits.view(-1, vocab_size), flat_labels)]
     except RuntimeError:
-        flat_logits = None
-    if flat_logits is not None:
-        for start in range(0, num_rows, rows_per_chunk):
-            stop = min(start + rows_per_chunk, num_rows)
-            out[start:stop] = _logprob_rows(flat_logits[start:stop], flat_labels[start:stop], temperature,
-                                            ignore_index)
-        return out.reshape(labels.shape)
-    # A strided view such as logits[:, :-1]: walk it row block by row block, never copying it whole.
-    outer_logits = logits.reshape(-1, inner_size, vocab_size) if logits.dim() != 3 else logits
-    outer_out = out.view(-1, inner_size)
-    outer_labels = flat_labels.view(-1, inner_size)
-    for outer in range(outer_logits.shape[0]):
-        for start in range(0, inner_size, rows_per_chunk):
-            stop = min(start + rows_per_chunk, inner_size)
-            outer_out[outer, start:stop] = _logprob_rows(outer_logits[outer, start:stop],
-                                                         outer_labels[outer, start:stop], temperature,
-                                                         ignore_index)
-    return out.reshape(labels.shape)
+        # A strided view such as logits[:, :-1]: walk it one (T, V) block at a time, never copying it whole.
+        outer_logits = logits.reshape(-1, *logits.shape[-2:]) if logits.dim() != 3 else logits
+        outer_labels = flat_labels.view(outer_logits.shape[0], -1)
+        rows = list(zip(outer_logits.unbind(0), outer_labels.unbind(0)))
+    pieces = [_logprobs_forward_torch(block, block_labels, temperature, ignore_index, False, need_stats=False)[0]
+              for block, block_labels in rows]
+    return torch.cat(pieces).reshape(labels.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
