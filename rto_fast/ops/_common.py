@@ -43,6 +43,15 @@ def check_tensor(name: str, tensor, *, dtypes=None, ndim=None, device=None) -> N
         raise ValueError(f"{name}: on {tensor.device}, but the other inputs are on {device}")
 
 
+def check_mask(mask) -> None:
+    """A response mask: a bool tensor with at least one dimension."""
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected dtype bool, got {str(mask.dtype).replace('torch.', '')}")
+    if mask.dim() < 1:
+        raise ValueError("mask: expected at least one dimension, got a 0-d tensor")
+
+
 def check_same_shape(name: str, tensor: torch.Tensor, expected_shape, expected_name: str) -> None:
     if tuple(tensor.shape) != tuple(expected_shape):
         raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {expected_name} "

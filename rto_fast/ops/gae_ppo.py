@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._common import FLOAT_DTYPES, backend_for, check_cu_seqlens, check_packed_layout, check_same_shape, check_tensor
+from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_mask, check_packed_layout,
+                      check_same_shape, check_tensor)
 
 __all__ = ["gae", "ppo_loss", "gae_ppo_loss"]
 
@@ -384,14 +385,6 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_mask(mask):
-    check_tensor("mask", mask)
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask: expected dtype bool, got {str(mask.dtype).replace('torch.', '')}")
-    if mask.dim() < 1:
-        raise ValueError("mask: expected at least one dimension, got a 0-d tensor")
-
-
 def _check_float(name, tensor, mask):
     check_tensor(name, tensor, dtypes=FLOAT_DTYPES, device=mask.device)
     check_same_shape(name, tensor, mask.shape, "mask")
@@ -418,7 +411,7 @@ def _check_number(name, value, allow_none=False):
 
 def _check_ppo_arguments(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_eps,
                          clip_eps_high, value_clip, vf_coef, agg, advantages_name="advantages"):
-    _check_mask(mask)
+    check_mask(mask)
     _check_float("logprobs", logprobs, mask)
     _check_float("old_logprobs", old_logprobs, mask)
     if advantages is not None:
@@ -457,7 +450,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, cu_seqlens=None):
     is one response, the value after its last token is 0). Packed streams: `(N,)` / `(1, N)` plus `cu_seqlens`.
     Outputs are 0 where mask is False. Not differentiable.
     """
-    _check_mask(mask)
+    check_mask(mask)
     _check_float("rewards", rewards, mask)
     _check_float("values", values, mask)
     _check_packing(cu_seqlens, mask, ("mask",))
@@ -501,7 +494,7 @@ def gae_ppo_loss(rewards, old_values, old_logprobs, logprobs, values, mask, *, g
     `gae` -> `reference.masked_whiten` -> `ppo_loss` with returns from gae and old_values as the value baseline.
     values=None gives the actor-only loss.
     """
-    _check_mask(mask)
+    check_mask(mask)
     _check_float("rewards", rewards, mask)
     _check_float("old_values", old_values, mask)
     _check_ppo_arguments(logprobs, old_logprobs, None, mask, values, old_values, old_values, clip_eps,

@@ -32,7 +32,7 @@ import torch
 
 from .. import reference
 from .logprobs import _forward_torch as _logprobs_forward_torch
-from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_labels, check_packed_layout,
+from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_labels, check_mask, check_packed_layout,
                       check_same_shape, check_tensor)
 
 __all__ = ["token_rewards", "token_rewards_from_logits"]
@@ -280,14 +280,6 @@ def _check_reward_arguments(mask, mode, score, kl_coef, dpo_coef, score_coef, dp
                              f"got {tuple(score.shape)}")
 
 
-def _check_mask(mask):
-    check_tensor("mask", mask)
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask: expected dtype bool, got {str(mask.dtype).replace('torch.', '')}")
-    if mask.dim() < 1:
-        raise ValueError("mask: expected at least one dimension, got a 0-d tensor")
-
-
 def _check_dpo_needed(mode, dpo, name):
     if mode in ("rto", "dppo") and dpo is None:
         raise ValueError(f"{name}: required for mode {mode!r}")
@@ -308,7 +300,7 @@ def token_rewards(logprobs, ref_logprobs, mask, *, mode="rto", dpo_logprobs=None
     score: one value per row (`(B,)`) or per packed sequence (`(S,)`), added times score_coef at the segment's
     last response token. Packed streams: `(N,)` / `(1, N)` inputs plus `cu_seqlens` (int32).
     """
-    _check_mask(mask)
+    check_mask(mask)
     for name, tensor in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("dpo_logprobs", dpo_logprobs)):
         if tensor is not None or name != "dpo_logprobs":
             check_tensor(name, tensor, dtypes=FLOAT_DTYPES, device=mask.device)
@@ -333,7 +325,7 @@ def token_rewards_from_logits(logits, ref_logits, labels, mask, *, dpo_logits=No
     labels == ignore_index. Returns (rewards, logprobs, ref_logprobs, dpo_logprobs), all float32 of labels' shape;
     dpo_logprobs is None when dpo_logits is None. The reward keywords are token_rewards'. Not differentiable.
     """
-    _check_mask(mask)
+    check_mask(mask)
     check_tensor("labels", labels, device=mask.device)
     check_same_shape("mask", mask, labels.shape, "labels")
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, device=mask.device)
