@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .segments import segment_bounds
+
 # Order of the statistics in the per-block partial sums and in the `stats5` vector.
 STAT_NAMES = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")
 _PARTIAL_STRIDE = 8
@@ -54,12 +56,7 @@ def _gae_scan_kernel(rewards_ptr, values_ptr, mask_ptr, offsets_ptr, advantages_
                      row_length, gamma, gamma_lam,
                      PACKED: tl.constexpr, BLOCK: tl.constexpr):
     segment = tl.program_id(0).to(tl.int64)
-    if PACKED:
-        begin = tl.load(offsets_ptr + segment).to(tl.int64)
-        end = tl.load(offsets_ptr + segment + 1).to(tl.int64)
-    else:
-        begin = segment * row_length
-        end = begin + row_length
+    begin, end = segment_bounds(offsets_ptr, segment, row_length, PACKED)
     lanes = tl.arange(0, BLOCK)
     zeros = tl.zeros([BLOCK], dtype=tl.float32)
     carry = tl.sum(zeros, axis=0)  # A at the earliest position of the previous (later) block

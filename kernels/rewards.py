@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .segments import segment_bounds
+
 MODES = {"rto": 0, "ppo": 1, "dppo": 2}
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 
@@ -46,12 +48,7 @@ def _token_rewards_kernel(logprobs_ptr, ref_ptr, dpo_ptr, mask_ptr, score_ptr, o
                           MODE: tl.constexpr, KL: tl.constexpr, HAS_SCORE: tl.constexpr, HAS_CLIP: tl.constexpr,
                           PACKED: tl.constexpr, BLOCK: tl.constexpr):
     segment = tl.program_id(0).to(tl.int64)
-    if PACKED:
-        begin = tl.load(offsets_ptr + segment).to(tl.int64)
-        end = tl.load(offsets_ptr + segment + 1).to(tl.int64)
-    else:
-        begin = segment * row_length
-        end = begin + row_length
+    begin, end = segment_bounds(offsets_ptr, segment, row_length, PACKED)
     lanes = tl.arange(0, BLOCK)
     num_blocks = tl.cdiv(end - begin, BLOCK)
 

@@ -43,6 +43,14 @@ def check_tensor(name: str, tensor, *, dtypes=None, ndim=None, device=None) -> N
         raise ValueError(f"{name}: on {tensor.device}, but the other inputs are on {device}")
 
 
+def check_number(name: str, value, allow_none: bool = False) -> None:
+    """A Python int or float (not a bool, not a tensor), or None where allowed."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+
+
 def check_mask(mask) -> None:
     """A response mask: a bool tensor with at least one dimension."""
     check_tensor("mask", mask)

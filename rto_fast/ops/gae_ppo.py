@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_mask, check_packed_layout,
-                      check_same_shape, check_tensor)
+from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_mask, check_number,
+                      check_packed_layout, check_same_shape, check_tensor)
 
 __all__ = ["gae", "ppo_loss", "gae_ppo_loss"]
 
@@ -402,13 +402,6 @@ def _check_packing(cu_seqlens, mask, names):
         check_cu_seqlens(cu_seqlens, mask.numel(), mask.device)
 
 
-def _check_number(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-
-
 def _check_ppo_arguments(logprobs, old_logprobs, advantages, mask, values, old_values, returns, clip_eps,
                          clip_eps_high, value_clip, vf_coef, agg, advantages_name="advantages"):
     check_mask(mask)
@@ -425,9 +418,9 @@ def _check_ppo_arguments(logprobs, old_logprobs, advantages, mask, values, old_v
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg: unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
     for name, value in (("clip_eps", clip_eps), ("vf_coef", vf_coef)):
-        _check_number(name, value)
-    _check_number("clip_eps_high", clip_eps_high, allow_none=True)
-    _check_number("value_clip", value_clip, allow_none=True)
+        check_number(name, value)
+    check_number("clip_eps_high", clip_eps_high, allow_none=True)
+    check_number("value_clip", value_clip, allow_none=True)
 
 
 def _detach(tensor):
@@ -454,8 +447,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, cu_seqlens=None):
     _check_float("rewards", rewards, mask)
     _check_float("values", values, mask)
     _check_packing(cu_seqlens, mask, ("mask",))
-    _check_number("gamma", gamma)
-    _check_number("lam", lam)
+    check_number("gamma", gamma)
+    check_number("lam", lam)
     return torch.ops.rto_fast.gae(rewards.detach(), values.detach(), mask, cu_seqlens, float(gamma), float(lam))
 
 
@@ -500,8 +493,8 @@ def gae_ppo_loss(rewards, old_values, old_logprobs, logprobs, values, mask, *, g
     _check_ppo_arguments(logprobs, old_logprobs, None, mask, values, old_values, old_values, clip_eps,
                          clip_eps_high, value_clip, vf_coef, agg)
     _check_packing(cu_seqlens, mask, ("mask",))
-    _check_number("gamma", gamma)
-    _check_number("lam", lam)
+    check_number("gamma", gamma)
+    check_number("lam", lam)
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if _eager_reference(mask):
         loss, stats, advantages, returns = reference.gae_ppo_loss(

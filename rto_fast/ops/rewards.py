@@ -32,8 +32,8 @@ import torch
 
 from .. import reference
 from .logprobs import _forward_torch as _logprobs_forward_torch
-from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_labels, check_mask, check_packed_layout,
-                      check_same_shape, check_tensor)
+from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_labels, check_mask, check_number,
+                      check_packed_layout, check_same_shape, check_tensor)
 
 __all__ = ["token_rewards", "token_rewards_from_logits"]
 
@@ -242,13 +242,6 @@ def _(logits, ref_logits, labels, mask, dpo_logits, score, cu_seqlens, temperatu
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_number(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-
-
 def _check_reward_arguments(mask, mode, score, kl_coef, dpo_coef, score_coef, dpo_clip, kl_estimator,
                             cu_seqlens):
     """Checks shared by both public functions, after the per-token float inputs have been checked."""
@@ -257,8 +250,8 @@ def _check_reward_arguments(mask, mode, score, kl_coef, dpo_coef, score_coef, dp
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator: unknown estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
     for name, value in (("kl_coef", kl_coef), ("dpo_coef", dpo_coef), ("score_coef", score_coef)):
-        _check_number(name, value)
-    _check_number("dpo_clip", dpo_clip, allow_none=True)
+        check_number(name, value)
+    check_number("dpo_clip", dpo_clip, allow_none=True)
     if dpo_clip is not None and not dpo_clip > 0:
         raise ValueError(f"dpo_clip: must be positive (or None for no clamp), got {dpo_clip}")
     if cu_seqlens is not None:
@@ -340,7 +333,7 @@ def token_rewards_from_logits(logits, ref_logits, labels, mask, *, dpo_logits=No
             check_same_shape(name, tensor, logits.shape, "logits")
     if mode in MODES:
         _check_dpo_needed(mode, dpo_logits, "dpo_logits")
-    _check_number("temperature", temperature)
+    check_number("temperature", temperature)
     if not temperature > 0:
         raise ValueError(f"temperature: must be positive, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
