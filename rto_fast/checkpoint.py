@@ -179,16 +179,27 @@ def save_model(model, folder: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(folder)
 
 
+def _save_trainable(folder: Path, model, optimizer, scheduler, tokenizer) -> None:
+    save_model(model, folder / "model", tokenizer)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+
+
 def save_checkpoint(folder: str | os.PathLike, step: int, model, optimizer, scheduler, state: dict,
-                    tokenizer=None, keep_last: int | None = None) -> Path:
-    """Write checkpoint `step` atomically under `folder`, then keep only the newest `keep_last` (None: all)."""
+                    tokenizer=None, keep_last: int | None = None, extra: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically under `folder`, then keep only the newest `keep_last` (None: all).
+
+    `extra` maps a name to another (model, optimizer, scheduler) trained alongside (the RL critic); each lands in
+    its own subfolder `<name>/` with the same layout (optimizer and scheduler may be None)."""
     folder = Path(folder)
     training_state = {"step": step, **state}
 
     def write(temp: Path) -> None:
-        save_model(model, temp / "model", tokenizer)
-        torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), temp / "scheduler.pt")
+        _save_trainable(temp, model, optimizer, scheduler, tokenizer)
+        for name, (extra_model, extra_optimizer, extra_scheduler) in (extra or {}).items():
+            _save_trainable(temp / name, extra_model, extra_optimizer, extra_scheduler, None)
         torch.save(rng_state(), temp / "rng.pt")
         # Last: its presence marks a complete checkpoint even if a file system reorders the rename.
         (temp / STATE_FILE).write_text(json.dumps(training_state, indent=2) + "\n", encoding="utf-8")
@@ -203,13 +214,23 @@ def read_state(checkpoint: str | os.PathLike) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def load_training_state(checkpoint: str | os.PathLike, optimizer, scheduler, restore_rng: bool = True) -> dict:
+def _load_optimizer_state(folder: Path, optimizer, scheduler) -> None:
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+
+
+def load_training_state(checkpoint: str | os.PathLike, optimizer, scheduler, restore_rng: bool = True,
+                        extra: dict | None = None) -> dict:
     """Restore optimizer and scheduler (and the RNGs) from `checkpoint`; returns its trainer_state.json.
 
-    The model weights are loaded separately, with from_pretrained on `checkpoint / "model"`."""
+    `extra` maps a subfolder name to (optimizer, scheduler) saved there by `save_checkpoint(extra=...)`. The model
+    weights are loaded separately, with from_pretrained on `checkpoint / "model"` (and `checkpoint / name / "model"`)."""
     checkpoint = Path(checkpoint)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
+    _load_optimizer_state(checkpoint, optimizer, scheduler)
+    for name, (extra_optimizer, extra_scheduler) in (extra or {}).items():
+        _load_optimizer_state(checkpoint / name, extra_optimizer, extra_scheduler)
     if restore_rng:
         with contextlib.suppress(FileNotFoundError):
             set_rng_state(torch.load(checkpoint / "rng.pt", map_location="cpu", weights_only=True))

@@ -24,8 +24,13 @@ from typing import Any, Union
 
 import yaml
 
-# Stages a config may list, in pipeline order. Later stages (rl, eval) join by adding their name and config here.
-STAGES = ("sft", "dpo", "rm")
+# Stages a config may list, in pipeline order: the training stages, the RL stages (one per mode, all reading the
+# `rl` section, each writing its own model), then evaluation.
+TRAINING_STAGES = ("sft", "dpo", "rm")
+RL_MODES = ("rto", "ppo", "dppo")
+STAGES = (*TRAINING_STAGES, *RL_MODES, "eval")
+# The KL coefficient the paper used per mode (Table 5, Pythia-2.8B on HH-RLHF) when rl.kl_coef is null.
+PAPER_KL_COEF = {"rto": 0.03, "ppo": 0.05, "dppo": 0.05}
 DATA_FORMATS = ("hh-rlhf", "preference", "prompt")
 DTYPE_CHOICES = ("fp32", "bf16")
 # Names people carry over from other trainers, mapped to ours, for the "did you mean" hint.
@@ -135,6 +140,92 @@ class RMConfig(StageConfig):
 
 
 @dataclass
+class RLConfig:
+    """RL stages rto, ppo and dppo: rollouts, token rewards, GAE and PPO epochs (SPEC.md sections 2-5)."""
+
+    # rollouts
+    rollout_batch_size: int = option(64, "prompts sampled per RL iteration")
+    samples_per_prompt: int = option(1, "responses sampled per prompt")
+    iterations: int | None = option(None, "RL iterations; null: one pass over the prompts (epochs)")
+    epochs: float = option(1.0, "passes over the training prompts when iterations is null")
+    max_new_tokens: int | None = option(None, "response tokens generated at most; null: data.max_response_length")
+    temperature: float = option(1.0, "sampling temperature of rollouts (log-probs are always the models' own)")
+    top_p: float = option(1.0, "nucleus sampling of rollouts; 1: off")
+    top_k: int = option(0, "top-k sampling of rollouts; 0: off")
+    generation_batch_size: int = option(64, "prompts per generate call")
+    ban_eos: bool = option(False, "never sample eos: every response has max_new_tokens tokens (for benchmarks)")
+    prompts: str | None = option(None, "prompt-only data for RL (any data.source form, format 'prompt'); null: the "
+                                       "prompts of data.source ('synthetic': its fresh prompt split)")
+    # token rewards
+    kl_coef: float | None = option(None, "KL coefficient (beta2; beta for ppo); null: the paper's value per mode "
+                                         "(rto 0.03, ppo and dppo 0.05)")
+    kl_estimator: str = option("k1", "KL estimator of the per-token penalty", ("k1", "k2", "k3"))
+    dpo_coef: float = option(0.1, "beta1: scale of the DPO token reward log(pi_dpo / pi_ref) (rto, dppo)")
+    dpo_clip: float | None = option(None, "clip of the scaled DPO token reward to [-c, c]; null: none")
+    reward_model: bool | None = option(None, "add the reward model's score at the last token; null: ppo yes, rto "
+                                             "and dppo no (the paper's beta3 = 0)")
+    score_coef: float = option(1.0, "beta3: scale of the reward-model score (when reward_model is on)")
+    score_clip: float | None = option(10.0, "clip of the reward-model score to [-c, c]; null: none")
+    missing_eos_penalty: float | None = option(None, "subtracted at the last token of a response cut at "
+                                                     "max_new_tokens (no eos); null: none")
+    adaptive_kl: bool = option(False, "adapt kl_coef towards kl_target (proportional controller)")
+    kl_target: float = option(6.0, "target KL per response (sum over tokens) of the adaptive controller")
+    kl_horizon: int = option(10000, "horizon (responses) of the adaptive KL controller")
+    # advantages and losses
+    gamma: float = option(1.0, "GAE discount")
+    lam: float = option(0.95, "GAE lambda")
+    whiten_advantages: bool = option(True, "whiten advantages over the rollout batch's response tokens")
+    ppo_epochs: int = option(2, "passes of PPO updates over each rollout batch")
+    mini_batch_size: int = option(16, "responses per optimizer step")
+    micro_batch_tokens: int = option(4096, "token budget of one packed micro-batch (scoring and training)")
+    clip_eps: float = option(0.2, "PPO ratio clip epsilon")
+    clip_eps_high: float | None = option(None, "upper ratio clip (decoupled clipping); null: clip_eps")
+    value_clip: float = option(0.2, "value clip around the rollout values")
+    vf_coef: float = option(0.1, "value-loss weight when actor and critic share one loss (critic_optimizer shared)")
+    entropy_coef: float = option(0.0, "entropy bonus weight in the actor loss")
+    agg: str = option("token-mean", "loss aggregation over a micro-batch", ("token-mean", "seq-mean-token-mean"))
+    # optimisation
+    actor_lr: float = option(5e-6, "actor peak learning rate (Adam)")
+    critic_lr: float = option(9e-6, "critic peak learning rate (separate optimizer)")
+    critic_optimizer: str = option("separate", "separate: actor and critic each have an optimizer and lr (official "
+                                               "RTO code); shared: one loss pg + vf_coef * vf, one optimizer at "
+                                               "actor_lr (TRL)", ("separate", "shared"))
+    critic_init: str = option("auto", "critic's starting weights: sft, rm (the reward model), or auto (rm when a "
+                                      "reward model exists, else sft); model.critic_path overrides",
+                              ("auto", "sft", "rm"))
+    weight_decay: float = option(0.0, "Adam weight decay")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.95, "Adam beta2")
+    warmup_ratio: float = option(0.03, "fraction of the optimizer steps spent in linear warmup")
+    lr_schedule: str = option("cosine", "learning-rate schedule after warmup", ("cosine", "constant", "linear"))
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak (cosine and linear)")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (actor and critic each); null: none")
+    # evaluation during RL
+    eval_every: int = option(0, "every N iterations, sample the test prompts and log true / DPO / RM rewards; 0: "
+                                "only at the end")
+    eval_prompts: int = option(128, "test prompts sampled by the evaluation during RL (0: none)")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: win rates between models on the same test prompts (paper Table 1 protocol)."""
+
+    models: list[str] = option(help="models compared: stage names of this run (sft, dpo, rto, ppo, dppo) or model "
+                                    "folders; names whose stage did not run are skipped",
+                               factory=lambda: ["sft", "dpo", "rto", "ppo", "dppo"])
+    judge: str = option("auto", "who scores responses: rm (the reward model), dpo (the implicit reward beta * "
+                                "sum log(pi_dpo / pi_ref)), true (the synthetic task's ground truth), or auto (rm "
+                                "when one exists, else dpo)", ("auto", "rm", "dpo", "true"))
+    num_prompts: int = option(256, "test prompts (at most; the test split's size caps it)")
+    temperature: float = option(0.9, "sampling temperature")
+    top_p: float = option(0.99, "nucleus sampling")
+    max_new_tokens: int | None = option(None, "response tokens at most; null: data.max_response_length")
+    batch_size: int = option(64, "prompts per generate call")
+    micro_batch_tokens: int = option(8192, "token budget of a scoring micro-batch")
+    seed: int = option(1234, "sampling seed (the same for every model)")
+
+
+@dataclass
 class RuntimeConfig:
     """Runtime: device, precision, seed, outputs, checkpoints, distributed."""
 
@@ -162,6 +253,8 @@ class Config:
     sft: SFTConfig = option(factory=SFTConfig, help="sft stage")
     dpo: DPOConfig = option(factory=DPOConfig, help="dpo stage")
     rm: RMConfig = option(factory=RMConfig, help="rm stage")
+    rl: RLConfig = option(factory=RLConfig, help="rl stages (rto, ppo, dppo)")
+    eval: EvalConfig = option(factory=EvalConfig, help="eval stage")
     runtime: RuntimeConfig = option(factory=RuntimeConfig, help="runtime")
 
     def to_dict(self) -> dict:
@@ -352,12 +445,6 @@ def _validate(config: Config) -> Config:
             if value not in choices:
                 raise ConfigError(f"{prefix}{name}: must be one of {list(choices)}, got {value!r}")
 
-    def positive(key, value, allow_zero=False):
-        if value is None:
-            return
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
     if not config.stages:
         raise ConfigError(f"stages: list at least one of {list(STAGES)}")
     for i, stage in enumerate(config.stages):
@@ -367,32 +454,36 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"stages[{i}]: unknown stage {stage!r}{hint}; allowed: {list(STAGES)}")
     if len(set(config.stages)) != len(config.stages):
         raise ConfigError(f"stages: a stage is listed twice: {config.stages}")
+    pipeline_order = sorted(config.stages, key=STAGES.index)
+    if config.stages != pipeline_order:
+        raise ConfigError(f"stages: must follow the pipeline order {list(STAGES)} (each stage reads earlier ones' "
+                          f"models): list them as {pipeline_order}")
 
-    for name in ("model", "data", "runtime", *STAGES):
+    for name in ("model", "data", "runtime", "rl", "eval", *TRAINING_STAGES):
         check_choices(getattr(config, name), f"{name}.")
 
     data = config.data
-    positive("data.max_prompt_length", data.max_prompt_length)
-    positive("data.max_response_length", data.max_response_length)
+    _positive("data.max_prompt_length", data.max_prompt_length)
+    _positive("data.max_response_length", data.max_response_length)
     if not 0.0 <= data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {data.max_bad_fraction!r}")
-    positive("data.max_train_samples", data.max_train_samples)
-    positive("data.max_eval_samples", data.max_eval_samples, allow_zero=True)
+    _positive("data.max_train_samples", data.max_train_samples)
+    _positive("data.max_eval_samples", data.max_eval_samples, allow_zero=True)
 
     longest = data.max_prompt_length + data.max_response_length
-    for stage in STAGES:
+    for stage in TRAINING_STAGES:
         settings = getattr(config, stage)
-        positive(f"{stage}.lr", settings.lr)
-        positive(f"{stage}.weight_decay", settings.weight_decay, allow_zero=True)
-        positive(f"{stage}.max_grad_norm", settings.max_grad_norm)
-        positive(f"{stage}.batch_size", settings.batch_size)
-        positive(f"{stage}.micro_batch_tokens", settings.micro_batch_tokens)
-        positive(f"{stage}.eval_batch_tokens", settings.eval_batch_tokens)
-        positive(f"{stage}.grad_accumulation", settings.grad_accumulation)
-        positive(f"{stage}.epochs", settings.epochs)
-        positive(f"{stage}.max_steps", settings.max_steps)
-        positive(f"{stage}.eval_every", settings.eval_every, allow_zero=True)
-        positive(f"{stage}.min_lr_ratio", settings.min_lr_ratio, allow_zero=True)
+        _positive(f"{stage}.lr", settings.lr)
+        _positive(f"{stage}.weight_decay", settings.weight_decay, allow_zero=True)
+        _positive(f"{stage}.max_grad_norm", settings.max_grad_norm)
+        _positive(f"{stage}.batch_size", settings.batch_size)
+        _positive(f"{stage}.micro_batch_tokens", settings.micro_batch_tokens)
+        _positive(f"{stage}.eval_batch_tokens", settings.eval_batch_tokens)
+        _positive(f"{stage}.grad_accumulation", settings.grad_accumulation)
+        _positive(f"{stage}.epochs", settings.epochs)
+        _positive(f"{stage}.max_steps", settings.max_steps)
+        _positive(f"{stage}.eval_every", settings.eval_every, allow_zero=True)
+        _positive(f"{stage}.min_lr_ratio", settings.min_lr_ratio, allow_zero=True)
         if not 0.0 <= settings.warmup_ratio < 1.0:
             raise ConfigError(f"{stage}.warmup_ratio: must be in [0, 1), got {settings.warmup_ratio!r}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -405,17 +496,73 @@ def _validate(config: Config) -> Config:
                 raise ConfigError(f"{stage}.{name}={budget} is below data.max_prompt_length + "
                                   f"data.max_response_length = {longest}: the longest sequence would not fit")
     if "dpo" in config.stages:
-        positive("dpo.beta", config.dpo.beta)
+        _positive("dpo.beta", config.dpo.beta)
+    _validate_rl(config, longest)
+    _validate_eval(config)
 
     runtime = config.runtime
     if runtime.device != "auto" and runtime.device.split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"runtime.device: must be auto, cpu, cuda or cuda:N, got {runtime.device!r}")
-    positive("runtime.log_every", runtime.log_every)
-    positive("runtime.checkpoint_every", runtime.checkpoint_every, allow_zero=True)
-    positive("runtime.keep_last", runtime.keep_last)
+    _positive("runtime.log_every", runtime.log_every)
+    _positive("runtime.checkpoint_every", runtime.checkpoint_every, allow_zero=True)
+    _positive("runtime.keep_last", runtime.keep_last)
     if not runtime.resume.strip():
         raise ConfigError("runtime.resume: must be auto, never, or a checkpoint folder")
     return config
+
+
+def _positive(key, value, allow_zero=False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _validate_rl(config: Config, longest: int) -> None:
+    rl = config.rl
+    for name in ("rollout_batch_size", "samples_per_prompt", "iterations", "epochs", "max_new_tokens",
+                 "generation_batch_size", "kl_target", "kl_horizon", "ppo_epochs", "mini_batch_size",
+                 "micro_batch_tokens", "actor_lr", "critic_lr", "max_grad_norm", "dpo_clip", "score_clip",
+                 "clip_eps", "clip_eps_high"):
+        _positive(f"rl.{name}", getattr(rl, name))
+    for name in ("kl_coef", "dpo_coef", "score_coef", "temperature", "value_clip", "vf_coef", "entropy_coef",
+                 "weight_decay", "min_lr_ratio", "top_k", "eval_every", "eval_prompts", "missing_eos_penalty"):
+        _positive(f"rl.{name}", getattr(rl, name), allow_zero=True)
+    for name in ("gamma", "lam", "top_p"):
+        value = getattr(rl, name)
+        if not 0.0 <= value <= 1.0 or (name == "top_p" and value == 0.0):
+            raise ConfigError(f"rl.{name}: must be in {'(0, 1]' if name == 'top_p' else '[0, 1]'}, got {value!r}")
+    for name in ("warmup_ratio", "adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(rl, name) < 1.0:
+            raise ConfigError(f"rl.{name}: must be in [0, 1), got {getattr(rl, name)!r}")
+    rollouts = rl.rollout_batch_size * rl.samples_per_prompt
+    if rl.mini_batch_size > rollouts:
+        raise ConfigError(f"rl.mini_batch_size={rl.mini_batch_size} is larger than the rollout batch "
+                          f"(rl.rollout_batch_size * rl.samples_per_prompt = {rollouts})")
+    max_new = rl.max_new_tokens or config.data.max_response_length
+    needed = config.data.max_prompt_length + max_new
+    if any(mode in config.stages for mode in RL_MODES) and rl.micro_batch_tokens < needed:
+        raise ConfigError(f"rl.micro_batch_tokens={rl.micro_batch_tokens} is below data.max_prompt_length + "
+                          f"max new tokens = {needed}: the longest rollout would not fit")
+    if rl.reward_model is False and "ppo" in config.stages:
+        raise ConfigError("rl.reward_model: false, but stage 'ppo' needs the reward model's score")
+
+
+def _validate_eval(config: Config) -> None:
+    settings = config.eval
+    if "eval" not in config.stages:
+        return
+    if not settings.models:
+        raise ConfigError("eval.models: list at least two models (stage names or folders)")
+    if len(set(settings.models)) != len(settings.models):
+        raise ConfigError(f"eval.models: a model is listed twice: {settings.models}")
+    for name in ("num_prompts", "batch_size", "micro_batch_tokens", "max_new_tokens"):
+        _positive(f"eval.{name}", getattr(settings, name))
+    _positive("eval.temperature", settings.temperature, allow_zero=True)
+    if not 0.0 < settings.top_p <= 1.0:
+        raise ConfigError(f"eval.top_p: must be in (0, 1], got {settings.top_p!r}")
+    if settings.judge == "true" and config.data.source != "synthetic":
+        raise ConfigError("eval.judge: 'true' needs data.source synthetic (the only task with a known reward)")
 
 
 # ------------------------------------------------------------------------------------------------ public API

@@ -199,6 +199,29 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
     return _prepare(model, gradient_checkpointing, trainable)
 
 
+def _load_backbone(auto_class, path: str, dtype: torch.dtype, attn: str):
+    """AutoModel from a causal LM or value-head folder. Dropping a causal LM's head is expected, so transformers'
+    load report (which lists it as unexpected) is silenced; any other missing or unexpected weight is logged."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        backbone, info = auto_class.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                    output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(previous)
+    head_prefixes = ("lm_head.", "embed_out.", "output.", "score.", "v_head.")
+    unexpected = [key for key in info.get("unexpected_keys", []) if not key.startswith(head_prefixes)]
+    missing = list(info.get("missing_keys", []))
+    if unexpected or missing:
+        logging.getLogger(__name__).warning("backbone from %s: missing weights %s, unexpected weights %s", path,
+                                            missing[:8], unexpected[:8])
+    return backbone
+
+
 class ValueHeadModel(nn.Module):
     """A causal LM's backbone (`AutoModel`) plus a scalar head read at every token: the critic and the reward model.
 
@@ -248,8 +271,7 @@ class ValueHeadModel(nn.Module):
             backbone = AutoModel.from_config(tiny_model_config(vocab_size), dtype=dtype, attn_implementation=attn)
         else:
             check_model_source(path_or_tiny)
-            # AutoModel on a causal LM checkpoint loads the backbone and drops the LM head.
-            backbone = AutoModel.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation=attn)
+            backbone = _load_backbone(AutoModel, path_or_tiny, dtype, attn)
         model = cls(backbone)
         head_file = Path(path_or_tiny) / VALUE_HEAD_FILE
         if path_or_tiny != TINY and head_file.is_file():

@@ -79,6 +79,9 @@ class RunContext:
     metrics: MetricsLog
     # Output model folder of each finished stage of this run; feeds the next stage.
     outputs: dict = field(default_factory=dict)
+    # Prompts for the RL and eval stages (rto_fast.data.PromptExample), loaded when a config lists those stages.
+    train_prompts: list = field(default_factory=list)
+    eval_prompts: list = field(default_factory=list)
 
 
 def _get(example, name: str):
@@ -380,6 +383,22 @@ def stage_init_path(name: str, context: RunContext) -> str:
     return model.name_or_path
 
 
+# Which explicit model.* path stands for a stage's output.
+_EXPLICIT_PATHS = {"sft": "sft_path", "dpo": "dpo_path", "rm": "reward_path"}
+
+
+def stage_output(name: str, context: RunContext) -> Path | None:
+    """The model folder stage `name` produced: the explicit model.* path for sft/dpo/rm when set, else this run's
+    output of that stage (finished now or by an earlier run in the same folder); None when there is none."""
+    explicit = _EXPLICIT_PATHS.get(name)
+    if explicit and getattr(context.config.model, explicit):
+        return Path(getattr(context.config.model, explicit))
+    if name in context.outputs:
+        return Path(context.outputs[name])
+    folder = context.run_dir / name / MODEL_DIR
+    return folder if folder.is_dir() else None
+
+
 def _explicit_checkpoint(name: str, context: RunContext) -> Path | None:
     """The checkpoint folder `runtime.resume` names, when it belongs to stage `name`."""
     resume = context.config.runtime.resume
@@ -389,6 +408,30 @@ def _explicit_checkpoint(name: str, context: RunContext) -> Path | None:
     return path if ckpt.read_state(path).get("stage") == name else None
 
 
+def resume_point(name: str, context: RunContext) -> tuple[bool, Path | None]:
+    """(finished, checkpoint) for stage `name` under runtime.resume: never -> start over (its folder is deleted);
+    auto -> a finished stage (its model folder exists) is skipped, else it continues from its latest checkpoint;
+    a checkpoint folder -> its stage continues from it, the other stages as with auto. Also removes what an
+    interrupted save left behind. A finished stage's model folder is recorded in context.outputs."""
+    runtime = context.config.runtime
+    stage_dir = context.run_dir / name
+    output_dir = stage_dir / MODEL_DIR
+    explicit = _explicit_checkpoint(name, context)
+    if runtime.resume == "never" and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    elif explicit is None and output_dir.is_dir():
+        logger.info("%s: %s already holds the finished model; skipping the stage", name, output_dir)
+        context.outputs[name] = output_dir
+        return True, None
+    for leftover in (ckpt.clean_temporary(stage_dir / CHECKPOINT_DIR) + ckpt.clean_temporary(stage_dir)):
+        logger.info("%s: removed %s, left by an interrupted save", name, leftover)
+    if explicit is not None:
+        return False, explicit
+    if runtime.resume == "never":
+        return False, None
+    return False, ckpt.latest_checkpoint(stage_dir / CHECKPOINT_DIR)
+
+
 def run_stage(name: str, context: RunContext) -> Path:
     """Train stage `name` (resuming from its latest checkpoint when allowed); returns its output model folder."""
     config = context.config
@@ -396,18 +439,9 @@ def run_stage(name: str, context: RunContext) -> Path:
     runtime = config.runtime
     stage_dir = context.run_dir / name
     output_dir = stage_dir / MODEL_DIR
-
-    # resume: never -> start over; auto -> skip a finished stage, else continue from its latest checkpoint;
-    # a checkpoint folder -> continue its stage from it, the other stages as with auto.
-    explicit = _explicit_checkpoint(name, context)
-    if runtime.resume == "never" and stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    elif explicit is None and output_dir.is_dir():
-        logger.info("%s: %s already holds the finished model; skipping the stage", name, output_dir)
-        context.outputs[name] = output_dir
+    finished, resume_from = resume_point(name, context)
+    if finished:
         return output_dir
-    for leftover in (ckpt.clean_temporary(stage_dir / CHECKPOINT_DIR) + ckpt.clean_temporary(stage_dir)):
-        logger.info("%s: removed %s, left by an interrupted save", name, leftover)
 
     stage = STAGE_CLASSES[name](context, settings)
     seed = runtime.seed + STAGE_SEED_OFFSET[name]
@@ -418,9 +452,6 @@ def run_stage(name: str, context: RunContext) -> Path:
     eval_batches = (stage.micro_batches(context.eval_examples, list(range(len(context.eval_examples))), eval_tokens)
                     if context.eval_examples else [])
 
-    resume_from = explicit
-    if resume_from is None and runtime.resume != "never":
-        resume_from = ckpt.latest_checkpoint(stage_dir / CHECKPOINT_DIR)
     init_path = stage_init_path(name, context)
     logger.info("%s: %d optimizer steps over %d training examples (%d eval), starting from %s%s", name, total_steps,
                 len(context.train_examples), len(context.eval_examples), init_path,

@@ -1,14 +1,16 @@
-"""The trainer's command line: run the stages a config lists (SFT, DPO, RM), each feeding the next.
+"""The trainer's command line: run the stages a config lists (SFT, DPO, RM, then RTO / PPO / DPPO, then eval), each
+feeding the next.
 
 Usage:
-    python -m rto_fast.train --config configs/tiny.yaml                          # SFT then DPO, tiny model, CPU
+    python -m rto_fast.train --config configs/tiny.yaml                  # SFT, DPO, RTO, eval: tiny model, CPU
     python -m rto_fast.train --config configs/tiny.yaml sft.lr=1e-4 runtime.output_dir=runs/try2
     python -m rto_fast.train --config my.yaml stages=dpo model.sft_path=runs/x/sft/model
     python -m rto_fast.train --help                                              # every option
 
 The run folder (`runtime.output_dir`) gets: config.yaml (the resolved config), metrics.jsonl (one JSON object per
 logged step), train.log, <stage>/checkpoints/step-XXXXXXXX (atomic, the last `runtime.keep_last` kept),
-<stage>/model (the stage's output: save_pretrained safetensors + tokenizer), plots/<stage>.png and summary.md.
+<stage>/model (the stage's output: save_pretrained safetensors + tokenizer; RL stages also <mode>/critic),
+eval/win_rates.{md,json} and eval/samples.jsonl, plots/<stage>.png and summary.md.
 `runtime.resume=auto` (the default) skips finished stages and continues an interrupted one from its latest checkpoint.
 
 A bad config, a missing model path, a data set without the needed columns or a resume path that is no checkpoint
@@ -23,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, config_help, load_config, save_config
+from .config import RL_MODES, TRAINING_STAGES, Config, ConfigError, config_help, load_config, save_config
 
 logger = logging.getLogger("rto_fast.train")
 EXIT_USAGE = 2
@@ -58,6 +60,22 @@ def _model_paths(config: Config) -> list[tuple[str, str]]:
     return paths
 
 
+def _check_stage_inputs(config: Config) -> None:
+    """RL stages need models earlier stages (or explicit paths, or an earlier run in this folder) provide."""
+    run_dir = Path(config.runtime.output_dir)
+
+    def available(stage: str, explicit: str | None) -> bool:
+        return stage in config.stages or explicit is not None or (run_dir / stage / "model").is_dir()
+
+    for mode in (stage for stage in config.stages if stage in RL_MODES):
+        if mode in ("rto", "dppo") and not available("dpo", config.model.dpo_path):
+            raise UsageError(f"stage {mode} needs the DPO model: list the dpo stage before it or set model.dpo_path")
+        uses_rm = config.rl.reward_model if config.rl.reward_model is not None else mode == "ppo"
+        if uses_rm and not available("rm", config.model.reward_path):
+            raise UsageError(f"stage {mode} uses a reward model's score: list the rm stage before it or set "
+                             "model.reward_path")
+
+
 def preflight(config: Config) -> None:
     """Every check that needs no model: model paths, the resume folder, the data source and its columns."""
     from .checkpoint import STATE_FILE
@@ -77,9 +95,11 @@ def preflight(config: Config) -> None:
     if config.runtime.deepspeed is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("runtime.deepspeed / multi-process launch: the sft, dpo and rm stages run in one process "
                          "for now; unset runtime.deepspeed and launch with python -m rto_fast.train")
-    if config.data.format == "prompt":
-        raise UsageError(f"data.format 'prompt' has no responses; stages {', '.join(config.stages)} need "
+    training = [stage for stage in config.stages if stage in TRAINING_STAGES]
+    if config.data.format == "prompt" and training:
+        raise UsageError(f"data.format 'prompt' has no responses; stages {', '.join(training)} need "
                          "'preference' or 'hh-rlhf' data")
+    _check_stage_inputs(config)
     resume = config.runtime.resume
     if resume not in ("auto", "never") and not (Path(resume) / STATE_FILE).is_file():
         raise UsageError(f"runtime.resume: {resume!r} is not a checkpoint folder (no {STATE_FILE}); "
@@ -90,6 +110,11 @@ def preflight(config: Config) -> None:
         data.validate_dataset_source(config.data)
     except data.DataError as error:
         raise UsageError(str(error)) from None
+    if config.rl.prompts is not None and any(stage in RL_MODES or stage == "eval" for stage in config.stages):
+        try:
+            data.validate_dataset_source(prompt_data_config(config))
+        except data.DataError as error:
+            raise UsageError(f"rl.prompts: {error}") from None
 
 
 def _device(name: str):
@@ -112,6 +137,32 @@ def _load_examples(config: Config, tokenizer, run_dir: Path):
                                            seed=config.runtime.seed)
     except data.DataError as error:
         raise UsageError(str(error)) from None
+
+
+def prompt_data_config(config: Config):
+    """The data settings RL prompts come from: rl.prompts (format 'prompt') when set, else data.* read as prompts
+    (the synthetic task's prompt split when data.source is 'synthetic')."""
+    import dataclasses
+
+    if config.rl.prompts is not None:
+        return dataclasses.replace(config.data, source=config.rl.prompts, format="prompt")
+    if config.data.source == "synthetic":
+        return dataclasses.replace(config.data, format="prompt")
+    return config.data
+
+
+def _load_prompts(config: Config, tokenizer, run_dir: Path):
+    """(train, test) PromptExamples for the RL and eval stages."""
+    from . import data
+
+    try:
+        train, test = data.load_prompt_splits(prompt_data_config(config), tokenizer, cache_dir=run_dir / "data",
+                                              seed=config.runtime.seed)
+    except data.DataError as error:
+        raise UsageError(str(error)) from None
+    if any(stage in RL_MODES for stage in config.stages) and not train:
+        raise UsageError("no usable RL prompts (rl.prompts / data.source)")
+    return train, test
 
 
 def _setup_logging(run_dir: Path) -> None:
@@ -163,9 +214,14 @@ def run(config: Config) -> Path:
         tokenizer = build_tokenizer(tokenizer_source)
     except (OSError, ValueError) as error:
         raise UsageError(f"tokenizer {tokenizer_source!r} cannot be loaded: {' '.join(str(error).split())}") from None
-    train_examples, eval_examples = _load_examples(config, tokenizer, run_dir)
-    if not train_examples:
-        raise UsageError(f"data.source {config.data.source!r}: no usable training examples")
+    train_examples, eval_examples = [], []
+    if any(stage in TRAINING_STAGES for stage in config.stages):
+        train_examples, eval_examples = _load_examples(config, tokenizer, run_dir)
+        if not train_examples:
+            raise UsageError(f"data.source {config.data.source!r}: no usable training examples")
+    train_prompts, eval_prompts = [], []
+    if any(stage in RL_MODES or stage == "eval" for stage in config.stages):
+        train_prompts, eval_prompts = _load_prompts(config, tokenizer, run_dir)
 
     from .run_log import METRICS_FILE, MetricsLog, write_plots, write_summary
     from .stages import RunContext, run_stage
@@ -173,9 +229,19 @@ def run(config: Config) -> Path:
     logger.info("run folder %s, device %s, stages %s", run_dir, device, ", ".join(config.stages))
     context = RunContext(config=config, run_dir=run_dir, device=device, tokenizer=tokenizer,
                          train_examples=train_examples, eval_examples=eval_examples,
-                         metrics=MetricsLog(run_dir / METRICS_FILE))
+                         metrics=MetricsLog(run_dir / METRICS_FILE), train_prompts=train_prompts,
+                         eval_prompts=eval_prompts)
     for name in config.stages:
-        run_stage(name, context)
+        if name in TRAINING_STAGES:
+            run_stage(name, context)
+        elif name in RL_MODES:
+            from .rl import run_rl_stage
+
+            run_rl_stage(name, context)
+        else:
+            from .evaluation import run_eval
+
+            run_eval(context)
     plots = write_plots(run_dir)
     table = write_summary(run_dir)
     logger.info("plots: %s", ", ".join(str(path) for path in plots) or "none")

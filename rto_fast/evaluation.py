@@ -1,0 +1,387 @@
+"""The eval stage: win rates between models on the same test prompts (the paper's Table 1 protocol, SPEC.md
+section 8), and the judges the RL stages reuse to score their samples.
+
+Usage (the CLI runs the stage when a config lists `eval`):
+    eval_dir = run_eval(context)        # run_dir/eval: win_rates.json, win_rates.md, samples.jsonl
+
+    judges = load_judges(context)       # reward model, DPO model and reference that exist, frozen
+    scores = score_rollouts(judges, prompts, rollouts, tokenizer, micro_batch_tokens=8192)
+    scores["rm"], scores["dpo"], scores["true"], scores["length"], scores["finished"]   # (len(rollouts),) float64
+    rates = win_rate_matrix([scores_a, scores_b])      # rates[0, 1]: A's win rate against B
+
+Protocol. Every model listed in `eval.models` (stage names sft / dpo / rto / ppo / dppo of this run, or model
+folders) samples one response to each of the first `eval.num_prompts` test prompts (temperature 0.9, top-p 0.99 by
+default). Sampling restarts from the same seed (`eval.seed`) for every model, so two models draw the same random
+numbers (common random numbers): identical models give identical responses (a tie on every prompt), and similar
+models mostly differ where their distributions do, which lowers the variance of a win rate. A judge scores each response:
+- `rm`: the reward model's output at the response's last token (its eos when it has one);
+- `dpo`: the DPO implicit reward beta * sum_h log(pi_dpo(y_h | x, y_<h) / pi_ref(y_h | x, y_<h)) (`dpo.beta`);
+- `true`: the synthetic task's ground-truth reward r* (only when the prompts are the synthetic task's);
+- `auto`: rm when a reward model exists, else dpo when the DPO model and its reference exist, else true.
+The win rate of A against B is the mean over prompts of [s_A > s_B] + 0.5 [s_A == s_B], so W[A, B] + W[B, A] = 1.
+Every judge that exists scores every response, so the per-model table also shows the other judges' means.
+
+Models are loaded one at a time (frozen), next to the judges, and freed before the next one. The stage's outputs
+are written atomically; win_rates.json is written last and marks the stage finished: a rerun with the same models
+(folders), judge and sampling settings skips it unless `runtime.resume` is `never`, and one whose models changed
+(say an RL stage finished since) evaluates again.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RL_MODES
+from .generation import Rollout, SamplingSettings, generate
+from .models import ValueHeadModel, load_causal_lm
+from .packing import build_micro_batches
+from .scoring import response_sequence, sequence_judge_scores
+from .stages import RunContext, _autocast, stage_output
+
+logger = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+WIN_RATES_JSON = "win_rates.json"
+WIN_RATES_MD = "win_rates.md"
+SAMPLES_FILE = "samples.jsonl"
+JUDGES = ("rm", "dpo", "true")
+# Stage names eval.models may use: the stages whose output is a causal LM.
+MODEL_STAGES = ("sft", "dpo", *RL_MODES)
+# How each score key is named in the per-model table and in metrics.jsonl.
+JUDGE_TITLES = {"rm": "RM score", "dpo": "DPO reward", "true": "true reward"}
+METRIC_NAMES = {"rm": "rm_score", "dpo": "dpo_reward", "true": "true_reward", "length": "length",
+                "finished": "eos_fraction"}
+
+
+# ------------------------------------------------------------------------------------------------ judges
+
+@dataclass
+class Judges:
+    """The models that score responses; any may be missing. `beta` scales the DPO implicit reward; `synthetic`: the
+    prompts are the synthetic task's, so its true reward r* is known."""
+
+    reward_model: ValueHeadModel | None = None
+    dpo_model: torch.nn.Module | None = None
+    ref_model: torch.nn.Module | None = None
+    beta: float = 0.1
+    synthetic: bool = False
+
+    def available(self) -> list[str]:
+        """Judge names that can score: a subset of ('rm', 'dpo', 'true'), in that order."""
+        names = []
+        if self.reward_model is not None:
+            names.append("rm")
+        if self.dpo_model is not None and self.ref_model is not None:
+            names.append("dpo")
+        if self.synthetic:
+            names.append("true")
+        return names
+
+    def device(self) -> torch.device:
+        for model in (self.reward_model, self.dpo_model, self.ref_model):
+            if model is not None:
+                return next(model.parameters()).device
+        return torch.device("cpu")
+
+
+def is_synthetic(context: RunContext) -> bool:
+    """The test prompts come from the synthetic task (whose true reward is known)."""
+    config = context.config
+    return config.data.source == "synthetic" and config.rl.prompts in (None, "synthetic")
+
+
+def judge_paths(context: RunContext) -> dict[str, Path | None]:
+    """Where the judge models would come from: reward model, DPO model and its reference (None: there is none).
+    The reference is `model.ref_path`, else the SFT model, the one DPO trained against."""
+    ref = context.config.model.ref_path
+    return {"rm": stage_output("rm", context), "dpo": stage_output("dpo", context),
+            "ref": Path(ref) if ref else stage_output("sft", context)}
+
+
+def choose_judge(requested: str, paths: dict[str, Path | None], synthetic: bool) -> str:
+    """The judge `eval.judge` names, checked to be available; `auto` picks rm, else dpo, else true."""
+    has = {"rm": paths["rm"] is not None, "dpo": paths["dpo"] is not None and paths["ref"] is not None,
+           "true": synthetic}
+    if requested == "auto":
+        for name in JUDGES:
+            if has[name]:
+                return name
+        raise ValueError("eval.judge: auto found no judge: there is no reward model (rm stage or model.reward_path), "
+                         "no DPO model with its reference (dpo stage or model.dpo_path, and the sft stage or "
+                         "model.ref_path), and the data is not the synthetic task")
+    if requested not in has:
+        raise ValueError(f"eval.judge: unknown judge {requested!r}; use one of auto, {', '.join(JUDGES)}")
+    if not has[requested]:
+        reasons = {
+            "rm": "there is no reward model: list the rm stage or set model.reward_path",
+            "dpo": ("there is no DPO model: list the dpo stage or set model.dpo_path" if paths["dpo"] is None else
+                    "there is no reference model for the DPO reward: list the sft stage or set model.ref_path"),
+            "true": "the true reward is known only for the synthetic task (data.source synthetic, rl.prompts null)",
+        }
+        raise ValueError(f"eval.judge: {requested}, but {reasons[requested]}")
+    return requested
+
+
+def load_judges(context: RunContext) -> Judges:
+    """The judges that exist, frozen, in eval mode, on context.device: the reward model, and the DPO model with its
+    reference (the reference only when a DPO model exists)."""
+    config = context.config
+    paths = judge_paths(context)
+    dtype = config.model.dtype
+    reward_model = dpo_model = ref_model = None
+    if paths["rm"] is not None:
+        reward_model = ValueHeadModel.from_pretrained(str(paths["rm"]), dtype=dtype, trainable=False)
+        reward_model.to(context.device)
+    if paths["dpo"] is not None:
+        if paths["ref"] is None:
+            logger.warning("eval: a DPO model but no reference (sft stage or model.ref_path): no DPO reward")
+        else:
+            dpo_model = load_causal_lm(str(paths["dpo"]), dtype=dtype, trainable=False).to(context.device)
+            ref_model = load_causal_lm(str(paths["ref"]), dtype=dtype, trainable=False).to(context.device)
+    judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model, beta=config.dpo.beta,
+                    synthetic=is_synthetic(context))
+    logger.info("eval: judges %s (reward model %s, DPO model %s, reference %s)",
+                ", ".join(judges.available()) or "none", paths["rm"], paths["dpo"], paths["ref"])
+    return judges
+
+
+def response_text(rollout: Rollout, tokenizer) -> str:
+    """The response as text, without its eos token."""
+    tokens = rollout.response_ids[:-1] if rollout.finished else rollout.response_ids
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], tokenizer,
+                   micro_batch_tokens: int) -> dict[str, np.ndarray]:
+    """Per response (float64 arrays in the order of `rollouts`): 'rm' (reward model at the last token), 'dpo'
+    (implicit DPO reward), 'true' (synthetic r*), each when that judge exists, plus 'length' (response tokens, eos
+    included) and 'finished' (1.0 when the response ends with eos). `prompts[i]` (a PromptExample) is the prompt
+    of `rollouts[i]`; its text is what r* reads."""
+    if len(prompts) != len(rollouts):
+        raise ValueError(f"{len(prompts)} prompts but {len(rollouts)} rollouts")
+    count = len(rollouts)
+    scores: dict[str, np.ndarray] = {}
+    available = judges.available()
+    model_judges = [name for name in ("rm", "dpo") if name in available]
+    if model_judges and count:
+        sequences = [response_sequence(rollout.prompt_ids, rollout.response_ids) for rollout in rollouts]
+        device = judges.device()
+        batches = [batch.to(device) for batch in build_micro_batches(sequences, micro_batch_tokens)]
+        with torch.inference_mode():
+            if "rm" in model_judges:
+                values = sequence_judge_scores(batches, reward_model=judges.reward_model, num_sequences=count)
+                scores["rm"] = values.double().numpy()
+            if "dpo" in model_judges:
+                values = sequence_judge_scores(batches, dpo_model=judges.dpo_model, ref_model=judges.ref_model,
+                                               beta=judges.beta, num_sequences=count)
+                scores["dpo"] = values.double().numpy()
+    if judges.synthetic:
+        from .synthetic import true_reward
+
+        scores["true"] = np.asarray([true_reward(prompt.prompt, response_text(rollout, tokenizer),
+                                                 finished=rollout.finished)
+                                     for prompt, rollout in zip(prompts, rollouts)], dtype=np.float64)
+    scores["length"] = np.asarray([len(rollout.response_ids) for rollout in rollouts], dtype=np.float64)
+    scores["finished"] = np.asarray([float(rollout.finished) for rollout in rollouts], dtype=np.float64)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ win rates
+
+def win_rate_matrix(scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(rates, stderr), both (M, M): rates[a, b] = mean over prompts of [s_a > s_b] + 0.5 [s_a == s_b] for the
+    per-prompt judge scores of M models, and the standard error of that mean. The diagonal is 0.5 (all ties)."""
+    count = len(scores)
+    rates = np.full((count, count), 0.5)
+    stderr = np.zeros((count, count))
+    for a in range(count):
+        for b in range(count):
+            if a == b:
+                continue
+            outcome = (scores[a] > scores[b]).astype(np.float64) + 0.5 * (scores[a] == scores[b])
+            rates[a, b] = outcome.mean()
+            stderr[a, b] = outcome.std() / np.sqrt(max(len(outcome), 1))
+    return rates, stderr
+
+
+def _percent(value: float) -> str:
+    return f"{100.0 * value:.1f}"
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def markdown_tables(names: list[str], rates: np.ndarray, means: dict[str, dict[str, float]], judge: str,
+                    num_prompts: int) -> str:
+    """The win-rate table (row model against column model, %) and the per-model table of means."""
+    lines = [f"Win rate (%) of the row model against the column model; judge {judge}, {num_prompts} prompts.", "",
+             "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a, name in enumerate(names):
+        cells = ["-" if a == b else _percent(rates[a, b]) for b in range(len(names))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    columns = [("judge", f"mean judge score ({judge})")]
+    columns += [(key, f"mean {JUDGE_TITLES[key]}") for key in JUDGES
+                if key != judge and any(key in model_means for model_means in means.values())]
+    columns += [("length", "mean length"), ("finished", "eos fraction")]
+    lines += ["", "| model | " + " | ".join(title for _, title in columns) + " |", "|---|" + "---|" * len(columns)]
+    for name in names:
+        cells = [_number(means[name].get(judge if key == "judge" else key)) for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file next to `path`, then rename it: a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def resolve_models(context: RunContext) -> list[tuple[str, Path | str]]:
+    """(name, model folder) per entry of eval.models: stage names through their stage's output (skipped with a
+    warning when that stage produced nothing), anything else as a model folder or Hub name."""
+    from .models import check_model_source
+
+    resolved = []
+    for name in context.config.eval.models:
+        if name in MODEL_STAGES:
+            path = stage_output(name, context)
+            if path is None:
+                logger.warning("eval: skipping %s: the %s stage has no output in %s (and no model.* path)", name,
+                               name, context.run_dir)
+                continue
+            resolved.append((name, path))
+        elif name in ("rm", "eval"):
+            raise ValueError(f"eval.models: {name!r} is not a language model; use stage names "
+                             f"{', '.join(MODEL_STAGES)} or model folders")
+        else:
+            try:
+                check_model_source(name)
+            except FileNotFoundError as error:
+                raise ValueError(f"eval.models: {error}") from None
+            resolved.append((name, name))
+    if not resolved:
+        raise ValueError(f"eval.models: none of {context.config.eval.models} has a model (no listed stage has run "
+                         "in this run folder, and no folder is listed)")
+    return resolved
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _finished_result(path: Path, plan: dict) -> bool:
+    """Whether `path` holds the win rates of this very plan (models, their folders, judge, sampling settings)."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(result.get(key) == value for key, value in plan.items())
+
+
+def run_eval(context: RunContext) -> Path:
+    """The eval stage (see the module docstring); returns run_dir/eval."""
+    config = context.config
+    settings = config.eval
+    eval_dir = context.run_dir / EVAL_DIR
+
+    # Everything that can be wrong is checked before any model loads.
+    models = resolve_models(context)
+    prompts = context.eval_prompts[:settings.num_prompts]
+    if not prompts:
+        raise ValueError("eval: no test prompts: data.test_split names no usable split (or data.max_eval_samples "
+                         "is 0)")
+    synthetic = is_synthetic(context)
+    judge = choose_judge(settings.judge, judge_paths(context), synthetic)
+    sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens or config.data.max_response_length,
+                                temperature=settings.temperature, top_p=settings.top_p,
+                                batch_size=settings.batch_size)
+    longest = max(len(prompt.prompt_ids) for prompt in prompts) + sampling.max_new_tokens
+    if longest > settings.micro_batch_tokens:
+        raise ValueError(f"eval.micro_batch_tokens={settings.micro_batch_tokens} is below the longest prompt + "
+                         f"max new tokens = {longest}: the longest response would not fit a scoring micro-batch")
+    names = [name for name, _ in models]
+    plan = {"models": names, "paths": {name: str(path) for name, path in models}, "judge": judge,
+            "settings": {"num_prompts": len(prompts), "temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "max_new_tokens": sampling.max_new_tokens, "seed": settings.seed,
+                         "batch_size": sampling.batch_size, "dpo_beta": config.dpo.beta}}
+    finished_file = eval_dir / WIN_RATES_JSON
+    if finished_file.is_file() and config.runtime.resume != "never":
+        if _finished_result(finished_file, plan):
+            logger.info("eval: %s already holds the win rates; skipping the stage", finished_file)
+            return eval_dir
+        # E.g. an RL stage finished since: the old table lacks a model.
+        logger.info("eval: %s holds win rates of other models or settings; evaluating again", finished_file)
+    logger.info("eval: %d models (%s) on %d test prompts, judge %s", len(models), ", ".join(names), len(prompts),
+                judge)
+
+    started = time.perf_counter()
+    judges = load_judges(context)
+    tokenizer = context.tokenizer
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    samples: list[dict] = []
+    prompt_ids = [prompt.prompt_ids for prompt in prompts]
+    devices = [context.device] if context.device.type == "cuda" else []
+    for name, path in models:
+        model = load_causal_lm(str(path), dtype=config.model.dtype, trainable=False).to(context.device)
+        # The same seed for every model: common random numbers (and the run's own RNG stream is left alone).
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(settings.seed)
+            rollouts = generate(model, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        _free(model)
+        with _autocast(context):
+            model_scores = score_rollouts(judges, prompts, rollouts, tokenizer, settings.micro_batch_tokens)
+        scores[name] = model_scores
+        for index, (prompt, rollout) in enumerate(zip(prompts, rollouts)):
+            samples.append({"model": name, "prompt_index": index, "row": prompt.row, "prompt": prompt.prompt,
+                            "response": response_text(rollout, tokenizer), "finished": rollout.finished,
+                            "scores": {key: float(values[index]) for key, values in model_scores.items()}})
+        logger.info("eval: %s: mean %s score %.4g, mean length %.1f", name, judge,
+                    float(model_scores[judge].mean()), float(model_scores["length"].mean()))
+    del judges
+    gc.collect()
+
+    rates, stderr = win_rate_matrix([scores[name][judge] for name in names])
+    means = {name: {key: float(values.mean()) for key, values in scores[name].items()} for name in names}
+    table = markdown_tables(names, rates, means, judge, len(prompts))
+    result = {
+        **plan,
+        "means": means,
+        "matrix": rates.tolist(),
+        "stderr": stderr.tolist(),
+        "win_rates": {a: {b: float(rates[i, j]) for j, b in enumerate(names) if j != i} for i, a in enumerate(names)},
+    }
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(eval_dir / SAMPLES_FILE, "".join(json.dumps(sample, ensure_ascii=False) + "\n"
+                                                   for sample in samples))
+    _write_atomic(eval_dir / WIN_RATES_MD, table + "\n")
+    _write_atomic(eval_dir / WIN_RATES_JSON, json.dumps(result, indent=2) + "\n")  # last: marks the stage done
+
+    record = {"stage": EVAL_DIR, "step": 0, "elapsed_s": round(time.perf_counter() - started, 3)}
+    for name in names:
+        record[f"judge_score/{name}"] = means[name][judge]
+        for key, value in means[name].items():
+            record[f"{METRIC_NAMES.get(key, key)}/{name}"] = value
+    context.metrics.truncate(EVAL_DIR, after_step=-1)  # a rerun replaces the old record
+    context.metrics.write(record)
+    logger.info("eval: win rates (%s)\n%s", eval_dir, table)
+    return eval_dir

@@ -1,0 +1,587 @@
+"""The RL stages: RTO, PPO and DPPO in one loop (paper Algorithm 2; SPEC.md sections 2-5).
+
+Usage (the CLI runs this for every RL stage a config lists: `stages: [sft, dpo, rto]`):
+    output_folder = run_rl_stage("rto", context)     # run_dir/rto/model (policy) and run_dir/rto/critic
+
+One iteration:
+1. rollouts: `rl.rollout_batch_size` prompts (each `rl.samples_per_prompt` times), sampled from the policy with the
+   KV cache (rto_fast.generation); a response stops at eos or is cut at `max_new_tokens` (then it has no eos, its
+   last token is the last generated one, and `rl.missing_eos_penalty` can charge for it);
+2. scoring passes on packed prompt + response streams, in inference mode, micro-batch by micro-batch (no model's
+   logits are held beyond one micro-batch): policy (old log-probs), reference, DPO model (rto and dppo; and for the
+   DPO implicit-reward metric whenever a DPO model exists), critic (values), reward model (score at the last token:
+   the eos when there is one; never a padding position, there is none);
+3. `ops.token_rewards` (mode rto / ppo / dppo), `ops.gae` per packed micro-batch (the recursion restarts at every
+   sequence), then advantage whitening over all response tokens of the rollout batch;
+4. `rl.ppo_epochs` passes over the rollouts in shuffled mini-batches of `rl.mini_batch_size` responses, each packed
+   into micro-batches of `rl.micro_batch_tokens`: fused log-probs (+ entropy) of the policy, critic values,
+   `ops.ppo_loss`; gradients of a mini-batch add up over its micro-batches (each weighted by its share of the
+   mini-batch's tokens, or responses for seq-mean-token-mean), then clipping and one optimizer step.
+
+Actor and critic: separate Adam optimizers and learning rates (`rl.critic_optimizer: separate`, the official RTO
+code's choice; the loss is pg + vf, each model gets its own gradient), or one optimizer over both with the loss
+pg + vf_coef * vf (`shared`, TRL's choice). The critic starts from `model.critic_path`, else the reward model or
+the SFT model (`rl.critic_init`). The KL coefficient is fixed or adapted towards `rl.kl_target` (the proportional
+controller of Ziegler et al. 2019, as in TRL / OpenRLHF).
+
+Log-probs are always those of the models themselves (temperature 1): the ratio, the KL and the DPO reward are about
+pi, pi_ref and pi_dpo; `rl.temperature` only shapes the sampling.
+
+Each iteration logs (metrics.jsonl, stage = the mode, step = iteration): the DPO implicit reward of the samples
+(`dpo_reward`, the paper's Figure 3 curve), the RM score, the true reward on the synthetic task, the mean token
+reward and return, KL, entropy, response length, eos fraction, clip fractions, approx KL, value loss, explained
+variance, kl_coef, the time split (generate / score / train), tokens/s and prompts seen. Every `rl.eval_every`
+iterations (and at the end) the policy samples the first `rl.eval_prompts` test prompts with the eval stage's
+sampling settings and logs `eval_*` means of the same judges (without disturbing the training RNG).
+
+Checkpoints (every `runtime.checkpoint_every` iterations and at the end) hold policy, critic, both optimizers and
+schedulers, the RNG states, kl_coef and the iteration; a resumed run repeats exactly what the uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import ops
+from .config import PAPER_KL_COEF
+from .generation import Rollout, SamplingSettings, generate
+from .models import TINY, ValueHeadModel, load_causal_lm
+from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
+from .run_log import ProgressBar
+from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
+from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _accumulate, _autocast,
+                     lr_factor, resume_point, seed_everything, stage_init_path, stage_output)
+
+logger = logging.getLogger(__name__)
+
+CRITIC_DIR = "critic"
+WHITEN_EPS = 1e-8
+
+
+# ------------------------------------------------------------------------------------------------ rollout data
+
+@dataclass
+class RolloutBatch:
+    """One iteration's samples. Per-token fields are lists (one float32 CPU tensor per response, one entry per
+    response token, the eos included); per-response fields are float32 tensors (R,)."""
+
+    prompts: list  # PromptExample per response
+    rollouts: list[Rollout]
+    old_logprobs: list[torch.Tensor]
+    ref_logprobs: list[torch.Tensor]
+    values: list[torch.Tensor]
+    rewards: list[torch.Tensor]
+    advantages: list[torch.Tensor]
+    returns: list[torch.Tensor]
+    dpo_rewards: torch.Tensor | None  # beta1 * sum(lp_dpo - lp_ref) per response
+    scores: torch.Tensor | None  # reward-model score per response (before clipping)
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+    def sequences(self) -> list:
+        return [response_sequence(rollout.prompt_ids, rollout.response_ids) for rollout in self.rollouts]
+
+
+def _split_per_sequence(values: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
+    """Response-token values of a packed (1, N) tensor, one CPU tensor per packed sequence (packed order)."""
+    mask = batch.response_mask.reshape(-1)
+    flat = values.reshape(-1)[mask].float().cpu()
+    counts = torch.zeros(batch.num_sequences, dtype=torch.long)
+    segment_of_token = torch.repeat_interleave(torch.arange(batch.num_sequences), batch.seqlens.cpu())
+    counts.index_add_(0, segment_of_token[mask.cpu()], torch.ones(int(mask.sum()), dtype=torch.long))
+    return list(torch.split(flat, counts.tolist()))
+
+
+def _scatter_to_stream(per_sequence: list[torch.Tensor], batch: PackedBatch, order: list[int]) -> torch.Tensor:
+    """(1, N) float32 stream holding per_sequence[order[s]] at the response positions of packed sequence s."""
+    out = torch.zeros(batch.num_tokens, dtype=torch.float32)
+    out[batch.response_mask.reshape(-1).cpu()] = torch.cat([per_sequence[index] for index in order])
+    return out[None].to(batch.input_ids.device)
+
+
+def whiten(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """(x - mean) / sqrt(var + 1e-8) over every entry of every tensor (unbiased variance, as TRL and OpenRLHF)."""
+    flat = torch.cat(tensors).double()
+    if flat.numel() < 2:
+        return [tensor - flat.mean().float() for tensor in tensors]
+    variance, mean = torch.var_mean(flat)
+    scale = torch.rsqrt(variance + WHITEN_EPS)
+    return [((tensor.double() - mean) * scale).float() for tensor in tensors]
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): how much of the returns the critic predicts (1 is perfect)."""
+    variance = float(returns.double().var()) if returns.numel() > 1 else 0.0
+    if variance == 0.0:
+        return float("nan")
+    return 1.0 - float((returns.double() - values.double()).var()) / variance
+
+
+def synthetic_true_rewards(prompts: list, rollouts: list[Rollout], tokenizer) -> np.ndarray:
+    """r* of each response on the synthetic task (the response text excludes its eos token)."""
+    from .synthetic import true_reward
+
+    rewards = []
+    for prompt, rollout in zip(prompts, rollouts):
+        tokens = rollout.response_ids[:-1] if rollout.finished else rollout.response_ids
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        rewards.append(true_reward(prompt.prompt, text, finished=rollout.finished))
+    return np.asarray(rewards, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------ KL controller
+
+class AdaptiveKLController:
+    """kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * responses / horizon (Ziegler et al. 2019)."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value = kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, kl_per_response: float, num_responses: int) -> None:
+        error = float(np.clip(kl_per_response / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + error * num_responses / self.horizon
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+class RLTrainer:
+    """The models, optimizers and one-iteration logic of an RL stage (`mode` rto, ppo or dppo)."""
+
+    def __init__(self, mode: str, context: RunContext):
+        self.mode = mode
+        self.context = context
+        self.config = context.config
+        self.settings = context.config.rl
+        self.device = context.device
+        settings = self.settings
+        self.kl_coef = settings.kl_coef if settings.kl_coef is not None else PAPER_KL_COEF[mode]
+        self.use_reward_model = settings.reward_model if settings.reward_model is not None else mode == "ppo"
+        self.tokenizer = context.tokenizer
+        self.sampling = SamplingSettings(
+            max_new_tokens=settings.max_new_tokens or self.config.data.max_response_length,
+            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            batch_size=settings.generation_batch_size, ban_eos=settings.ban_eos)
+        self.synthetic = self.config.data.source == "synthetic" and settings.prompts in (None, "synthetic")
+
+    # --- models
+    def model_paths(self) -> dict[str, str | None]:
+        """Where each model comes from; raises ValueError naming the missing one."""
+        model_cfg = self.config.model
+        context = self.context
+        init = stage_init_path(self.mode, context)
+        reward = stage_output("rm", context)
+        dpo = stage_output("dpo", context)
+        if self.mode in ("rto", "dppo") and dpo is None:
+            raise ValueError(f"stage {self.mode} needs the DPO model: list the dpo stage before it or set "
+                             "model.dpo_path")
+        if self.use_reward_model and reward is None:
+            raise ValueError(f"stage {self.mode} uses the reward model's score (rl.reward_model): list the rm stage "
+                             "before it or set model.reward_path")
+        critic = model_cfg.critic_path
+        if critic is None:
+            init_choice = self.settings.critic_init
+            if init_choice == "rm" and reward is None:
+                raise ValueError("rl.critic_init: rm, but there is no reward model (rm stage or model.reward_path)")
+            critic = str(reward) if init_choice == "rm" or (init_choice == "auto" and reward is not None) else init
+        return {"policy": init, "reference": model_cfg.ref_path or init, "dpo": None if dpo is None else str(dpo),
+                "reward": None if reward is None else str(reward), "critic": str(critic)}
+
+    def build(self, resume_from: Path | None) -> None:
+        config = self.config
+        paths = self.model_paths()
+        self.paths = paths
+        seed = config.runtime.seed + STAGE_SEED_OFFSET[self.mode]
+        dtype = config.model.dtype
+        checkpointing = config.model.gradient_checkpointing
+        # Frozen models first, in a fixed order, so a fresh and a resumed run draw the same random numbers.
+        if paths["reference"] == TINY:
+            torch.manual_seed(seed)
+        self.reference = load_causal_lm(paths["reference"], dtype=dtype, trainable=False)
+        self.dpo_model = load_causal_lm(paths["dpo"], dtype=dtype, trainable=False) if paths["dpo"] else None
+        self.reward_model = (ValueHeadModel.from_pretrained(paths["reward"], dtype=dtype, trainable=False)
+                             if paths["reward"] else None)
+        if resume_from is not None:
+            self.policy = load_causal_lm(str(resume_from / MODEL_DIR), dtype=dtype, trainable=True,
+                                         gradient_checkpointing=checkpointing)
+            critic_source = str(resume_from / CRITIC_DIR / MODEL_DIR)
+        else:
+            if paths["policy"] == paths["reference"]:
+                # pi_0 = pi_ref: a copy of the frozen reference (also the only way for random 'tiny' weights).
+                self.policy = copy.deepcopy(self.reference).requires_grad_(True).train()
+                if checkpointing:
+                    from .models import enable_gradient_checkpointing
+
+                    enable_gradient_checkpointing(self.policy)
+            else:
+                self.policy = load_causal_lm(paths["policy"], dtype=dtype, trainable=True,
+                                             gradient_checkpointing=checkpointing)
+            critic_source = paths["critic"]
+        if critic_source == TINY:
+            torch.manual_seed(seed + 1)
+        self.critic = ValueHeadModel.from_pretrained(critic_source, dtype=dtype, trainable=True,
+                                                     gradient_checkpointing=checkpointing)
+        for model in (self.reference, self.dpo_model, self.reward_model, self.policy, self.critic):
+            if model is not None:
+                model.to(self.device)
+
+    def build_optimizers(self, total_steps: int) -> None:
+        settings = self.settings
+
+        def adam(parameters, lr):
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=settings.weight_decay,
+                                     betas=(settings.adam_beta1, settings.adam_beta2))
+
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, settings))
+
+        actor_parameters = [p for p in self.policy.parameters() if p.requires_grad]
+        critic_parameters = [p for p in self.critic.parameters() if p.requires_grad]
+        self.actor_parameters, self.critic_parameters = actor_parameters, critic_parameters
+        if settings.critic_optimizer == "shared":
+            self.actor_optimizer = adam(actor_parameters + critic_parameters, settings.actor_lr)
+            self.critic_optimizer = None
+        else:
+            self.actor_optimizer = adam(actor_parameters, settings.actor_lr)
+            self.critic_optimizer = adam(critic_parameters, settings.critic_lr)
+        self.actor_scheduler = schedule(self.actor_optimizer)
+        self.critic_scheduler = schedule(self.critic_optimizer) if self.critic_optimizer is not None else None
+
+    def steps_per_iteration(self, num_responses: int) -> int:
+        return self.settings.ppo_epochs * math.ceil(num_responses / self.settings.mini_batch_size)
+
+    # --- 1. rollouts
+    def sample(self, prompts: list) -> list[Rollout]:
+        return generate(self.policy, [prompt.prompt_ids for prompt in prompts], self.sampling,
+                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+
+    # --- 2. and 3. scoring, rewards, advantages
+    def reward_arguments(self) -> dict:
+        settings = self.settings
+        return dict(mode=self.mode, kl_coef=self.kl_coef, dpo_coef=settings.dpo_coef, score_coef=settings.score_coef,
+                    dpo_clip=settings.dpo_clip, kl_estimator=settings.kl_estimator)
+
+    @torch.inference_mode()
+    def score(self, prompts: list, rollouts: list[Rollout]) -> RolloutBatch:
+        settings = self.settings
+        sequences = [response_sequence(r.prompt_ids, r.response_ids) for r in rollouts]
+        count = len(sequences)
+        fields = {name: [None] * count for name in ("old_logprobs", "ref_logprobs", "values", "rewards",
+                                                      "advantages", "returns")}
+        dpo_rewards = torch.zeros(count) if self.dpo_model is not None else None
+        scores = torch.zeros(count) if self.reward_model is not None else None
+        for batch in build_micro_batches(sequences, settings.micro_batch_tokens):
+            batch = batch.to(self.device)
+            order = batch.sequence_index.tolist()
+            with _autocast(self.context):
+                logprobs = packed_logprobs(self.policy, batch)
+                ref_logprobs = packed_logprobs(self.reference, batch)
+                dpo_logprobs = packed_logprobs(self.dpo_model, batch) if self.dpo_model is not None else None
+                values = packed_values(self.critic, batch)
+                batch_scores = last_token_scores(self.reward_model, batch) if self.reward_model is not None else None
+            rewards, advantages, returns = self.rewards_and_advantages(
+                batch, logprobs, ref_logprobs, dpo_logprobs, values, batch_scores,
+                finished=torch.tensor([rollouts[i].finished for i in order], device=self.device))
+            for name, tensor in (("old_logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
+                                 ("rewards", rewards), ("advantages", advantages), ("returns", returns)):
+                for index, piece in zip(order, _split_per_sequence(tensor, batch)):
+                    fields[name][index] = piece
+            if dpo_rewards is not None:
+                dpo_rewards[order] = implicit_dpo_rewards(dpo_logprobs, ref_logprobs, batch, settings.dpo_coef).cpu()
+            if scores is not None:
+                scores[order] = batch_scores.float().cpu()
+        if settings.whiten_advantages:
+            fields["advantages"] = whiten(fields["advantages"])
+        return RolloutBatch(prompts=prompts, rollouts=rollouts, dpo_rewards=dpo_rewards, scores=scores, **fields)
+
+    def rewards_and_advantages(self, batch, logprobs, ref_logprobs, dpo_logprobs, values, scores, finished):
+        """(rewards, advantages, returns) of one packed micro-batch: ops.token_rewards, missing-eos penalty, ops.gae.
+        `scores` (S,) are the reward model's raw scores (used only when rl.reward_model is on); `finished` (S,) bool."""
+        settings = self.settings
+        mask = batch.response_mask
+        reward_score = None
+        if self.use_reward_model:
+            reward_score = scores.float()
+            if settings.score_clip is not None:
+                reward_score = reward_score.clamp(-settings.score_clip, settings.score_clip)
+        rewards = ops.token_rewards(logprobs, ref_logprobs, mask, dpo_logprobs=dpo_logprobs, score=reward_score,
+                                    cu_seqlens=batch.cu_seqlens, **self.reward_arguments())
+        if settings.missing_eos_penalty:
+            last = batch.cu_seqlens[1:].long() - 2  # the position that predicts each response's last token
+            penalty = torch.where(finished, 0.0, settings.missing_eos_penalty).to(rewards.dtype)
+            rewards = rewards.clone()
+            rewards[0, last] -= penalty
+        advantages, returns = ops.gae(rewards, values.float(), mask, gamma=settings.gamma, lam=settings.lam,
+                                      cu_seqlens=batch.cu_seqlens)
+        return rewards, advantages, returns
+
+    # --- 4. PPO updates
+    def train(self, rollout: RolloutBatch, iteration: int) -> dict:
+        settings = self.settings
+        sequences = rollout.sequences()
+        count = len(sequences)
+        lengths = [len(sequence.input_ids) for sequence in sequences]
+        response_lengths = [len(r.response_ids) for r in rollout.rollouts]
+        totals: dict = {}
+        norms: list[tuple[float, float]] = []
+        generator = torch.Generator().manual_seed(self.config.runtime.seed * 1_000_003 + 7919 * iteration)
+        separate = self.critic_optimizer is not None
+        vf_coef = 1.0 if separate else settings.vf_coef
+        for _ in range(settings.ppo_epochs):
+            order = torch.randperm(count, generator=generator).tolist()
+            for start in range(0, count, settings.mini_batch_size):
+                members = order[start:start + settings.mini_batch_size]
+                bins = first_fit_decreasing([lengths[i] for i in members], settings.micro_batch_tokens)
+                mini_tokens = sum(response_lengths[i] for i in members)
+                self.actor_optimizer.zero_grad(set_to_none=True)
+                if separate:
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                for bin_ in bins:
+                    chosen = [members[i] for i in bin_]
+                    batch = pack(sequences, chosen).to(self.device)
+                    share = (sum(response_lengths[i] for i in chosen) / mini_tokens if settings.agg == "token-mean"
+                             else len(chosen) / len(members))
+                    stats = self._micro_batch_step(batch, rollout, chosen, share, vf_coef)
+                    _accumulate(totals, {key: value * share for key, value in stats.items()})
+                    totals["count"] = totals.get("count", 0.0) + share
+                norms.append(self._clip_gradients(separate))
+                self.actor_optimizer.step()
+                self.actor_scheduler.step()
+                if separate:
+                    self.critic_optimizer.step()
+                    self.critic_scheduler.step()
+        mini_batches = max(totals.pop("count", 1.0), 1e-9)  # the shares of each mini-batch add up to 1
+        stats = {key: value / mini_batches for key, value in totals.items()}
+        stats["grad_norm_actor"] = float(np.mean([actor for actor, _ in norms]))
+        stats["grad_norm_critic"] = float(np.mean([critic for _, critic in norms]))
+        stats["optimizer_steps"] = len(norms)
+        return stats
+
+    def _micro_batch_step(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
+                          vf_coef: float) -> dict:
+        settings = self.settings
+        old_logprobs = _scatter_to_stream(rollout.old_logprobs, batch, chosen)
+        old_values = _scatter_to_stream(rollout.values, batch, chosen)
+        advantages = _scatter_to_stream(rollout.advantages, batch, chosen)
+        returns = _scatter_to_stream(rollout.returns, batch, chosen)
+        with _autocast(self.context):
+            logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True)
+            values = packed_values(self.critic, batch)
+        loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, values=values.float(),
+                                   old_values=old_values, returns=returns, clip_eps=settings.clip_eps,
+                                   clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip,
+                                   vf_coef=vf_coef, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
+        mean_entropy = self._aggregate(entropy, batch)
+        if settings.entropy_coef:
+            loss = loss - settings.entropy_coef * mean_entropy
+        (loss * share).backward()
+        return {**{name: float(value) for name, value in stats.items()}, "entropy": float(mean_entropy.detach())}
+
+    def _aggregate(self, per_token: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Mean of a (1, N) per-token tensor over the response tokens, aggregated like the loss (rl.agg)."""
+        mask = batch.response_mask
+        masked = torch.where(mask, per_token, torch.zeros((), device=per_token.device))
+        if self.settings.agg == "token-mean":
+            return masked.sum() / mask.sum().clamp_min(1)
+        from .packing import sequence_sums
+
+        per_sequence = sequence_sums(masked, batch) / sequence_sums(mask.float(), batch).clamp_min(1)
+        return per_sequence.mean()
+
+    def _clip_gradients(self, separate: bool) -> tuple[float, float]:
+        """Clip (actor, critic) gradients to rl.max_grad_norm, each model on its own unless they share an optimizer;
+        returns the norms before clipping."""
+        clip = self.settings.max_grad_norm if self.settings.max_grad_norm is not None else float("inf")
+        if separate:
+            return (float(torch.nn.utils.clip_grad_norm_(self.actor_parameters, clip)),
+                    float(torch.nn.utils.clip_grad_norm_(self.critic_parameters, clip)))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.actor_parameters + self.critic_parameters, clip))
+        return norm, norm
+
+    # --- checkpoints
+    def save(self, folder: Path) -> None:
+        ckpt.save_model(self.policy, folder / MODEL_DIR, self.tokenizer)
+        ckpt.save_model(self.critic, folder / CRITIC_DIR, None)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def rollout_metrics(trainer: RLTrainer, rollout: RolloutBatch) -> dict:
+    """Means over the rollout batch of what the samples earned and cost."""
+    lengths = torch.tensor([len(r.response_ids) for r in rollout.rollouts], dtype=torch.float64)
+    rewards = torch.cat(rollout.rewards).double()
+    kl = torch.stack([(lp - ref).double().sum() for lp, ref in zip(rollout.old_logprobs, rollout.ref_logprobs)])
+    returns = torch.cat(rollout.returns)
+    values = torch.cat(rollout.values)
+    metrics = {
+        "response_length": float(lengths.mean()),
+        "eos_fraction": float(np.mean([r.finished for r in rollout.rollouts])),
+        "token_reward": float(rewards.mean()),
+        "sequence_reward": float(torch.stack([r.double().sum() for r in rollout.rewards]).mean()),
+        "kl": float(kl.mean()),
+        "kl_coef": trainer.kl_coef,
+        "value_mean": float(values.double().mean()),
+        "return_mean": float(returns.double().mean()),
+        "explained_variance": explained_variance(values, returns),
+    }
+    if rollout.dpo_rewards is not None:
+        metrics["dpo_reward"] = float(rollout.dpo_rewards.double().mean())
+    if rollout.scores is not None:
+        metrics["rm_score"] = float(rollout.scores.double().mean())
+    if trainer.synthetic:
+        metrics["true_reward"] = float(synthetic_true_rewards(rollout.prompts, rollout.rollouts,
+                                                              trainer.tokenizer).mean())
+    return metrics
+
+
+def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
+    """eval_* means of the policy's samples on `prompts` (the eval stage's sampling settings and seed), under a
+    forked RNG so that training draws the same random numbers with or without evaluation."""
+    from .evaluation import Judges, score_rollouts
+
+    config = trainer.config
+    sampling = SamplingSettings(max_new_tokens=trainer.sampling.max_new_tokens, temperature=config.eval.temperature,
+                                top_p=config.eval.top_p, batch_size=config.eval.batch_size)
+    devices = [trainer.device] if trainer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.eval.seed)
+        rollouts = generate(trainer.policy, [prompt.prompt_ids for prompt in prompts], sampling,
+                            eos_token_id=trainer.tokenizer.eos_token_id, pad_token_id=trainer.tokenizer.pad_token_id)
+    judges = Judges(reward_model=trainer.reward_model, dpo_model=trainer.dpo_model, ref_model=trainer.reference,
+                    beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic)
+    scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens)
+    names = {"true": "eval_true_reward", "dpo": "eval_dpo_reward", "rm": "eval_rm_score", "length": "eval_length",
+             "finished": "eval_eos_fraction"}
+    return {names.get(key, f"eval_{key}"): float(np.mean(values)) for key, values in scores.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def run_rl_stage(mode: str, context: RunContext) -> Path:
+    """Train RL stage `mode` (rto, ppo or dppo), resuming when allowed; returns its policy's model folder."""
+    config = context.config
+    settings = config.rl
+    runtime = config.runtime
+    stage_dir = context.run_dir / mode
+    output_dir = stage_dir / MODEL_DIR
+    finished, resume_from = resume_point(mode, context)
+    if finished:
+        return output_dir
+    if not context.train_prompts:
+        raise ValueError(f"stage {mode}: no training prompts (data.source / rl.prompts)")
+
+    seed = runtime.seed + STAGE_SEED_OFFSET[mode]
+    seed_everything(seed)
+    trainer = RLTrainer(mode, context)
+    plan_settings = SimpleNamespace(batch_size=settings.rollout_batch_size, batch_unit="sequences",
+                                    max_steps=settings.iterations, epochs=settings.epochs)
+    plan = DataPlan([len(prompt.prompt_ids) for prompt in context.train_prompts], plan_settings, seed)
+    iterations = plan.total_steps
+    responses_per_iteration = settings.rollout_batch_size * settings.samples_per_prompt
+    total_steps = iterations * trainer.steps_per_iteration(responses_per_iteration)
+    logger.info("%s: %d iterations of %d prompts x %d samples over %d training prompts%s", mode, iterations,
+                settings.rollout_batch_size, settings.samples_per_prompt, len(context.train_prompts),
+                f", resuming from {resume_from}" if resume_from else "")
+    trainer.build(resume_from)
+    logger.info("%s: models %s; kl_coef %.4g, reward model score %s", mode, trainer.paths, trainer.kl_coef,
+                "on" if trainer.use_reward_model else "off")
+    trainer.build_optimizers(total_steps)
+    controller = AdaptiveKLController(trainer.kl_coef, settings.kl_target, settings.kl_horizon) \
+        if settings.adaptive_kl else None
+
+    state = {"stage": mode, "tokens_seen": 0, "prompts_seen": 0, "elapsed_s": 0.0, "kl_coef": trainer.kl_coef,
+             "evaluated_at": -1}
+    iteration = 0
+    if resume_from is not None:
+        extra = {CRITIC_DIR: (trainer.critic_optimizer, trainer.critic_scheduler)}
+        saved = ckpt.load_training_state(resume_from, trainer.actor_optimizer, trainer.actor_scheduler, extra=extra)
+        iteration = int(saved["step"])
+        state.update({key: saved[key] for key in state if key in saved})
+        trainer.kl_coef = float(state["kl_coef"])
+        if controller is not None:
+            controller.value = trainer.kl_coef
+    context.metrics.truncate(mode, after_step=iteration)
+
+    eval_prompts = context.eval_prompts[:settings.eval_prompts] if settings.eval_prompts else []
+
+    def save_checkpoint(at_iteration: int) -> None:
+        extra = {CRITIC_DIR: (trainer.critic, trainer.critic_optimizer, trainer.critic_scheduler)}
+        ckpt.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_iteration, trainer.policy, trainer.actor_optimizer,
+                             trainer.actor_scheduler, {**state, "total_steps": iterations},
+                             tokenizer=context.tokenizer, keep_last=runtime.keep_last, extra=extra)
+
+    bar = ProgressBar(iterations, initial=iteration, desc=mode, enabled=runtime.progress_bar)
+    try:
+        while iteration < iterations:
+            record = run_iteration(trainer, plan, iteration, controller)
+            iteration += 1
+            state["tokens_seen"] += record["tokens"]
+            state["prompts_seen"] += record["prompts"]
+            state["elapsed_s"] += record["time_s"]
+            state["kl_coef"] = trainer.kl_coef
+            record.update({"stage": mode, "step": iteration, "tokens_seen": state["tokens_seen"],
+                           "prompts_seen": state["prompts_seen"], "elapsed_s": round(state["elapsed_s"], 3)})
+            last = iteration == iterations
+            if eval_prompts and ((settings.eval_every and iteration % settings.eval_every == 0) or last):
+                started = time.perf_counter()
+                record.update(evaluate_policy(trainer, eval_prompts))
+                record["time_eval_s"] = time.perf_counter() - started
+                state["evaluated_at"] = iteration
+            if iteration % runtime.log_every == 0 or last or "eval_length" in record:
+                context.metrics.write(record)
+            bar.update(iteration, record["tokens"], reward=record.get("true_reward", record.get("dpo_reward")))
+            if last or (runtime.checkpoint_every and iteration % runtime.checkpoint_every == 0):
+                save_checkpoint(iteration)
+    finally:
+        bar.close()
+
+    ckpt.write_atomic_folder(output_dir, lambda folder: ckpt.save_model(trainer.policy, folder, context.tokenizer))
+    ckpt.write_atomic_folder(stage_dir / CRITIC_DIR, lambda folder: ckpt.save_model(trainer.critic, folder))
+    logger.info("%s: finished after %d iterations; policy in %s, critic in %s", mode, iteration, output_dir,
+                stage_dir / CRITIC_DIR)
+    context.outputs[mode] = output_dir
+    return output_dir
+
+
+def run_iteration(trainer: RLTrainer, plan: DataPlan, iteration: int, controller) -> dict:
+    """Sample, score and train on one rollout batch; returns the iteration's metrics."""
+    settings = trainer.settings
+    indices, epoch = plan.batch(iteration)
+    prompts = [trainer.context.train_prompts[i] for i in indices for _ in range(settings.samples_per_prompt)]
+    started = time.perf_counter()
+    rollouts = trainer.sample(prompts)
+    generated = time.perf_counter()
+    rollout = trainer.score(prompts, rollouts)
+    scored = time.perf_counter()
+    lrs = {"lr_actor": trainer.actor_scheduler.get_last_lr()[0]}
+    if trainer.critic_scheduler is not None:
+        lrs["lr_critic"] = trainer.critic_scheduler.get_last_lr()[0]
+    train_stats = trainer.train(rollout, iteration)
+    finished = time.perf_counter()
+    metrics = rollout_metrics(trainer, rollout)
+    if controller is not None:
+        controller.update(metrics["kl"], len(rollout))
+        trainer.kl_coef = controller.value
+    response_tokens = sum(len(r.response_ids) for r in rollouts)
+    tokens = response_tokens + sum(len(r.prompt_ids) for r in rollouts)
+    elapsed = finished - started
+    return {"epoch": round(epoch, 4), "prompts": len(indices), **lrs, **metrics, **train_stats,
+            "time_generate_s": generated - started, "time_score_s": scored - generated,
+            "time_train_s": finished - scored, "time_s": elapsed, "tokens": tokens,
+            "response_tokens": response_tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+
+__all__ = ["run_rl_stage", "RLTrainer", "RolloutBatch", "AdaptiveKLController", "whiten", "explained_variance"]
