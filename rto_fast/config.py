@@ -214,8 +214,9 @@ class EvalConfig:
                                     "folders; names whose stage did not run are skipped",
                                factory=lambda: ["sft", "dpo", "rto", "ppo", "dppo"])
     judge: str = option("auto", "who scores responses: rm (the reward model), dpo (the implicit reward beta * "
-                                "sum log(pi_dpo / pi_ref)), true (the synthetic task's ground truth), or auto (rm "
-                                "when one exists, else dpo)", ("auto", "rm", "dpo", "true"))
+                                "sum log(pi_dpo / pi_ref)), truth (the synthetic task's ground truth), or auto (rm "
+                                "when one exists, else dpo, else truth on the synthetic task)",
+                        ("auto", "rm", "dpo", "truth"))
     num_prompts: int = option(256, "test prompts (at most; the test split's size caps it)")
     temperature: float = option(0.9, "sampling temperature")
     top_p: float = option(0.99, "nucleus sampling")
@@ -553,7 +554,7 @@ def _validate_eval(config: Config) -> None:
     if "eval" not in config.stages:
         return
     if not settings.models:
-        raise ConfigError("eval.models: list at least two models (stage names or folders)")
+        raise ConfigError("eval.models: list at least one model (stage names or folders)")
     if len(set(settings.models)) != len(settings.models):
         raise ConfigError(f"eval.models: a model is listed twice: {settings.models}")
     for name in ("num_prompts", "batch_size", "micro_batch_tokens", "max_new_tokens"):
@@ -561,8 +562,9 @@ def _validate_eval(config: Config) -> None:
     _positive("eval.temperature", settings.temperature, allow_zero=True)
     if not 0.0 < settings.top_p <= 1.0:
         raise ConfigError(f"eval.top_p: must be in (0, 1], got {settings.top_p!r}")
-    if settings.judge == "true" and config.data.source != "synthetic":
-        raise ConfigError("eval.judge: 'true' needs data.source synthetic (the only task with a known reward)")
+    synthetic = config.data.source == "synthetic" and config.rl.prompts in (None, "synthetic")
+    if settings.judge == "truth" and not synthetic:
+        raise ConfigError("eval.judge: 'truth' needs data.source synthetic (the only task with a known reward)")
 
 
 # ------------------------------------------------------------------------------------------------ public API

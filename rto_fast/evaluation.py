@@ -6,7 +6,7 @@ Usage (the CLI runs the stage when a config lists `eval`):
 
     judges = load_judges(context)       # reward model, DPO model and reference that exist, frozen
     scores = score_rollouts(judges, prompts, rollouts, tokenizer, micro_batch_tokens=8192)
-    scores["rm"], scores["dpo"], scores["true"], scores["length"], scores["finished"]   # (len(rollouts),) float64
+    scores["rm"], scores["dpo"], scores["truth"], scores["length"], scores["finished"]   # (len(rollouts),) float64
     rates = win_rate_matrix([scores_a, scores_b])      # rates[0, 1]: A's win rate against B
 
 Protocol. Every model listed in `eval.models` (stage names sft / dpo / rto / ppo / dppo of this run, or model
@@ -16,8 +16,8 @@ numbers (common random numbers): identical models give identical responses (a ti
 models mostly differ where their distributions do, which lowers the variance of a win rate. A judge scores each response:
 - `rm`: the reward model's output at the response's last token (its eos when it has one);
 - `dpo`: the DPO implicit reward beta * sum_h log(pi_dpo(y_h | x, y_<h) / pi_ref(y_h | x, y_<h)) (`dpo.beta`);
-- `true`: the synthetic task's ground-truth reward r* (only when the prompts are the synthetic task's);
-- `auto`: rm when a reward model exists, else dpo when the DPO model and its reference exist, else true.
+- `truth`: the synthetic task's ground-truth reward r* (only when the prompts are the synthetic task's);
+- `auto`: rm when a reward model exists, else dpo when the DPO model and its reference exist, else truth.
 The win rate of A against B is the mean over prompts of [s_A > s_B] + 0.5 [s_A == s_B], so W[A, B] + W[B, A] = 1.
 Every judge that exists scores every response, so the per-model table also shows the other judges' means.
 
@@ -53,12 +53,12 @@ EVAL_DIR = "eval"
 WIN_RATES_JSON = "win_rates.json"
 WIN_RATES_MD = "win_rates.md"
 SAMPLES_FILE = "samples.jsonl"
-JUDGES = ("rm", "dpo", "true")
+JUDGES = ("rm", "dpo", "truth")
 # Stage names eval.models may use: the stages whose output is a causal LM.
 MODEL_STAGES = ("sft", "dpo", *RL_MODES)
 # How each score key is named in the per-model table and in metrics.jsonl.
-JUDGE_TITLES = {"rm": "RM score", "dpo": "DPO reward", "true": "true reward"}
-METRIC_NAMES = {"rm": "rm_score", "dpo": "dpo_reward", "true": "true_reward", "length": "length",
+JUDGE_TITLES = {"rm": "RM score", "dpo": "DPO reward", "truth": "true reward"}
+METRIC_NAMES = {"rm": "rm_score", "dpo": "dpo_reward", "truth": "true_reward", "length": "length",
                 "finished": "eos_fraction"}
 
 
@@ -76,14 +76,14 @@ class Judges:
     synthetic: bool = False
 
     def available(self) -> list[str]:
-        """Judge names that can score: a subset of ('rm', 'dpo', 'true'), in that order."""
+        """Judge names that can score: a subset of ('rm', 'dpo', 'truth'), in that order."""
         names = []
         if self.reward_model is not None:
             names.append("rm")
         if self.dpo_model is not None and self.ref_model is not None:
             names.append("dpo")
         if self.synthetic:
-            names.append("true")
+            names.append("truth")
         return names
 
     def device(self) -> torch.device:
@@ -110,7 +110,7 @@ def judge_paths(context: RunContext) -> dict[str, Path | None]:
 def choose_judge(requested: str, paths: dict[str, Path | None], synthetic: bool) -> str:
     """The judge `eval.judge` names, checked to be available; `auto` picks rm, else dpo, else true."""
     has = {"rm": paths["rm"] is not None, "dpo": paths["dpo"] is not None and paths["ref"] is not None,
-           "true": synthetic}
+           "truth": synthetic}
     if requested == "auto":
         for name in JUDGES:
             if has[name]:
@@ -125,7 +125,7 @@ def choose_judge(requested: str, paths: dict[str, Path | None], synthetic: bool)
             "rm": "there is no reward model: list the rm stage or set model.reward_path",
             "dpo": ("there is no DPO model: list the dpo stage or set model.dpo_path" if paths["dpo"] is None else
                     "there is no reference model for the DPO reward: list the sft stage or set model.ref_path"),
-            "true": "the true reward is known only for the synthetic task (data.source synthetic, rl.prompts null)",
+            "truth": "the true reward is known only for the synthetic task (data.source synthetic, rl.prompts null)",
         }
         raise ValueError(f"eval.judge: {requested}, but {reasons[requested]}")
     return requested
@@ -163,7 +163,7 @@ def response_text(rollout: Rollout, tokenizer) -> str:
 def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], tokenizer,
                    micro_batch_tokens: int) -> dict[str, np.ndarray]:
     """Per response (float64 arrays in the order of `rollouts`): 'rm' (reward model at the last token), 'dpo'
-    (implicit DPO reward), 'true' (synthetic r*), each when that judge exists, plus 'length' (response tokens, eos
+    (implicit DPO reward), 'truth' (synthetic r*), each when that judge exists, plus 'length' (response tokens, eos
     included) and 'finished' (1.0 when the response ends with eos). `prompts[i]` (a PromptExample) is the prompt
     of `rollouts[i]`; its text is what r* reads."""
     if len(prompts) != len(rollouts):
@@ -187,7 +187,7 @@ def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], token
     if judges.synthetic:
         from .synthetic import true_reward
 
-        scores["true"] = np.asarray([true_reward(prompt.prompt, response_text(rollout, tokenizer),
+        scores["truth"] = np.asarray([true_reward(prompt.prompt, response_text(rollout, tokenizer),
                                                  finished=rollout.finished)
                                      for prompt, rollout in zip(prompts, rollouts)], dtype=np.float64)
     scores["length"] = np.asarray([len(rollout.response_ids) for rollout in rollouts], dtype=np.float64)

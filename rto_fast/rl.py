@@ -463,7 +463,7 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
     judges = Judges(reward_model=trainer.reward_model, dpo_model=trainer.dpo_model, ref_model=trainer.reference,
                     beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic)
     scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens)
-    names = {"true": "eval_true_reward", "dpo": "eval_dpo_reward", "rm": "eval_rm_score", "length": "eval_length",
+    names = {"truth": "eval_true_reward", "dpo": "eval_dpo_reward", "rm": "eval_rm_score", "length": "eval_length",
              "finished": "eval_eos_fraction"}
     return {names.get(key, f"eval_{key}"): float(np.mean(values)) for key, values in scores.items()}
 

@@ -35,8 +35,15 @@ STAGE_PANELS = {
     "rm": [("loss", "eval_loss", "Bradley-Terry loss"), ("accuracy", "eval_accuracy", "accuracy"),
            ("lr", None, "learning rate")],
 }
+# The RL stages (rto, ppo, dppo) share their panels; x is the iteration.
+RL_PANELS = [("true_reward", "eval_true_reward", "true reward r* (synthetic task)"),
+             ("dpo_reward", "eval_dpo_reward", "DPO implicit reward"), ("rm_score", "eval_rm_score", "RM score"),
+             ("kl", None, "KL(policy || ref) per response"), ("response_length", "eval_length", "response length"),
+             ("vf_loss", None, "value loss"), ("clipfrac", None, "clip fraction")]
+STAGE_PANELS.update({mode: RL_PANELS for mode in ("rto", "ppo", "dppo")})
 # Columns of the summary table, when a stage has them.
-SUMMARY_KEYS = ("loss", "eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_accuracy")
+SUMMARY_KEYS = ("loss", "eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_accuracy", "kl",
+                "eval_dpo_reward", "eval_true_reward")
 
 
 def _json_value(value):
@@ -151,8 +158,12 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
                   if any(_finite(record.get(panel[0])) for record in stage_records)]
         if not panels:
             continue
-        figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-        for axis, (train_key, eval_key, title) in zip(axes[0], panels):
+        columns = min(4, len(panels))
+        rows = math.ceil(len(panels) / columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+        for axis in axes.flat[len(panels):]:
+            axis.set_visible(False)
+        for axis, (train_key, eval_key, title) in zip(axes.flat, panels):
             points = [(r["step"], r[train_key]) for r in stage_records if _finite(r.get(train_key))]
             if points:
                 axis.plot(*zip(*points), label="train", linewidth=1.2)
@@ -161,7 +172,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
                 if points:
                     axis.plot(*zip(*points), "o-", label="eval", markersize=4)
             axis.set_title(title)
-            axis.set_xlabel("optimizer step")
+            axis.set_xlabel("iteration" if stage in ("rto", "ppo", "dppo") else "optimizer step")
             axis.grid(alpha=0.3)
             if eval_key is not None:
                 axis.legend()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .attention import packed_forward
-from .config import STAGES, Config, StageConfig
+from .config import RL_MODES, STAGES, Config, StageConfig
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .run_log import MetricsLog, ProgressBar
@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 # Added to runtime.seed per stage, so stages draw different (but fixed) random numbers.
 STAGE_SEED_OFFSET = {name: 1000 * (index + 1) for index, name in enumerate(STAGES)}
+# The RL modes share one: rto, ppo and dppo see the same prompts in the same order (a paired comparison).
+STAGE_SEED_OFFSET.update({mode: STAGE_SEED_OFFSET[RL_MODES[0]] for mode in RL_MODES})
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 

@@ -126,7 +126,7 @@ def test_outputs_and_matrix(rm_run):
             assert rates[a, b] == pytest.approx(np.mean((s_a > s_b) + 0.5 * (s_a == s_b)), abs=1e-12)
     # Every judge that exists scores every sample; the means are those of the samples.
     for name in names:
-        for key in ("rm", "dpo", "true", "length", "finished"):
+        for key in ("rm", "dpo", "truth", "length", "finished"):
             assert result["means"][name][key] == pytest.approx(judge_scores(samples, name, key).mean())
     table = (eval_dir / evaluation.WIN_RATES_MD).read_text()
     assert "| sft | - |" in table and "| dpo |" in table and "eos fraction" in table and "mean true reward" in table
@@ -148,7 +148,7 @@ def test_true_reward_matches_samples(rm_run):
     _, samples = read_outputs(eval_dir)
     for sample in samples:
         expected = synthetic.true_reward(sample["prompt"], sample["response"], finished=sample["finished"])
-        assert sample["scores"]["true"] == expected
+        assert sample["scores"]["truth"] == expected
         assert sample["scores"]["finished"] == float(sample["finished"])
 
 
@@ -159,7 +159,7 @@ def test_metrics_record(rm_run):
     result, _ = read_outputs(context.run_dir / "eval")
     for name in result["models"]:
         assert records[0][f"rm_score/{name}"] == pytest.approx(result["means"][name]["rm"])
-        assert records[0][f"true_reward/{name}"] == pytest.approx(result["means"][name]["true"])
+        assert records[0][f"true_reward/{name}"] == pytest.approx(result["means"][name]["truth"])
         assert records[0][f"judge_score/{name}"] == records[0][f"rm_score/{name}"]
 
 
@@ -189,7 +189,7 @@ def test_rerun_with_other_models_evaluates_again(assets, tmp_path, eval_log):
     assert len(records) == 1 and "rm_score/rto" in records[0]
 
 
-@pytest.mark.parametrize("judge, judges", [("auto", ("sft", "dpo")), ("true", ("sft", "dpo", "rm")),
+@pytest.mark.parametrize("judge, judges", [("auto", ("sft", "dpo")), ("truth", ("sft", "dpo", "rm")),
                                            ("auto", ())])
 def test_other_judges(assets, tmp_path, eval_log, judge, judges):
     """auto without a reward model is the DPO reward; true is r*; auto with no model judge is r*. Folders work as
@@ -198,7 +198,7 @@ def test_other_judges(assets, tmp_path, eval_log, judge, judges):
     context = make_context(assets, tmp_path / "run", f"eval.judge={judge}", f"eval.models=[{sft},{dpo}]",
                            "eval.num_prompts=6", judges=judges)
     result, samples = read_outputs(evaluation.run_eval(context))
-    expected = {("auto", ("sft", "dpo")): "dpo", ("true", ("sft", "dpo", "rm")): "true", ("auto", ()): "true"}
+    expected = {("auto", ("sft", "dpo")): "dpo", ("truth", ("sft", "dpo", "rm")): "truth", ("auto", ()): "truth"}
     assert result["judge"] == expected[judge, judges]
     assert result["models"] == [str(sft), str(dpo)] and len(samples) == 12
     s_a, s_b = judge_scores(samples, str(sft), result["judge"]), judge_scores(samples, str(dpo), result["judge"])
@@ -228,8 +228,8 @@ def test_errors_before_any_model_loads(assets, tmp_path, monkeypatch, overrides,
 
 def test_missing_judges_and_prompts(assets, tmp_path, monkeypatch):
     no_models = {"rm": None, "dpo": None, "ref": None}
-    with pytest.raises(ValueError, match="eval.judge: true"):
-        evaluation.choose_judge("true", no_models, synthetic=False)
+    with pytest.raises(ValueError, match="eval.judge: truth"):
+        evaluation.choose_judge("truth", no_models, synthetic=False)
     with pytest.raises(ValueError, match="eval.judge: auto"):
         evaluation.choose_judge("auto", no_models, synthetic=False)
     with pytest.raises(ValueError, match="model.ref_path"):
@@ -271,16 +271,16 @@ def test_judges_match_plain_forwards(assets, tmp_path):
     be off by at most about twice what the plain fp32 computation is off, plus a few fp32 ulps."""
     context = make_context(assets, tmp_path / "run")
     judges = evaluation.load_judges(context)
-    assert judges.available() == ["rm", "dpo", "true"] and judges.beta == 0.5
+    assert judges.available() == ["rm", "dpo", "truth"] and judges.beta == 0.5
     assert not any(p.requires_grad for m in (judges.reward_model, judges.dpo_model, judges.ref_model)
                    for p in m.parameters())
     rollouts = _random_rollouts(torch.Generator().manual_seed(4), assets["tokenizer"].eos_token_id)
     prompts = [data.PromptExample(r.prompt_ids, "\n\nHuman: abc\n\nAssistant:") for r in rollouts]
     scores = evaluation.score_rollouts(judges, prompts, rollouts, assets["tokenizer"], micro_batch_tokens=40)
-    assert set(scores) == {"rm", "dpo", "true", "length", "finished"}
+    assert set(scores) == {"rm", "dpo", "truth", "length", "finished"}
     np.testing.assert_array_equal(scores["length"], [len(r.response_ids) for r in rollouts])
     np.testing.assert_array_equal(scores["finished"], [r.finished for r in rollouts])
-    for prompt, rollout, value in zip(prompts, rollouts, scores["true"]):
+    for prompt, rollout, value in zip(prompts, rollouts, scores["truth"]):
         text = assets["tokenizer"].decode(rollout.response_ids[:len(rollout.response_ids) - rollout.finished])
         assert value == synthetic.true_reward(prompt.prompt, text, finished=rollout.finished)
 
