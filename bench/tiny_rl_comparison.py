@@ -63,12 +63,47 @@ def run_seeds(config: str, root: Path, seeds: list[int], jobs: int, overrides: l
 
 def load_seed(folder: Path) -> dict:
     result = json.loads((folder / "eval" / "win_rates.json").read_text())
+    samples = [json.loads(line) for line in (folder / "eval" / "samples.jsonl").read_text().splitlines() if line]
     curves = {}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if record.get("stage") in RL_MODES and "eval_true_reward" in record:
             curves.setdefault(record["stage"], []).append((record["prompts_seen"], record["eval_true_reward"]))
-    return {"eval": result, "curves": curves}
+    return {"eval": result, "curves": curves, "samples": samples}
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (for Spearman's correlation)."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a, b) -> float:
+    return float(np.corrcoef(_ranks(np.asarray(a, float)), _ranks(np.asarray(b, float)))[0, 1])
+
+
+def proxy_quality(seeds: list[int], runs: dict[int, dict]) -> list[str]:
+    """How well the DPO implicit reward and the RM score track r* on each model's samples, pooled over seeds."""
+    lines = ["How well each proxy tracks r* on each model's own samples (pooled over seeds): Spearman correlation "
+             "with r*, and the DPO reward per response token (the dense RTO reward's average, beta-scaled):", "",
+             "| samples of | Spearman(r*, DPO reward) | Spearman(r*, RM score) | Spearman(length, DPO reward) | "
+             "DPO reward per token |", "|---|---|---|---|---|"]
+    for name in MODELS:
+        rows = [row for seed in seeds for row in runs[seed]["samples"] if row["model"] == name]
+        if not rows or "dpo" not in rows[0]["scores"]:
+            continue
+        truth = [row["scores"]["truth"] for row in rows]
+        dpo = [row["scores"]["dpo"] for row in rows]
+        lengths = [row["scores"]["length"] for row in rows]
+        rm = f"{spearman(truth, [row['scores']['rm'] for row in rows]):.2f}" if "rm" in rows[0]["scores"] else "-"
+        lines.append(f"| {name} | {spearman(truth, dpo):.2f} | {rm} | {spearman(lengths, dpo):.2f} | "
+                     f"{sum(dpo) / sum(lengths):.3f} |")
+    return lines
 
 
 def _mean_std(values: list[float]) -> str:
@@ -134,6 +169,7 @@ def report(seeds: list[int], runs: dict[int, dict], command: str, wall_s: float 
     for seed in seeds:
         means = runs[seed]["eval"]["means"]
         lines.append(f"| {seed} | " + " | ".join(f"{means[name]['truth']:.3f}" for name in models) + " |")
+    lines += ["", *proxy_quality(seeds, runs)]
     lines += ["", "![true reward against prompts seen](tiny_rl_comparison.png)", ""]
     return "\n".join(lines)
 
