@@ -109,7 +109,7 @@ def test_wrong_type_in_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["stages=[sft,ppo]"], r"stages\[1\]: unknown stage 'ppo' \(did you mean 'dpo'\?\)"),
+    (["stages=[sft,dop]"], r"stages\[1\]: unknown stage 'dop' \(did you mean 'dpo'\?\)"),
     (["stages=[sft,sft]"], "listed twice"),
     (["stages=[]"], "at least one"),
     (["model.dtype=fp16"], r"model.dtype: must be one of \['fp32', 'bf16'\]"),

@@ -1,0 +1,301 @@
+"""The RL stages (rto, ppo, dppo) on tiny models on CPU: each mode runs and logs what it promises; the rewards, returns
+and log-probs the loop uses equal the float64 reference computed from plain unpacked forwards; the score lands on a
+response's last token (eos, or the last generated token of a cut response); responses of one token work; a resumed
+RL stage ends bitwise equal to an uninterrupted one; wrong settings fail early with exit code 2."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from rto_fast import checkpoint as ckpt
+from rto_fast import data, models, reference, rl
+from rto_fast.config import load_config
+from rto_fast.generation import Rollout
+from rto_fast.run_log import MetricsLog, read_metrics
+from rto_fast.stages import RunContext
+from rto_fast.train import main, prompt_data_config
+
+RL_BASE = ["runtime.device=cpu", "runtime.progress_bar=false", "runtime.seed=5", "data.max_prompt_length=48",
+           "data.max_response_length=10", "data.max_eval_samples=8", "rl.rollout_batch_size=8",
+           "rl.mini_batch_size=4", "rl.max_new_tokens=10", "rl.micro_batch_tokens=256", "rl.eval_prompts=0",
+           "rl.actor_lr=1e-3", "rl.critic_lr=1e-3", "rl.warmup_ratio=0.0", "eval.micro_batch_tokens=256"]
+TIME_KEYS = ("time_generate_s", "time_score_s", "time_train_s", "time_s", "time_eval_s", "tokens_per_s",
+             "elapsed_s")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny models saved as folders: sft (= reference and initial policy), dpo (other weights, so log ratios are not
+    0), rm (a nonzero head, so scores differ), and the model.* overrides pointing at them."""
+    folder = tmp_path_factory.mktemp("rl_assets")
+    tokenizer = models.build_tokenizer()
+    for name, seed in (("sft", 21), ("dpo", 22)):
+        torch.manual_seed(seed)
+        ckpt.save_model(models.load_causal_lm("tiny", trainable=False), folder / name, tokenizer)
+    torch.manual_seed(23)
+    reward_model = models.ValueHeadModel.from_pretrained(str(folder / "sft"), trainable=False)
+    with torch.no_grad():
+        torch.nn.init.normal_(reward_model.value_head.weight, std=1.0)
+        reward_model.value_head.bias.fill_(0.2)
+    ckpt.save_model(reward_model, folder / "rm", tokenizer)
+    paths = [f"model.sft_path={folder / 'sft'}", f"model.dpo_path={folder / 'dpo'}",
+             f"model.reward_path={folder / 'rm'}"]
+    return {"folder": folder, "tokenizer": tokenizer, "paths": paths}
+
+
+def run_cli(run_dir, assets, *overrides):
+    return main([*RL_BASE, *assets["paths"], f"runtime.output_dir={run_dir}", *overrides])
+
+
+def make_trainer(assets, tmp_path, mode, *overrides):
+    """An RLTrainer built as run_rl_stage builds it, with the synthetic task's prompts."""
+    config = load_config(None, [*RL_BASE, *assets["paths"], f"runtime.output_dir={tmp_path}", f"stages=[{mode}]",
+                                *overrides])
+    tokenizer = assets["tokenizer"]
+    train_prompts, eval_prompts = data.load_prompt_splits(prompt_data_config(config), tokenizer,
+                                                          cache_dir=assets["folder"] / "data")
+    context = RunContext(config=config, run_dir=Path(tmp_path), device=torch.device("cpu"), tokenizer=tokenizer,
+                         train_examples=[], eval_examples=[], metrics=MetricsLog(Path(tmp_path) / "m.jsonl"),
+                         train_prompts=train_prompts, eval_prompts=eval_prompts)
+    torch.manual_seed(0)
+    trainer = rl.RLTrainer(mode, context)
+    trainer.build(None)
+    trainer.build_optimizers(total_steps=10)
+    return trainer
+
+
+def plain_logprobs(model, prompt_ids, response_ids) -> torch.Tensor:
+    """float64 log-probs of the response tokens from one unpacked forward (the oracle path)."""
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0].double()
+    logprobs = F.log_softmax(logits, dim=-1)
+    start = len(prompt_ids)
+    targets = ids[0, start:]
+    return logprobs[start - 1:start - 1 + len(response_ids)].gather(1, targets[:, None])[:, 0]
+
+
+def plain_score(reward_model, prompt_ids, response_ids) -> float:
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        return float(reward_model(input_ids=ids)[0, -1])
+
+
+def plain_values(critic, prompt_ids, response_ids) -> torch.Tensor:
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        values = critic(input_ids=ids)[0].double()
+    start = len(prompt_ids)
+    return values[start - 1:start - 1 + len(response_ids)]
+
+
+def expected_rewards(trainer, prompt, rollout):
+    """reference.token_rewards on float64 log-probs of plain forwards, with the trainer's coefficients."""
+    response = rollout.response_ids
+    lp = plain_logprobs(trainer.policy, prompt.prompt_ids, response)
+    ref = plain_logprobs(trainer.reference, prompt.prompt_ids, response)
+    dpo = plain_logprobs(trainer.dpo_model, prompt.prompt_ids, response)
+    score = None
+    if trainer.use_reward_model:
+        raw = plain_score(trainer.reward_model, prompt.prompt_ids, response)
+        score = torch.tensor([min(max(raw, -trainer.settings.score_clip), trainer.settings.score_clip)],
+                             dtype=torch.float64)
+    mask = torch.ones(1, len(response), dtype=torch.bool)
+    arguments = trainer.reward_arguments()
+    rewards = reference.token_rewards(lp[None], ref[None], mask, dpo_logprobs=dpo[None], score=score, **arguments)
+    return lp, ref, rewards[0]
+
+
+# ------------------------------------------------------------------------------------------------ each mode runs
+
+@pytest.mark.parametrize("mode", ["rto", "ppo", "dppo"])
+def test_each_mode_runs_and_logs(tmp_path, assets, mode):
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, assets, f"stages=[{mode}]", "rl.iterations=2", "rl.eval_prompts=4",
+                   "rl.eval_every=1") == 0
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == mode]
+    assert [r["step"] for r in records] == [1, 2]
+    keys = {"dpo_reward", "true_reward", "token_reward", "sequence_reward", "kl", "kl_coef", "entropy",
+            "response_length", "eos_fraction", "clipfrac", "approx_kl", "vf_clipfrac", "pg_loss", "vf_loss",
+            "explained_variance", "time_generate_s", "time_score_s", "time_train_s", "tokens_per_s",
+            "prompts_seen", "eval_true_reward", "eval_dpo_reward", "eval_rm_score", "grad_norm_actor"}
+    if mode == "ppo":
+        keys.add("rm_score")
+    for record in records:
+        assert keys <= set(record), keys - set(record)
+    assert records[-1]["prompts_seen"] == 16
+    assert records[0]["kl_coef"] == pytest.approx({"rto": 0.03, "ppo": 0.05, "dppo": 0.05}[mode])
+    assert records[0]["optimizer_steps"] == 2 * 2  # ppo_epochs x (8 responses / mini-batches of 4)
+    policy = models.load_causal_lm(str(run_dir / mode / "model"), trainable=False)
+    initial = models.load_causal_lm(str(assets["folder"] / "sft"), trainable=False)
+    changed = [not torch.equal(a, b) for a, b in zip(policy.parameters(), initial.parameters())]
+    assert any(changed)
+    critic = models.ValueHeadModel.from_pretrained(str(run_dir / mode / "critic"), trainable=False)
+    assert critic.value_head.weight.abs().sum() > 0
+    assert (run_dir / "plots" / f"{mode}.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ the math
+
+@pytest.mark.parametrize("mode, overrides", [
+    ("rto", ()), ("ppo", ()), ("dppo", ()),
+    ("rto", ("rl.reward_model=true", "rl.score_coef=0.7", "rl.dpo_clip=0.05", "rl.kl_estimator=k3")),
+])
+def test_rewards_returns_and_logprobs_match_the_reference(tmp_path, assets, mode, overrides):
+    trainer = make_trainer(assets, tmp_path, mode, "rl.score_clip=0.5", *overrides)
+    prompts = trainer.context.train_prompts[:6]
+    torch.manual_seed(1)
+    rollouts = trainer.sample(prompts)
+    batch = trainer.score(prompts, rollouts)
+    settings = trainer.settings
+    advantages_raw = []
+    for index, (prompt, rollout) in enumerate(zip(prompts, rollouts)):
+        lp, ref, rewards = expected_rewards(trainer, prompt, rollout)
+        torch.testing.assert_close(batch.old_logprobs[index].double(), lp, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(batch.ref_logprobs[index].double(), ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(batch.rewards[index].double(), rewards, atol=2e-5, rtol=1e-5)
+        values = plain_values(trainer.critic, prompt.prompt_ids, rollout.response_ids)
+        torch.testing.assert_close(batch.values[index].double(), values, atol=2e-5, rtol=1e-5)
+        mask = torch.ones(1, len(rollout.response_ids), dtype=torch.bool)
+        advantages, returns = reference.gae(rewards[None], values[None], mask, gamma=settings.gamma,
+                                            lam=settings.lam)
+        torch.testing.assert_close(batch.returns[index].double(), returns[0], atol=5e-5, rtol=1e-5)
+        advantages_raw.append(advantages[0])
+    flat = torch.cat(advantages_raw)
+    expected = (flat - flat.mean()) / torch.sqrt(flat.var() + 1e-8)
+    torch.testing.assert_close(torch.cat(batch.advantages).double(), expected, atol=1e-4, rtol=1e-4)
+    if mode == "rto" and "rl.reward_model=true" in overrides:
+        assert batch.scores is not None
+
+
+def test_score_lands_on_the_last_token_and_missing_eos_penalty(tmp_path, assets):
+    # kl_coef 0: rewards are exactly the clipped score on each response's last token, 0 elsewhere.
+    trainer = make_trainer(assets, tmp_path, "ppo", "rl.kl_coef=0", "rl.score_clip=0.3",
+                           "rl.missing_eos_penalty=2.0")
+    eos = assets["tokenizer"].eos_token_id
+    prompts = trainer.context.train_prompts[:3]
+    rollouts = [Rollout(prompts[0].prompt_ids, [ord(" "), ord("a"), eos], True),   # ends with eos
+                Rollout(prompts[1].prompt_ids, [ord(" "), ord("b"), ord("c")], False),   # cut at the limit
+                Rollout(prompts[2].prompt_ids, [eos], True)]   # a response of one token
+    batch = trainer.score(prompts, rollouts)
+    for index, (prompt, rollout) in enumerate(zip(prompts, rollouts)):
+        raw = plain_score(trainer.reward_model, prompt.prompt_ids, rollout.response_ids)
+        assert float(batch.scores[index]) == pytest.approx(raw, abs=1e-5)
+        expected = torch.zeros(len(rollout.response_ids), dtype=torch.float64)
+        expected[-1] = min(max(raw, -0.3), 0.3) - (0.0 if rollout.finished else 2.0)
+        torch.testing.assert_close(batch.rewards[index].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_responses_of_one_token_train(tmp_path, assets):
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, assets, "stages=[rto]", "rl.iterations=1", "rl.max_new_tokens=1") == 0
+    (record,) = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "rto"]
+    assert record["response_length"] == 1.0 and np.isfinite(record["pg_loss"])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_micro_batch_budget_does_not_change_the_update(tmp_path, assets):
+    """The loss of a mini-batch is normalised by the whole mini-batch: cutting it into more micro-batches gives the
+    same gradients, so the same weights after training on the same rollouts."""
+    trainer = make_trainer(assets, tmp_path, "rto", "rl.ppo_epochs=1", "rl.mini_batch_size=8", "rl.max_grad_norm=null")
+    prompts = trainer.context.train_prompts[:8]
+    torch.manual_seed(2)
+    batch = trainer.score(prompts, trainer.sample(prompts))
+    small = copy.deepcopy(trainer)
+    small.settings = copy.deepcopy(trainer.settings)
+    small.settings.micro_batch_tokens = 64  # about one sequence per micro-batch
+    for each in (trainer, small):
+        each.build_optimizers(total_steps=10)
+        # One optimizer step of plain SGD with lr 1: each weight moves by exactly its gradient (Adam would blow
+        # float noise on near-zero gradients up into full-size steps).
+        each.actor_optimizer = torch.optim.SGD(each.actor_parameters, lr=1.0)
+        each.critic_optimizer = torch.optim.SGD(each.critic_parameters, lr=1.0)
+        each.train(batch, iteration=0)
+    for a, b in zip(trainer.policy.parameters(), small.policy.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(trainer.critic.parameters(), small.critic.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    moved = [not torch.equal(a, b) for a, b in zip(trainer.policy.parameters(), trainer.reference.parameters())]
+    assert any(moved)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def test_resume_in_the_middle_matches_an_uninterrupted_run(tmp_path, assets):
+    overrides = ["stages=[rto]", "rl.iterations=4", "runtime.checkpoint_every=2", "runtime.keep_last=5",
+                 "rl.adaptive_kl=true", "rl.kl_target=0.01", "rl.kl_horizon=100"]
+    full = tmp_path / "full"
+    assert run_cli(full, assets, *overrides) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    # Back to the state right after the iteration-2 checkpoint: no final models, no later checkpoint or records.
+    shutil.rmtree(resumed / "rto" / "model")
+    shutil.rmtree(resumed / "rto" / "critic")
+    shutil.rmtree(resumed / "rto" / "checkpoints" / ckpt.checkpoint_name(4))
+    assert run_cli(resumed, assets, *overrides) == 0
+    for part in ("model", "critic"):
+        a = load_file(str(full / "rto" / part / "model.safetensors"))
+        b = load_file(str(resumed / "rto" / part / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    records = {}
+    for name, run_dir in (("full", full), ("resumed", resumed)):
+        records[name] = [{k: v for k, v in r.items() if k not in TIME_KEYS}
+                         for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "rto"]
+    assert [r["step"] for r in records["resumed"]] == [1, 2, 3, 4]
+    assert records["full"] == records["resumed"]
+    kl_coefs = [r["kl_coef"] for r in records["full"]]
+    assert len(set(kl_coefs)) > 1  # the adaptive controller moved it, and the resumed run continued from there
+    state = json.loads((full / "rto" / "checkpoints" / ckpt.checkpoint_name(2) / ckpt.STATE_FILE).read_text())
+    assert state["kl_coef"] == pytest.approx(kl_coefs[2])
+
+
+# ------------------------------------------------------------------------------------------------ errors and units
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stages=[rto]", "model.dpo_path=null"], "needs the DPO model"),
+    (["stages=[ppo]", "model.reward_path=null"], "uses a reward model's score"),
+    (["stages=[rto,dpo]"], "pipeline order"),
+    (["stages=[rto]", "rl.mini_batch_size=16"], "rl.mini_batch_size=16 is larger than the rollout batch"),
+    (["stages=[rto]", "rl.micro_batch_tokens=20"], "rl.micro_batch_tokens=20"),
+    (["stages=[ppo]", "rl.reward_model=false"], "rl.reward_model: false"),
+    (["stages=[rto]", "rl.gamma=1.5"], "rl.gamma"),
+])
+def test_bad_settings_fail_early(tmp_path, assets, capsys, overrides, message):
+    paths = [path for path in assets["paths"] if path.split("=")[0] not in {o.split("=")[0] for o in overrides}]
+    code = main([*RL_BASE, *paths, f"runtime.output_dir={tmp_path / 'run'}", *overrides])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_adaptive_kl_controller():
+    controller = rl.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(kl_per_response=12.0, num_responses=10)   # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    controller = rl.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(kl_per_response=5.4, num_responses=10)    # error -0.1
+    assert controller.value == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+
+
+def test_whiten_and_explained_variance():
+    generator = torch.Generator().manual_seed(3)
+    pieces = [torch.randn(n, generator=generator) * 3 + 2 for n in (1, 5, 9)]
+    whitened = torch.cat(rl.whiten(pieces)).double()
+    assert abs(float(whitened.mean())) < 1e-6 and float(whitened.std()) == pytest.approx(1.0, abs=1e-6)
+    returns = torch.randn(50, generator=generator)
+    assert rl.explained_variance(returns, returns) == pytest.approx(1.0)
+    assert rl.explained_variance(torch.zeros(50), returns) == pytest.approx(0.0, abs=1e-9)
