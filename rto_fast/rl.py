@@ -40,7 +40,6 @@ schedulers, the RNG states, kl_coef and the iteration; a resumed run repeats exa
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math

@@ -24,12 +24,7 @@ BASE = ["stages=[eval]", "runtime.device=cpu", "runtime.progress_bar=false", "da
         "eval.max_new_tokens=8", "eval.batch_size=8", "eval.micro_batch_tokens=256", "dpo.beta=0.5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ TIME_KEYS = ("time_generate_s", "time_score_s", "time_train_s", "time_s", "time_
              "elapsed_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,7 @@ PIPELINE = ["stages=[sft,dpo]", "sft.max_steps=12", "dpo.max_steps=16", "sft.eva
 STEPS = {"sft": 12, "dpo": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every run here computes with one intra-op thread (subprocesses get OMP_NUM_THREADS=1): tiny models gain
-    nothing from more, and on a busy 2-core machine two OpenMP threads made a step up to 50x slower (measured)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
