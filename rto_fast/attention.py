@@ -13,9 +13,10 @@ Backends, decided once per process and device type and logged (`logging`, logger
   torch has it; else FlexAttention with a document mask. These run inside the attention function registered with
   transformers as "rto_fast_packed" (`AttentionInterface.register`), so any causal LM built on transformers'
   attention interface works. flash and varlen need fp16/bf16 inputs: fp32 calls go to FlexAttention.
-- CPU: transformers' own "sdpa" implementation, which splits documents from `position_ids` when there is no
-  attention mask and no cache.
-Force one with RTO_FAST_ATTENTION=sdpa|flex|flash|varlen (or `set_backend(name)` in tests); on CPU "flex" runs
+- CPU: "packed_sdpa", the registered function calling sdpa once per sequence. Measured on the tiny model, 16
+  sequences of 90 tokens, forward + backward: 0.028 s against 0.113 s for transformers' own "sdpa" implementation,
+  which splits documents from `position_ids` with an (N, N) mask and so does quadratic work in the whole stream.
+Force one with RTO_FAST_ATTENTION=packed_sdpa|sdpa|flex|flash|varlen (or `set_backend(name)` in tests); on CPU "flex" runs
 FlexAttention unfused (slow, forward only: torch has no CPU flex backward; for testing the registered path).
 
 Calls that are not packed streams (generation: a padding mask, a KV cache, several rows) take a plain masked sdpa
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "flex", "flash", "varlen")
+BACKENDS = ("packed_sdpa", "sdpa", "flex", "flash", "varlen")
 ENV_VAR = "RTO_FAST_ATTENTION"
 PACKED_IMPLEMENTATION = "rto_fast_packed"
 # Implementations that find sequence boundaries from position_ids themselves and need no cu_seqlens keywords.
@@ -100,7 +101,7 @@ def select_backend(device: torch.device | str | None = None) -> str:
         else:
             backend, reason = "flex", "neither flash_attn nor torch varlen attention is available"
     else:
-        backend, reason = "sdpa", f"{device_type} tensors: transformers sdpa splits documents from position_ids"
+        backend, reason = "packed_sdpa", f"{device_type} tensors: sdpa once per sequence"
     _chosen[device_type] = backend
     logger.info("rto_fast packed attention on %s: %s (%s)", device_type, backend, reason)
     return backend

@@ -311,9 +311,9 @@ def test_backend_choice_env_and_logging(monkeypatch, caplog):
     attention.set_backend(None)
     monkeypatch.delenv(attention.ENV_VAR, raising=False)
     with caplog.at_level(logging.INFO, logger="rto_fast.attention"):
-        assert attention.select_backend("cpu") == "sdpa"
-    assert "packed attention on cpu: sdpa" in caplog.text
-    assert attention.model_attn_implementation("cpu") == "sdpa"
+        assert attention.select_backend("cpu") == "packed_sdpa"
+    assert "packed attention on cpu: packed_sdpa" in caplog.text
+    assert attention.model_attn_implementation("cpu") == attention.PACKED_IMPLEMENTATION
     try:
         monkeypatch.setenv(attention.ENV_VAR, "flex")
         attention.set_backend(None)  # clears the cached choice

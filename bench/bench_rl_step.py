@@ -1,0 +1,352 @@
+"""A whole RL iteration (generate, score, train) through rto_fast's PPO stage and through TRL's PPOTrainer, side by side.
+
+    python bench/bench_rl_step.py --device cpu                 # tiny Llama, a few minutes on 2 cores
+    python bench/bench_rl_step.py --device cuda --model pythia-410m --response-length 256 --rollout-batch 64
+
+The peer is `trl.experimental.ppo.PPOTrainer` of TRL 1.12.0, the last TRL release that ships a PPO trainer
+(`pip install trl==1.12.0`; `--trl-path DIR` puts a separately installed copy first on the TRL side's sys.path, so
+the environment's own TRL can stay newer). Both sides get the same workload:
+- the same architecture and initial weights, built from a config (nothing downloaded) and saved once: a causal LM
+  (policy = reference) and a sequence-classification model with one label (reward model = critic init; rto_fast
+  reads the same backbone and `score` head as a ValueHeadModel);
+- the same prompts (the synthetic task's), rollout batch, response length (eos banned on our side, no stop token on
+  TRL's, so every response has exactly --response-length tokens), PPO epochs, one optimizer step per epoch over the
+  whole rollout batch (TRL: per_device_train_batch_size x gradient_accumulation_steps = rollout batch,
+  num_mini_batches = 1), micro-batches of --micro-batch responses (ours: the same number of tokens), one shared
+  optimizer over policy and critic, the same learning rate, KL coefficient and sampling temperature.
+Each side runs in its own subprocess (so its peak RSS is its own); the first iteration is a warm-up and is not timed.
+
+Per iteration: wall time split into generate / score / train, tokens per second ((prompt + response tokens of the
+rollout batch) / iteration time), and peak memory (CUDA max allocated, or peak RSS on CPU); then the ratios
+ours / TRL, for the whole iteration and for score + train only (generation excluded). TRL's loop is one function,
+so its phases are timed by wrapping what it calls: `batch_generation` is generate; from its return to the first
+forward with autograd on is score (reference, reward and value forwards, rewards, GAE, whitening); the rest of the
+iteration, up to the trainer's step-end callback, is train.
+
+Writes bench/results/rl_step_<device>.md (hardware, versions, command, table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+# Published Pythia shapes (GPT-NeoX): hidden, layers, heads; vocabulary 50304.
+PYTHIA = {"pythia-410m": (1024, 24, 16), "pythia-1.4b": (2048, 24, 16)}
+
+
+# ------------------------------------------------------------------------------------------------ shared setup
+
+def build_models(folder: Path, model: str, seed: int) -> dict:
+    """Save the initial causal LM and reward model (both layouts) under `folder`; returns the paths."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rto_fast.models import ValueHeadModel, build_tokenizer, tiny_model_config
+
+    tokenizer = build_tokenizer()
+    if model == "tiny":
+        config = tiny_model_config()
+    else:
+        from transformers import GPTNeoXConfig
+
+        hidden, layers, heads = PYTHIA[model]
+        config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                               num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=2048,
+                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    policy = AutoModelForCausalLM.from_config(config)
+    config.num_labels = 1
+    reward = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        reward.score.weight.normal_(std=0.5)
+    paths = {"policy": folder / "policy", "reward_hf": folder / "reward_hf", "reward_ours": folder / "reward_ours"}
+    policy.save_pretrained(paths["policy"])
+    tokenizer.save_pretrained(paths["policy"])
+    reward.save_pretrained(paths["reward_hf"])
+    tokenizer.save_pretrained(paths["reward_hf"])
+    backbone = getattr(reward, reward.base_model_prefix)
+    ours = ValueHeadModel(backbone)
+    with torch.no_grad():
+        ours.value_head.weight.copy_(reward.score.weight)
+        ours.value_head.bias.zero_()
+    ours.save_pretrained(paths["reward_ours"])
+    tokenizer.save_pretrained(paths["reward_ours"])
+    return {key: str(value) for key, value in paths.items()}
+
+
+def write_prompts(path: Path, count: int, seed: int) -> None:
+    from rto_fast.synthetic import make_prompt
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(count):
+            handle.write(json.dumps({"prompt": make_prompt(rng)}) + "\n")
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------------ rto_fast side
+
+def run_ours(spec: dict) -> dict:
+    from rto_fast.run_log import read_metrics
+    from rto_fast.train import main
+
+    output = Path(spec["workdir"]) / "ours"
+    overrides = [
+        "stages=[ppo]", f"model.sft_path={spec['paths']['policy']}", f"model.reward_path={spec['paths']['reward_ours']}",
+        f"rl.prompts={spec['prompts']}", "data.test_split=null", f"data.max_prompt_length={spec['max_prompt']}",
+        f"rl.max_new_tokens={spec['response_length']}", "rl.ban_eos=true", f"rl.iterations={spec['iterations']}",
+        f"rl.rollout_batch_size={spec['rollout_batch']}", f"rl.mini_batch_size={spec['rollout_batch']}",
+        f"rl.ppo_epochs={spec['ppo_epochs']}", f"rl.generation_batch_size={spec['rollout_batch']}",
+        f"rl.micro_batch_tokens={spec['micro_batch'] * (spec['max_prompt'] + spec['response_length'])}",
+        "rl.critic_optimizer=shared", "rl.critic_init=rm", f"rl.actor_lr={spec['lr']}", "rl.lr_schedule=linear",
+        "rl.warmup_ratio=0", "rl.min_lr_ratio=0", f"rl.kl_coef={spec['kl_coef']}", "rl.eval_prompts=0",
+        "rl.temperature=1.0", f"runtime.device={spec['device']}", f"runtime.output_dir={output}",
+        "runtime.progress_bar=false", "runtime.checkpoint_every=0", "runtime.resume=never",
+        f"runtime.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}",
+        f"model.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}"]
+    if main(overrides) != 0:
+        raise SystemExit("the rto_fast run failed")
+    records = [record for record in read_metrics(output / "metrics.jsonl") if record.get("stage") == "ppo"]
+    iterations = [{"generate": r["time_generate_s"], "score": r["time_score_s"], "train": r["time_train_s"],
+                   "total": r["time_s"], "tokens": r["tokens"]} for r in records]
+    return {"iterations": iterations, "peak_mb": peak_memory_mb(spec["device"])}
+
+
+# ------------------------------------------------------------------------------------------------ TRL side
+
+def run_trl(spec: dict) -> dict:
+    if spec.get("trl_path"):
+        sys.path.insert(0, spec["trl_path"])
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+    try:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+        from trl.experimental.ppo import ppo_trainer as trl_ppo
+    except ImportError:
+        raise SystemExit(f"trl {trl.__version__} has no trl.experimental.ppo: pip install trl==1.12.0 (or pass "
+                         "--trl-path to a folder where it is installed)") from None
+    from rto_fast.models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"
+    prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"], encoding="utf-8")]
+    ids = [[tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]] for prompt in prompts]  # as our data layer
+    dataset = Dataset.from_dict({"input_ids": ids})
+    dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
+    ref = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(spec["paths"]["reward_hf"], dtype=dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(spec["paths"]["reward_hf"], dtype=dtype)
+    micro = spec["micro_batch"]
+    args = PPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=spec["rollout_batch"] // micro, num_mini_batches=1,
+        num_ppo_epochs=spec["ppo_epochs"], local_rollout_forward_batch_size=spec["rollout_batch"],
+        response_length=spec["response_length"], stop_token=None, stop_token_id=None, temperature=1.0,
+        learning_rate=spec["lr"], kl_coef=spec["kl_coef"], total_episodes=spec["iterations"] * spec["rollout_batch"],
+        num_sample_generations=0, save_strategy="no", report_to=[], logging_steps=1, seed=spec["seed"],
+        use_cpu=spec["device"] == "cpu", bf16=spec["device"] == "cuda", dataloader_drop_last=True,
+        missing_eos_penalty=None)
+
+    marks: dict = {"iteration_start": None, "generated": None, "first_train": None}
+    iterations = []
+
+    original_generation = trl_ppo.batch_generation
+    original_forward = trl_ppo.forward
+
+    def timed_generation(*positional, **keywords):
+        marks["generate_start"] = time.perf_counter()
+        result = original_generation(*positional, **keywords)
+        if spec["device"] == "cuda":
+            torch.cuda.synchronize()
+        marks["generated"] = time.perf_counter()
+        marks["first_train"] = None
+        return result
+
+    def timed_forward(model, *positional, **keywords):
+        if torch.is_grad_enabled() and marks["first_train"] is None and marks["generated"] is not None:
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()
+            marks["first_train"] = time.perf_counter()
+        return original_forward(model, *positional, **keywords)
+
+    trl_ppo.batch_generation = timed_generation
+    trl_ppo.forward = timed_forward
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, arguments, state, control, **kwargs):
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            start = marks["iteration_start"]
+            tokens = spec["rollout_batch"] * spec["response_length"] + marks["prompt_tokens"]
+            iterations.append({"generate": marks["generated"] - marks["generate_start"],
+                               "score": marks["first_train"] - marks["generated"],
+                               "train": now - marks["first_train"], "total": now - start, "tokens": tokens})
+            marks["iteration_start"] = now
+            marks["prompt_tokens"] = next_prompt_tokens()
+
+    # The dataloader draws rollout batches in order of a shuffled permutation we cannot see; the prompt tokens of a
+    # batch are counted as the mean prompt length times the batch (prompts differ by a few tokens only).
+    mean_prompt = sum(len(x) for x in ids) / len(ids)
+
+    def next_prompt_tokens():
+        return int(round(mean_prompt * spec["rollout_batch"]))
+
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                         train_dataset=dataset, value_model=value, callbacks=[StepTimer()])
+    marks["prompt_tokens"] = next_prompt_tokens()
+    if spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    marks["iteration_start"] = time.perf_counter()
+    trainer.train()
+    return {"iterations": iterations, "peak_mb": peak_memory_mb(spec["device"]), "trl_version": trl.__version__}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run_side(side: str, spec: dict) -> dict:
+    """Run one side in a fresh subprocess (OMP_NUM_THREADS from --threads) and read back its JSON result."""
+    result_path = Path(spec["workdir"]) / f"{side}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, __file__, "--side", side, "--spec", json.dumps(spec), "--result", str(result_path)]
+    started = time.perf_counter()
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-6000:])
+        raise SystemExit(f"the {side} side failed (exit {completed.returncode})")
+    result = json.loads(result_path.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def summarize(result: dict) -> dict:
+    timed = result["iterations"][1:] or result["iterations"]  # the first iteration is a warm-up
+    mean = {key: sum(item[key] for item in timed) / len(timed) for key in ("generate", "score", "train", "total",
+                                                                           "tokens")}
+    mean["tokens_per_s"] = mean["tokens"] / mean["total"]
+    mean["score_train_tokens_per_s"] = mean["tokens"] / (mean["score"] + mean["train"])
+    mean["peak_mb"] = result["peak_mb"]
+    mean["timed_iterations"] = len(timed)
+    return mean
+
+
+def hardware(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", choices=("tiny", *PYTHIA), default=None,
+                        help="default: tiny on cpu, pythia-410m on cuda")
+    parser.add_argument("--rollout-batch", type=int, default=None, help="default: 64 (cpu), 128 (cuda)")
+    parser.add_argument("--response-length", type=int, default=None, help="default: 64 (cpu), 256 (cuda)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="responses per training micro-batch")
+    parser.add_argument("--ppo-epochs", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=4, help="the first one is a warm-up")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per side on CPU")
+    parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.side:  # a child process: run one side and write its result
+        spec = json.loads(args.spec)
+        result = run_ours(spec) if args.side == "ours" else run_trl(spec)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    gpu = args.device == "cuda"
+    model = args.model or ("pythia-410m" if gpu else "tiny")
+    with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as workdir:
+        workdir = Path(workdir)
+        spec = {"device": args.device, "model": model, "seed": 0, "workdir": str(workdir),
+                "rollout_batch": args.rollout_batch or (128 if gpu else 64),
+                "response_length": args.response_length or (256 if gpu else 64), "micro_batch": args.micro_batch,
+                "ppo_epochs": args.ppo_epochs, "iterations": args.iterations, "lr": 1e-5, "kl_coef": 0.05,
+                "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path}
+        if spec["rollout_batch"] % spec["micro_batch"]:
+            raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
+        spec["paths"] = build_models(workdir, model, spec["seed"])
+        spec["prompts"] = str(workdir / "prompts.jsonl")
+        write_prompts(Path(spec["prompts"]), spec["rollout_batch"] * (args.iterations + 1), spec["seed"])
+        results = {side: run_side(side, spec) for side in ("ours", "trl")}
+
+    ours, peer = summarize(results["ours"]), summarize(results["trl"])
+    import torch
+    import transformers
+
+    command = "python bench/bench_rl_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"# A whole RL iteration: rto_fast vs TRL {results['trl'].get('trl_version', '?')} PPOTrainer "
+             f"({args.device})", "",
+             f"Command: `{command.strip()}`  ",
+             f"Hardware: {hardware(args.device)}; torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"Python {platform.python_version()}" + (f", {args.threads} intra-op thread(s) per side" if not gpu
+                                                       else ""), "",
+             f"Model {model} (random weights), rollout batch {spec['rollout_batch']} prompts, responses of exactly "
+             f"{spec['response_length']} tokens, {spec['ppo_epochs']} PPO epochs with one optimizer step each, "
+             f"micro-batches of {spec['micro_batch']} responses; mean of {ours['timed_iterations']} timed iterations "
+             "after one warm-up. Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
+             "| | generate s | score s | train s | iteration s | tokens/s | score+train tokens/s | peak memory MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in (("rto_fast", ours), ("TRL", peer)):
+        lines.append(f"| {name} | {row['generate']:.3f} | {row['score']:.3f} | {row['train']:.3f} | "
+                     f"{row['total']:.3f} | {row['tokens_per_s']:,.0f} | {row['score_train_tokens_per_s']:,.0f} | "
+                     f"{row['peak_mb']:,.0f} |")
+    lines.append(f"| **ratio** | {peer['generate'] / ours['generate']:.2f}x | {peer['score'] / ours['score']:.2f}x | "
+                 f"{peer['train'] / ours['train']:.2f}x | {peer['total'] / ours['total']:.2f}x | "
+                 f"**{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x** | "
+                 f"**{ours['score_train_tokens_per_s'] / peer['score_train_tokens_per_s']:.2f}x** | "
+                 f"{ours['peak_mb'] / peer['peak_mb']:.2f}x |")
+    lines += ["", "Time columns in the ratio row are TRL time / rto_fast time (> 1: rto_fast is faster). Peak memory "
+              "on CPU is each side's whole-process peak RSS (libraries included)." if not gpu else
+              "Peak memory is torch.cuda.max_memory_allocated of each side's process.", ""]
+    text = "\n".join(lines)
+    output = Path(args.output) if args.output else RESULTS / f"rl_step_{args.device}.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
