@@ -434,3 +434,23 @@ def test_value_head_model_save_load(tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(attention.packed_forward(loaded, batch), values, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 9, 9, 3], [17], [1, 1, 2]])
+def test_padded_and_per_sequence_cpu_attention_agree(lengths):
+    """The CPU packed path's two ways (one padded sdpa call, or one call per sequence) give the same outputs and
+    gradients as each sequence attended alone."""
+    generator = torch.Generator().manual_seed(len(lengths))
+    total = sum(lengths)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    inputs = [torch.randn(1, heads, total, 8, generator=generator, dtype=torch.float64) for heads in (4, 2, 2)]
+    results = []
+    for padded in (True, False):
+        leaves = [tensor.clone().requires_grad_(True) for tensor in inputs]
+        output = attention._per_sequence_sdpa(*leaves, cu_seqlens, 0.3, padded=padded)
+        assert output.shape == (total, 4, 8)
+        (output * torch.linspace(-1, 1, output.numel(), dtype=torch.float64).reshape(output.shape)).sum().backward()
+        results.append((output.detach(), [leaf.grad for leaf in leaves]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for first, second in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(first, second)
