@@ -1,6 +1,6 @@
 """RTO vs PPO vs DPPO vs DPO vs SFT on the synthetic task, over several seeds, with equal RL budgets.
 
-    python bench/tiny_rl_comparison.py                       # seeds 1 2 3, two runs at a time, ~10 min on 2 cores
+    python bench/tiny_rl_comparison.py                       # seeds 1 2 3, two runs at a time, ~5 min on 2 cores
     python bench/tiny_rl_comparison.py --seeds 1 2 3 4 5 --jobs 2 --root runs/tiny_compare
 
 Each seed runs `python -m rto_fast.train --config configs/tiny_compare.yaml runtime.seed=S` (SFT -> DPO -> RM ->
