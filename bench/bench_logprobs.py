@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rto_fast.ops as ops  # noqa: E402
+from _env import hardware  # noqa: E402  (bench/ is on sys.path when a script in it runs)
 
 GPU_SHAPES = [(n, v) for n in (4096, 16384) for v in (32000, 128256, 151936)]
 CPU_SHAPES = [(2048, 32000, "float32"), (2048, 32000, "bfloat16")]
@@ -394,18 +395,7 @@ def _versions():
 
 
 def _hardware(device):
-    if device == "cuda":
-        return f"GPU: {torch.cuda.get_device_name()}"
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU: {model}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}"
+    return f"{hardware(device)}, torch threads {torch.get_num_threads()}"
 
 
 def copy_bandwidth_gbs(device):

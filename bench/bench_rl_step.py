@@ -255,22 +255,6 @@ def summarize(result: dict) -> dict:
     return mean
 
 
-def hardware(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -314,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ours, peer = summarize(results["ours"]), summarize(results["trl"])
     import torch
     import transformers
+
+    from _env import hardware
 
     command = "python bench/bench_rl_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# A whole RL iteration: rto_fast vs TRL {results['trl'].get('trl_version', '?')} PPOTrainer "

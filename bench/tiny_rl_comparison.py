@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _env import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -120,21 +121,11 @@ def _versions() -> str:
     return f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def report(seeds: list[int], runs: dict[int, dict], command: str, wall_s: float | None) -> str:
     first = runs[seeds[0]]["eval"]
     models = [name for name in MODELS if name in first["models"]]
     lines = ["# The synthetic task: RTO vs PPO vs DPPO vs DPO vs SFT", "",
-             f"Command: `{command}`  ", f"Machine: {_cpu()}; {_versions()}  ",
+             f"Command: `{command}`  ", f"Machine: {hardware('cpu')}; {_versions()}  ",
              f"Seeds: {', '.join(map(str, seeds))}" + (f"; wall time {wall_s / 60:.1f} min" if wall_s else ""), "",
              "Every model samples one response (temperature 0.9, top-p 0.99) for each of the same "
              f"{first['settings'].get('num_prompts', '?')} test prompts; r* is the task's known reward (best "

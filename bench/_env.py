@@ -1,0 +1,27 @@
+"""What the benchmark reports say about the machine they ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def hardware(device: str) -> str:
+    """'GPU: <name>' for cuda, else 'CPU: <model>, <N> cores visible'."""
+    if device == "cuda":
+        import torch
+
+        return f"GPU: {torch.cuda.get_device_name()}"
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores visible"
