@@ -293,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         spec["paths"] = build_models(workdir, model, spec["seed"])
         spec["prompts"] = str(workdir / "prompts.jsonl")
         write_prompts(Path(spec["prompts"]), spec["rollout_batch"] * (args.iterations + 1), spec["seed"])
-        results = {side: run_side(side, spec) for side in ("ours", "trl")}
+        results = {}
+        for side in ("ours", "trl"):
+            results[side] = run_side(side, spec)
+            print(side, json.dumps(summarize(results[side])), flush=True)  # kept even if the other side fails
 
     ours, peer = summarize(results["ours"]), summarize(results["trl"])
     import torch
