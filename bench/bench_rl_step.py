@@ -140,7 +140,6 @@ def run_trl(spec: dict) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     import trl
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
     try:
@@ -155,7 +154,9 @@ def run_trl(spec: dict) -> dict:
     tokenizer.padding_side = "left"
     prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"], encoding="utf-8")]
     ids = [[tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]] for prompt in prompts]  # as our data layer
-    dataset = Dataset.from_dict({"input_ids": ids})
+    # A plain list of rows, not a datasets.Dataset: TRL only iterates it through a DataLoader, and datasets'
+    # fingerprinting fails to pickle pyarrow's MonthDayNano type under Python 3.12 (datasets 5.2, pyarrow 24-26).
+    dataset = [{"input_ids": row} for row in ids]
     dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
     policy = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
     ref = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)

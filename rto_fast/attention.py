@@ -272,15 +272,18 @@ def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling):
                        **options)
 
 
-_block_mask_cache: tuple = (None, None)
+_block_mask_cache: tuple = (None, None, None)
 
 
 def _document_block_mask(cu_seqlens: torch.Tensor, length: int):
     """BlockMask for causal attention within documents; cached for the last cu_seqlens tensor, which every layer
-    of one forward pass shares."""
+    of one forward pass shares. A mask made in inference mode holds inference tensors that autograd refuses, and
+    DPO scores a batch with the frozen reference (inference mode) before the policy trains on the same batch: the
+    mode is part of the cache key."""
     global _block_mask_cache
-    cached_cu_seqlens, cached_mask = _block_mask_cache
-    if cached_cu_seqlens is cu_seqlens:
+    inference = torch.is_inference_mode_enabled()
+    cached_cu_seqlens, cached_inference, cached_mask = _block_mask_cache
+    if cached_cu_seqlens is cu_seqlens and cached_inference == inference:
         return cached_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -294,7 +297,7 @@ def _document_block_mask(cu_seqlens: torch.Tensor, length: int):
     if cu_seqlens.is_cuda and "_compile" in inspect.signature(create_block_mask).parameters:
         options["_compile"] = True  # uncompiled, create_block_mask materializes the (N, N) mask first
     block_mask = create_block_mask(document_causal, None, None, length, length, device=cu_seqlens.device, **options)
-    _block_mask_cache = (cu_seqlens, block_mask)
+    _block_mask_cache = (cu_seqlens, inference, block_mask)
     return block_mask
 
 

@@ -36,6 +36,18 @@ def device():
 
 
 @pytest.fixture
+def tensors_on_test_device(request):
+    """For modules whose inputs come from tensor factories without a device (pytestmark = pytest.mark.usefixtures(
+    "tensors_on_test_device")): with a GPU the Triton kernels run natively and need CUDA tensors, so factories
+    default to the test device there, except in tests marked cpu_path."""
+    if DEVICE == "cpu" or request.node.get_closest_marker("cpu_path"):
+        yield
+        return
+    with torch.device(DEVICE):
+        yield
+
+
+@pytest.fixture
 def backend(request, monkeypatch):
     """Force a backend for one test: parametrize with indirect=True and values 'triton' or 'torch'."""
     name = request.param

@@ -18,6 +18,7 @@ from tests.utils import assert_within_budget, poison_like
 
 BACKENDS = ["triton", "torch", "reference"]
 GAMMA_LAMBDA = [(1.0, 1.0), (0.99, 0.95), (1.0, 0.95), (0.9, 0.0)]
+pytestmark = pytest.mark.usefixtures("tensors_on_test_device")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,6 +460,7 @@ def test_torch_compile_calls_the_ops_without_graph_breaks():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.cpu_path
 @pytest.mark.parametrize("layout_case", ["scalar", "per-row", "per-token"])
 def test_vectorized_torch_loss_matches_cpp(layout_case):
     """The vectorized torch loss (the path for RTO_FAST_BACKEND=torch off CPU) agrees with the C++ one."""

@@ -247,11 +247,11 @@ def _plain_linear(hidden, weight, labels, *, bias=None, **kwargs):
 def test_linear_token_logprobs(backend, device, dtype, shape, hidden_size, vocab_size, with_bias, temperature,
                                chunked, monkeypatch):
     if chunked:
-        # Force 3 token chunks of 16 rows. (Chunks of a few rows are also right, but BLAS sums a (3 x V) @ (V x D)
-        # product in an order that loses ~3x more bits than plain PyTorch's full-size matmul, past the budget.)
-        monkeypatch.setattr(logprobs_module, "_LINEAR_CHUNK_MIN_ELEMENTS", 16 * vocab_size)
-        monkeypatch.setattr(logprobs_module, "_LINEAR_CHUNK_MAX_ELEMENTS", 16 * vocab_size)
-        assert logprobs_module.linear_chunk_rows(48, vocab_size, hidden_size) == 16
+        # Force vocabulary chunks of 384 columns (1000 -> 3, 4999 -> 14, each with a short last chunk), so that
+        # labels, maxima and the entropy's partial sums fall in different chunks.
+        monkeypatch.setattr(logprobs_module, "_LINEAR_CHUNK_MIN_ELEMENTS", 48 * 400)
+        monkeypatch.setattr(logprobs_module, "_LINEAR_CHUNK_MAX_ELEMENTS", 48 * 400)
+        assert logprobs_module.linear_chunk_columns(48, vocab_size, hidden_size) == 384
     hidden = torch.randn(*shape, hidden_size, device=device).to(dtype)
     weight = (torch.randn(vocab_size, hidden_size, device=device) / hidden_size**0.25).to(dtype)
     bias = torch.randn(vocab_size, device=device).to(dtype) if with_bias else None

@@ -454,3 +454,34 @@ def test_padded_and_per_sequence_cpu_attention_agree(lengths):
     torch.testing.assert_close(results[0][0], results[1][0])
     for first, second in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(first, second)
+
+
+
+def test_block_mask_made_in_inference_mode_is_not_reused_for_training():
+    """DPO's order: the reference scores a batch in inference mode, then the policy trains on the same batch (the
+    same cu_seqlens tensor). The cached FlexAttention block mask must not carry inference tensors into autograd."""
+    cu_seqlens = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    with torch.inference_mode():
+        frozen = attention._document_block_mask(cu_seqlens, 17)
+        assert attention._document_block_mask(cu_seqlens, 17) is frozen  # still one mask per forward pass
+    trained = attention._document_block_mask(cu_seqlens, 17)
+    assert not trained.kv_num_blocks.is_inference() and not trained.kv_indices.is_inference()
+    assert torch.equal(trained.to_dense(), frozen.to_dense())
+    assert attention._document_block_mask(cu_seqlens, 17) is trained
+
+
+# FlexAttention trains only on CUDA (CPU has no backward); there the full model-level check runs too.
+@pytest.mark.parametrize("attention_backend", [
+    pytest.param("flex", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="flex backward needs CUDA")),
+    "packed-sdpa"], indirect=True)
+def test_frozen_pass_then_trained_pass_share_a_batch(attention_backend):
+    """The reference's inference-mode pass, then the policy's training pass on the same packed batch."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model_for("llama", attention_backend).to(device)
+    batch = pack(random_sequences([6, 11, 3])).to(device)
+    with torch.inference_mode():
+        reference = attention.packed_forward(model, batch).logits
+    logits = attention.packed_forward(model, batch).logits
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch.testing.assert_close(logits.detach(), reference, atol=1e-5, rtol=1e-5)

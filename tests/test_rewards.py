@@ -17,6 +17,7 @@ from rto_fast import reference
 from tests.utils import assert_within_budget, poison_like
 
 BACKENDS = ["triton", "torch"]
+pytestmark = pytest.mark.usefixtures("tensors_on_test_device")
 MODES = ["rto", "ppo", "dppo"]
 ESTIMATORS = ["k1", "k2", "k3"]
 
