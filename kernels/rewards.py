@@ -152,15 +152,14 @@ def token_rewards_forward(logprobs, ref_logprobs, mask, *, mode="rto", dpo_logpr
 
 
 @triton.jit
-def _online_logsumexp_step(row_ptr, columns, vocab_size, inv_temperature, running_max, lane_sums):
-    """Fold one vocabulary block into (running max, per-lane sums of exp(z - running max)), z = logits / T. The
-    lanes are summed once, at the end: one cross-warp reduction per block (the max) instead of two."""
+def _online_logsumexp_step(row_ptr, columns, vocab_size, inv_temperature, running_max, running_sum):
+    """Fold one vocabulary block into (running max, running sum of exp(z - running max)), z = logits / T."""
     z = tl.load(row_ptr + columns, mask=columns < vocab_size, other=float("-inf")).to(tl.float32) * inv_temperature
     new_max = tl.maximum(running_max, tl.max(z, axis=0))
     # A block (or row prefix) of -inf logits must not turn -inf - -inf into NaN.
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    lane_sums = lane_sums * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
-    return new_max, lane_sums
+    running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(z - safe_max), axis=0)
+    return new_max, running_sum
 
 
 @triton.jit
@@ -188,10 +187,10 @@ def _three_logprobs_kernel(logits_ptr, ref_logits_ptr, dpo_logits_ptr, labels_pt
     valid = label != ignore_index
 
     minus_inf = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
-    zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
-    max_policy, sum_policy = minus_inf, zeros
-    max_ref, sum_ref = minus_inf, zeros
-    max_dpo, sum_dpo = minus_inf, zeros
+    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+    max_policy, sum_policy = minus_inf, zero
+    max_ref, sum_ref = minus_inf, zero
+    max_dpo, sum_dpo = minus_inf, zero
     for start in range(0, vocab_size, BLOCK_V):
         columns = start + tl.arange(0, BLOCK_V)
         max_policy, sum_policy = _online_logsumexp_step(logits_row, columns, vocab_size, inv_temperature,
@@ -200,13 +199,10 @@ def _three_logprobs_kernel(logits_ptr, ref_logits_ptr, dpo_logits_ptr, labels_pt
         if HAS_DPO:
             max_dpo, sum_dpo = _online_logsumexp_step(dpo_row, columns, vocab_size, inv_temperature,
                                                       max_dpo, sum_dpo)
-    tl.store(logprobs_ptr + row, _label_logprob(logits_row, label, valid, inv_temperature, max_policy,
-                                                tl.sum(sum_policy, axis=0)))
-    tl.store(ref_logprobs_ptr + row, _label_logprob(ref_row, label, valid, inv_temperature, max_ref,
-                                                    tl.sum(sum_ref, axis=0)))
+    tl.store(logprobs_ptr + row, _label_logprob(logits_row, label, valid, inv_temperature, max_policy, sum_policy))
+    tl.store(ref_logprobs_ptr + row, _label_logprob(ref_row, label, valid, inv_temperature, max_ref, sum_ref))
     if HAS_DPO:
-        tl.store(dpo_logprobs_ptr + row, _label_logprob(dpo_row, label, valid, inv_temperature, max_dpo,
-                                                        tl.sum(sum_dpo, axis=0)))
+        tl.store(dpo_logprobs_ptr + row, _label_logprob(dpo_row, label, valid, inv_temperature, max_dpo, sum_dpo))
 
 
 def _rows_view(logits, labels):

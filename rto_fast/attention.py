@@ -26,6 +26,7 @@ path inside the registered function, so `model.generate` still works with the pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -125,6 +126,28 @@ def configure_packed_attention(model: torch.nn.Module, device: torch.device | st
     if _model_config(model)._attn_implementation != implementation:
         model.set_attn_implementation(implementation)
     return implementation
+
+
+@contextlib.contextmanager
+def generation_attention(model: torch.nn.Module):
+    """Run `model.generate` under transformers' own "sdpa": it builds the causal + padding mask once per forward
+    pass, where the packed implementation's padded fallback (`_masked_sdpa`) rebuilds it in every layer, ~10 small
+    kernels per layer and decode step. Restores the model's implementation afterwards; a model that cannot switch
+    keeps its own."""
+    config = _model_config(model)
+    original = config._attn_implementation
+    switched = False
+    if original == PACKED_IMPLEMENTATION:
+        try:
+            model.set_attn_implementation("sdpa")
+            switched = config._attn_implementation == "sdpa"
+        except (ValueError, ImportError, AttributeError) as error:
+            logger.debug("generation keeps %s attention: %s", original, error)
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(original)
 
 
 @functools.cache

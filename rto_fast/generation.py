@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import generation_attention
+
 
 @dataclass
 class SamplingSettings:
@@ -101,8 +103,9 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, *, eos
                 prompt = prompts[index]
                 input_ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
                 attention_mask[row, width - len(prompt):] = 1
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    **kwargs)
+            with generation_attention(model):
+                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                        **kwargs)
             new_tokens = output[:, width:].tolist()
             for row, index in enumerate(chunk):
                 # generate pads a row only after its eos, so the cut removes all padding.

@@ -485,3 +485,29 @@ def test_frozen_pass_then_trained_pass_share_a_batch(attention_backend):
     logits.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
     torch.testing.assert_close(logits.detach(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_runs_under_sdpa_and_restores_the_packed_implementation():
+    """rto_fast.generation.generate switches a packed-attention model to transformers' sdpa for the decode loop
+    (one mask per forward, not one per layer) and back; greedy tokens equal those of a plain sdpa model."""
+    from rto_fast.generation import SamplingSettings, generate
+
+    tokenizer = build_tokenizer()
+    model = tiny_llama("sdpa")
+    prompts = [tokenizer("Hello there, how")["input_ids"], tokenizer("Hi")["input_ids"]]
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.0, batch_size=2)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    expected = generate(model, prompts, settings, **ids)
+    attention.register_packed_attention()
+    model.set_attn_implementation(attention.PACKED_IMPLEMENTATION)
+    seen = []
+    original = model.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(model.config._attn_implementation)
+        return original(*args, **kwargs)
+
+    model.model.forward = spy
+    assert generate(model, prompts, settings, **ids) == expected
+    assert seen and set(seen) == {"sdpa"}
+    assert model.config._attn_implementation == attention.PACKED_IMPLEMENTATION

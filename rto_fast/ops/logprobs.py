@@ -383,8 +383,10 @@ def _linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, label
         logits = _chunk_logits(hidden, weight[start:stop], bias[start:stop] if bias is not None else None)
         _, chunk_stats, chunk_entropy = _forward_any(backend, logits, stand_in_labels, temperature, ignore_index,
                                                      return_entropy)
-        rows = torch.nonzero(valid & (labels >= start) & (labels < stop)).squeeze(-1)
-        label_z[rows] = _scaled_label_logits(logits[rows, labels[rows] - start], temperature, dtype, backend)
+        # The label's logit, from the chunk that holds it (a gather and a select: no host sync per chunk).
+        in_chunk = valid & (labels >= start) & (labels < stop)
+        picked = logits.gather(1, (labels - start).clamp_(0, stop - start - 1).unsqueeze(-1)).squeeze(-1)
+        label_z = torch.where(in_chunk, _scaled_label_logits(picked, temperature, dtype, backend), label_z)
         chunk_max, chunk_log_sum = chunk_stats[:, 0].to(dtype), chunk_stats[:, 1].to(dtype)
         # t = sum exp(z - m) (z - m) of the chunk, from its entropy H = log s - t / s.
         chunk_t = chunk_log_sum.exp() * (chunk_log_sum - chunk_entropy.to(dtype)) if return_entropy else None
