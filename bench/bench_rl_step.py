@@ -120,7 +120,8 @@ def run_ours(spec: dict) -> dict:
         f"rl.micro_batch_tokens={spec['micro_batch'] * (spec['max_prompt'] + spec['response_length'])}",
         "rl.critic_optimizer=shared", "rl.critic_init=rm", f"rl.actor_lr={spec['lr']}", "rl.lr_schedule=linear",
         "rl.warmup_ratio=0", "rl.min_lr_ratio=0", f"rl.kl_coef={spec['kl_coef']}", "rl.eval_prompts=0",
-        "rl.temperature=1.0", f"runtime.device={spec['device']}", f"runtime.output_dir={output}",
+        "rl.temperature=1.0", f"rl.generation_cache={spec.get('generation_cache', 'dynamic')}",
+        f"runtime.device={spec['device']}", f"runtime.output_dir={output}",
         "runtime.progress_bar=false", "runtime.checkpoint_every=0", "runtime.resume=never",
         f"runtime.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}",
         f"model.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}"]
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=4, help="the first one is a warm-up")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per side on CPU")
+    parser.add_argument("--generation-cache", choices=("dynamic", "static"), default="dynamic",
+                        help="rto_fast's rl.generation_cache (TRL always uses its dynamic cache)")
     parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rollout_batch": args.rollout_batch or (128 if gpu else 64),
                 "response_length": args.response_length or (256 if gpu else 64), "micro_batch": args.micro_batch,
                 "ppo_epochs": args.ppo_epochs, "iterations": args.iterations, "lr": 1e-5, "kl_coef": 0.05,
-                "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path}
+                "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path,
+                "generation_cache": args.generation_cache}
         if spec["rollout_batch"] % spec["micro_batch"]:
             raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
         spec["paths"] = build_models(workdir, model, spec["seed"])
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        else ""), "",
              f"Model {model} (random weights), rollout batch {spec['rollout_batch']} prompts, responses of exactly "
              f"{spec['response_length']} tokens, {spec['ppo_epochs']} PPO epochs with one optimizer step each, "
-             f"micro-batches of {spec['micro_batch']} responses; mean of {ours['timed_iterations']} timed iterations "
+             f"micro-batches of {spec['micro_batch']} responses; rto_fast's KV cache {spec['generation_cache']}; mean of {ours['timed_iterations']} timed iterations "
              "after one warm-up. Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
              "| | generate s | score s | train s | iteration s | tokens/s | score+train tokens/s | peak memory MiB |",
              "|---|---|---|---|---|---|---|---|"]

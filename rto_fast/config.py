@@ -153,6 +153,10 @@ class RLConfig:
     top_p: float = option(1.0, "nucleus sampling of rollouts; 1: off")
     top_k: int = option(0, "top-k sampling of rollouts; 0: off")
     generation_batch_size: int = option(64, "prompts per generate call")
+    generation_cache: str = option("dynamic", "KV cache of generate: dynamic (grows per step) or static "
+                                              "(preallocated; prompts are left-padded to data.max_prompt_length "
+                                              "so every call has the same shapes, which lets transformers compile "
+                                              "the decode step on CUDA)", ("dynamic", "static"))
     ban_eos: bool = option(False, "never sample eos: every response has max_new_tokens tokens (for benchmarks)")
     prompts: str | None = option(None, "prompt-only data for RL (any data.source form, format 'prompt'); null: the "
                                        "prompts of data.source ('synthetic': its fresh prompt split)")

@@ -11,7 +11,8 @@ of similar length (sorted by length, so little padding is computed), in eval mod
 train/eval mode is restored afterwards. Sampling draws from torch's global generator, so a seeded run (and a run
 resumed with its RNG state) samples the same responses. `temperature=0` is greedy decoding. `ban_eos=True` masks the
 eos token so every response has exactly `max_new_tokens` tokens (benchmarks use it to make two trainers do the same
-work).
+work). `kv_cache="static"` preallocates the cache (transformers' static cache, which it compiles on CUDA); with
+`prompt_width` every batch is left-padded to the same width so that the shapes, and any compiled graph, repeat.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class SamplingSettings:
     top_k: int = 0
     batch_size: int = 64  # prompts per generate call
     ban_eos: bool = False
+    kv_cache: str = "dynamic"  # or "static": a preallocated cache
+    prompt_width: int = 0  # left-pad every batch's prompts to at least this many tokens (fixed shapes)
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -45,6 +48,10 @@ class SamplingSettings:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.kv_cache not in ("dynamic", "static"):
+            raise ValueError(f"kv_cache must be dynamic or static, got {self.kv_cache!r}")
+        if self.prompt_width < 0:
+            raise ValueError(f"prompt_width must be >= 0, got {self.prompt_width}")
 
 
 @dataclass
@@ -67,6 +74,8 @@ def _generate_kwargs(settings: SamplingSettings, eos_token_id: int, pad_token_id
     if settings.ban_eos:
         # Never sample eos and never stop early: every response is exactly max_new_tokens long.
         kwargs.update(suppress_tokens=[eos_token_id], eos_token_id=None)
+    if settings.kv_cache == "static":
+        kwargs.update(cache_implementation="static")
     return kwargs
 
 
@@ -96,7 +105,7 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, *, eos
     try:
         for start in range(0, len(order), settings.batch_size):
             chunk = order[start:start + settings.batch_size]
-            width = max(len(prompts[i]) for i in chunk)
+            width = max(settings.prompt_width, *(len(prompts[i]) for i in chunk))
             input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, index in enumerate(chunk):

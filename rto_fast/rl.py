@@ -173,7 +173,9 @@ class RLTrainer:
         self.sampling = SamplingSettings(
             max_new_tokens=settings.max_new_tokens or self.config.data.max_response_length,
             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-            batch_size=settings.generation_batch_size, ban_eos=settings.ban_eos)
+            batch_size=settings.generation_batch_size, ban_eos=settings.ban_eos, kv_cache=settings.generation_cache,
+            # A static cache pays off only when shapes repeat: pad every batch's prompts to one width.
+            prompt_width=self.config.data.max_prompt_length if settings.generation_cache == "static" else 0)
         self.synthetic = self.config.data.source == "synthetic" and settings.prompts in (None, "synthetic")
 
     # --- models
