@@ -120,7 +120,7 @@ def run_ours(spec: dict) -> dict:
         f"rl.micro_batch_tokens={spec['micro_batch'] * (spec['max_prompt'] + spec['response_length'])}",
         "rl.critic_optimizer=shared", "rl.critic_init=rm", f"rl.actor_lr={spec['lr']}", "rl.lr_schedule=linear",
         "rl.warmup_ratio=0", "rl.min_lr_ratio=0", f"rl.kl_coef={spec['kl_coef']}", "rl.eval_prompts=0",
-        "rl.temperature=1.0", f"rl.generation_cache={spec.get('generation_cache', 'dynamic')}",
+        "rl.temperature=1.0", f"rl.generation_cache={spec['generation_cache']}",
         f"runtime.device={spec['device']}", f"runtime.output_dir={output}",
         "runtime.progress_bar=false", "runtime.checkpoint_every=0", "runtime.resume=never",
         f"runtime.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}",
@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        else ""), "",
              f"Model {model} (random weights), rollout batch {spec['rollout_batch']} prompts, responses of exactly "
              f"{spec['response_length']} tokens, {spec['ppo_epochs']} PPO epochs with one optimizer step each, "
-             f"micro-batches of {spec['micro_batch']} responses; rto_fast's KV cache {spec['generation_cache']}; mean of {ours['timed_iterations']} timed iterations "
+             f"micro-batches of {spec['micro_batch']} responses; rto_fast's KV cache {spec['generation_cache']}; "
+             f"mean of {ours['timed_iterations']} timed iterations "
              "after one warm-up. Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
              "| | generate s | score s | train s | iteration s | tokens/s | score+train tokens/s | peak memory MiB |",
              "|---|---|---|---|---|---|---|---|"]

@@ -103,23 +103,23 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, *, eos
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), settings.batch_size):
-            chunk = order[start:start + settings.batch_size]
-            width = max(settings.prompt_width, *(len(prompts[i]) for i in chunk))
-            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, index in enumerate(chunk):
-                prompt = prompts[index]
-                input_ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
-                attention_mask[row, width - len(prompt):] = 1
-            with generation_attention(model):
+        with generation_attention(model):  # switched once for all batches
+            for start in range(0, len(order), settings.batch_size):
+                chunk = order[start:start + settings.batch_size]
+                width = max(settings.prompt_width, *(len(prompts[i]) for i in chunk))
+                input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, index in enumerate(chunk):
+                    prompt = prompts[index]
+                    input_ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+                    attention_mask[row, width - len(prompt):] = 1
                 output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                         **kwargs)
-            new_tokens = output[:, width:].tolist()
-            for row, index in enumerate(chunk):
-                # generate pads a row only after its eos, so the cut removes all padding.
-                tokens, finished = cut_at_eos(new_tokens[row], None if settings.ban_eos else eos_token_id)
-                results[index] = Rollout(list(prompts[index]), tokens, finished)
+                new_tokens = output[:, width:].tolist()
+                for row, index in enumerate(chunk):
+                    # generate pads a row only after its eos, so the cut removes all padding.
+                    tokens, finished = cut_at_eos(new_tokens[row], None if settings.ban_eos else eos_token_id)
+                    results[index] = Rollout(list(prompts[index]), tokens, finished)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]

@@ -375,7 +375,7 @@ def _linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, label
     valid = labels != ignore_index
     # Each chunk's pass needs only its rows' (max, log-sum-exp, entropy): label 0 is a valid stand-in.
     stand_in_labels = torch.where(valid, 0, ignore_index)
-    row_max = log_sum = entropy_sum = None
+    row_max = sum_exp = entropy_sum = None
     label_z = torch.zeros(n_rows, device=hidden.device, dtype=dtype)
     columns = linear_chunk_columns(n_rows, vocab_size, hidden.shape[1])
     for start in range(0, vocab_size, columns):
@@ -388,15 +388,15 @@ def _linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, label
         picked = logits.gather(1, (labels - start).clamp_(0, stop - start - 1).unsqueeze(-1)).squeeze(-1)
         label_z = torch.where(in_chunk, _scaled_label_logits(picked, temperature, dtype, backend), label_z)
         chunk_max, chunk_log_sum = chunk_stats[:, 0].to(dtype), chunk_stats[:, 1].to(dtype)
+        chunk_sum = chunk_log_sum.exp()
         # t = sum exp(z - m) (z - m) of the chunk, from its entropy H = log s - t / s.
-        chunk_t = chunk_log_sum.exp() * (chunk_log_sum - chunk_entropy.to(dtype)) if return_entropy else None
+        chunk_t = chunk_sum * (chunk_log_sum - chunk_entropy.to(dtype)) if return_entropy else None
         if row_max is None:
-            row_max, sum_exp, entropy_sum = chunk_max, chunk_log_sum.exp(), chunk_t
+            row_max, sum_exp, entropy_sum = chunk_max, chunk_sum, chunk_t
             continue
         # Online merge of (m, s, t) with the chunk's, as the split kernels' combine step does.
         new_max = torch.maximum(row_max, chunk_max)
         old_scale, chunk_scale = (row_max - new_max).exp(), (chunk_max - new_max).exp()
-        chunk_sum = chunk_log_sum.exp()
         if return_entropy:
             entropy_sum = (old_scale * (entropy_sum + (row_max - new_max) * sum_exp)
                            + chunk_scale * (chunk_t + (chunk_max - new_max) * chunk_sum))
