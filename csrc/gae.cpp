@@ -1,4 +1,4 @@
-// CPU fast paths over raw buffers (no libtorch link): rto_fast._C.gae (generalized advantage estimation) and
+// CPU fast paths over raw buffers (no libtorch link); the module is defined here. rto_fast._C.gae (generalized advantage estimation) and
 // rto_fast._C.ppo_loss_fwd (the clipped PPO loss forward with its per-token gradients).
 //
 // The stream is flat: `segment_offsets` (int64, num_segments + 1 entries) splits it into rows of a padded batch
@@ -170,6 +170,8 @@ void ppo_loss_fwd(uintptr_t logprobs, uintptr_t old_logprobs, uintptr_t advantag
 
 }  // namespace
 
+void register_logprobs(py::module_& module);  // csrc/logprobs.cpp
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rto_fast CPU fast paths over raw buffers";
   m.def("gae", &gae, py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("segment_offsets"),
@@ -184,4 +186,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_values"), py::arg("whitened"), py::arg("partials"), py::arg("dtype"),
         "Clipped PPO loss forward over contiguous CPU buffers: per-chunk partial sums (double, 5 per chunk of "
         "4096 tokens) and per-token gradients. values == 0 means no value loss.");
+  register_logprobs(m);
 }

@@ -64,7 +64,10 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
     logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
     if not return_entropy:
         return logprobs
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    # p log p is 0 where p = 0 (a -inf logit, e.g. a masked vocabulary); log p is replaced there before the product so
+    # that neither the value nor the gradient sees 0 * -inf.
+    finite_log_p = torch.where(log_p == float("-inf"), torch.zeros_like(log_p), log_p)
+    entropy = -(log_p.exp() * finite_log_p).sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logprobs, entropy
 

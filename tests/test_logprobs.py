@@ -177,6 +177,96 @@ def test_token_logprobs_inplace_backward(backend, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CPU: the C++ row kernels (csrc/logprobs.cpp) in every instruction-set copy this CPU runs, and the ATen path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cpu_isas():
+    from rto_fast import _C
+
+    best = _C.cpu_isa()
+    return ["baseline", "avx2", "avx512"][: ["baseline", "avx2", "avx512"].index(best) + 1]
+
+
+CPU_IMPLS = [f"native-{isa}" for isa in _cpu_isas()] + ["aten"]
+
+
+@pytest.fixture
+def cpu_impl(request, monkeypatch):
+    """Run token_logprobs on CPU tensors through one implementation: a C++ copy ('native-<isa>') or ATen ('aten')."""
+    from rto_fast import _C
+
+    name = request.param
+    monkeypatch.setenv("RTO_FAST_BACKEND", "torch")
+    monkeypatch.setattr(logprobs_module, "_NATIVE_CPU", name != "aten")
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(name.removeprefix("native-") if name != "aten" else previous)
+    yield name
+    _C.set_cpu_isa(previous)
+
+
+CPU_CASES = [((3,), 1, 1.0), ((5,), 17, 0.7), ((2, 7), 33, 1.0), ((129,), 1000, 0.7), ((4,), 4999, 1.0),
+             ((2,), 32000, 0.7)]
+
+
+@pytest.mark.cpu_path
+@pytest.mark.parametrize("cpu_impl", CPU_IMPLS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,vocab_size,temperature", CPU_CASES)
+def test_cpu_implementations(cpu_impl, dtype, shape, vocab_size, temperature):
+    logits = make_logits(shape, vocab_size, dtype, scale=2.0)  # the scale of the other gradient tests
+    labels = make_labels(shape, vocab_size)
+    logprobs, entropy = ops.token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    (expected_lp, expected_h), (baseline_lp, baseline_h) = reference_outputs(logits, labels, temperature)
+    assert_within_budget(logprobs, expected_lp, baseline_lp, name=f"{cpu_impl} logprobs")
+    assert_within_budget(entropy, expected_h, baseline_h, name=f"{cpu_impl} entropy")
+    ignored = labels == IGNORE
+    assert torch.all(logprobs[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    weights = (torch.randn(shape), torch.randn(shape))
+    grad = _grads(logits, labels, temperature, weights, ops.token_logprobs)
+    expected = _grads(logits.double(), labels, temperature, weights, reference.token_logprobs)
+    baseline = _grads(logits, labels, temperature, weights, reference.token_logprobs)
+    assert grad.dtype == dtype
+    assert_within_budget(grad, expected, baseline, dtype=dtype, name=f"{cpu_impl} grad logits")
+    assert torch.all(grad[ignored] == 0)
+    # In place: the same numbers, written over the logits.
+    inplace = logits.detach().clone().requires_grad_() * 1  # a non-leaf, as an LM head's output
+    lp, h = ops.token_logprobs(inplace, labels, temperature=temperature, return_entropy=True, inplace_backward=True)
+    (lp * weights[0] + h * weights[1]).sum().backward()
+    assert torch.equal(inplace.detach(), grad)
+
+
+@pytest.mark.cpu_path
+@pytest.mark.parametrize("cpu_impl", CPU_IMPLS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_implementations_special_values(cpu_impl, dtype):
+    # -inf columns (a masked vocabulary) give p = 0 exactly: finite results and zero gradient there; a NaN logit makes
+    # its own row NaN (as log_softmax does) and leaves the other rows alone.
+    logits = make_logits((6,), 1000, dtype)
+    logits[:, 600:] = float("-inf")
+    logits[4, 10] = float("nan")
+    labels = torch.randint(0, 600, (6,))
+    leaf = logits.clone().requires_grad_()
+    logprobs, entropy = ops.token_logprobs(leaf, labels, return_entropy=True)
+    finite_rows = torch.tensor([True, True, True, True, False, True])
+    expected_lp, expected_h = reference.token_logprobs(logits[finite_rows].double(), labels[finite_rows],
+                                                       return_entropy=True)
+    assert_within_budget(logprobs[finite_rows], expected_lp, name="masked logprobs")
+    assert_within_budget(entropy[finite_rows], expected_h, name="masked entropy")
+    assert torch.isnan(logprobs[4]) and torch.isnan(entropy[4])
+    (logprobs[finite_rows].sum() + entropy[finite_rows].sum()).backward()
+    grad = leaf.grad[finite_rows]
+    assert torch.isfinite(grad).all() and torch.all(grad[:, 600:] == 0)
+
+
+def test_set_cpu_isa_rejects_unknown_names():
+    from rto_fast import _C
+
+    with pytest.raises(ValueError, match="unknown name"):
+        _C.set_cpu_isa("sse9")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Kernels directly: forced vocabulary splits and block sizes, poisoned outputs
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -52,6 +52,12 @@ __all__ = ["token_logprobs", "linear_token_logprobs"]
 # (2048 x 32000: ~21 ms fp32, ~24 ms bf16; 2^22: +20% in bf16); 2^21 halves the number of small parallel regions,
 # which is what suffers most when other jobs share the cores.
 _TORCH_CHUNK_ELEMENTS = 1 << 21
+# log p below which exp(log p) is exactly 0 in the compute dtype (under the smallest subnormal): clamping log p there
+# changes no probability and keeps p * log p finite where a logit is -inf.
+_LOG_P_FLOOR = {torch.float32: -104.0, torch.float64: -746.0}
+# Float32 / bfloat16 CPU logits run the C++ row kernels of rto_fast._C (csrc/logprobs.cpp) rather than the chunked
+# ATen path; tests switch this off to exercise the ATen path on the same inputs.
+_NATIVE_CPU = True
 # linear_token_logprobs: bounds on the logits of one vocabulary chunk (elements). The floor keeps the chunk matmul
 # big enough to run at full speed when N or D is small; the cap bounds memory when N x D is huge.
 _LINEAR_CHUNK_MIN_ELEMENTS = 1 << 22
@@ -92,13 +98,49 @@ def _scaled_chunk(logits_chunk, buffer, temperature):
     return buffer
 
 
+def _native_cpu(logits: torch.Tensor) -> bool:
+    """Whether rto_fast._C's row kernels take these logits (CPU, float32 or bfloat16, contiguous rows)."""
+    return (_NATIVE_CPU and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
+            and logits.is_contiguous())
+
+
+def _forward_native(logits, labels, temperature, ignore_index, return_entropy):
+    from .. import _C
+
+    n_rows, vocab_size = logits.shape
+    labels = labels.to(torch.int64).contiguous()
+    logprobs = torch.empty(n_rows, dtype=torch.float32)
+    row_stats = torch.empty(n_rows, 2, dtype=torch.float32)
+    entropy = torch.empty(n_rows, dtype=torch.float32) if return_entropy else None
+    _C.token_logprobs_fwd(logits.data_ptr(), labels.data_ptr(), n_rows, vocab_size, float(temperature),
+                          int(ignore_index), logprobs.data_ptr(), row_stats.data_ptr(),
+                          entropy.data_ptr() if entropy is not None else 0, str(logits.dtype).replace("torch.", ""))
+    return logprobs, row_stats, entropy
+
+
+def _backward_native(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out):
+    from .. import _C
+
+    n_rows, vocab_size = logits.shape
+    labels = labels.to(torch.int64).contiguous()
+    row_stats = row_stats.to(torch.float32).contiguous()
+    float_inputs = [t.to(torch.float32).contiguous() if t is not None else None
+                    for t in (entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy)]
+    _C.token_logprobs_bwd(logits.data_ptr(), labels.data_ptr(), row_stats.data_ptr(),
+                          *(t.data_ptr() if t is not None else 0 for t in float_inputs), n_rows, vocab_size,
+                          float(temperature), int(ignore_index), out.data_ptr(), str(logits.dtype).replace("torch.", ""))
+    return out
+
+
 def _forward_torch(logits, labels, temperature, ignore_index, return_entropy, need_stats=True):
     """(logprobs float32, row_stats (N, 2), entropy float32 or None) for logits (N, V), labels (N,).
 
     row_stats = (m, log s): the row max of z = logits / temperature and log sum exp(z - m), what backward needs
     (kernels/logprobs.py says why not lse). They cost two extra max passes over each cached chunk; without
-    `need_stats` they are zeros.
+    `need_stats` they are zeros. Float32 / bfloat16 CPU logits go to the C++ row kernels instead (csrc/logprobs.cpp).
     """
+    if _native_cpu(logits):
+        return _forward_native(logits, labels, temperature, ignore_index, return_entropy)
     n_rows, vocab_size = logits.shape
     dtype = _compute_dtype(logits.dtype)
     device = logits.device
@@ -121,7 +163,9 @@ def _forward_torch(logits, labels, temperature, ignore_index, return_entropy, ne
             row_stats[start:stop, 0] = z.amax(-1)
             row_stats[start:stop, 1] = log_p.amax(-1).neg_()
         if return_entropy:
-            p_log_p = torch.exp(log_p, out=scaled_buffer[:count]).mul_(log_p)
+            # Below the floor p is exactly 0: the clamp changes no value and keeps 0 * -inf (masked logits) out.
+            p = torch.exp(log_p, out=scaled_buffer[:count])
+            p_log_p = p.mul_(log_p.clamp_(min=_LOG_P_FLOOR[dtype]))
             entropy[start:stop] = p_log_p.sum(-1).neg_()
     logprobs.masked_fill_(~valid, 0.0)
     row_stats.masked_fill_(~valid.unsqueeze(-1), 0.0)
@@ -132,6 +176,9 @@ def _forward_torch(logits, labels, temperature, ignore_index, return_entropy, ne
 
 def _backward_torch(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out):
     """Gradient of the logits (N, V), written chunk by chunk into `out` (which may be `logits` itself)."""
+    if _native_cpu(logits) and out.dtype == logits.dtype and out.is_contiguous():
+        return _backward_native(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature,
+                                ignore_index, out)
     n_rows, vocab_size = logits.shape
     dtype = _compute_dtype(logits.dtype)
     valid = labels != ignore_index
@@ -171,8 +218,8 @@ def _backward_torch(logits, labels, row_stats, entropy, grad_logprobs, grad_entr
         # log_p holds everything needed from the logits chunk, so `out` may overwrite it now (in-place backward).
         p = torch.exp(log_p, out=out[start:stop] if direct else p_buffer[:count])
         if g_h is not None:
-            # grad = -p * (g_lp + g_h * (log p + H)) + g_lp * onehot
-            factor = log_p.add_(entropy[start:stop]).mul_(g_h[start:stop])
+            # grad = -p * (g_lp + g_h * (log p + H)) + g_lp * onehot (log p clamped where p = 0, as in the forward)
+            factor = log_p.clamp_(min=_LOG_P_FLOOR[dtype]).add_(entropy[start:stop]).mul_(g_h[start:stop])
             if g_lp is not None:
                 factor.add_(g_lp[start:stop])
             grad = p.mul_(factor).neg_()
