@@ -5,7 +5,7 @@
 Writes bench/results/logprobs_<device>.md (hardware, versions, command, tables, ratios vs TRL) and prints it.
 
 token_logprobs peers, same logits and labels, forward and forward+backward (sum of the log-probs):
-- "rto_fast": `ops.token_logprobs` (Triton on CUDA, the chunked torch path on CPU); "rto_fast inplace" adds
+- "rto_fast": `ops.token_logprobs` (Triton on CUDA, the C++ row kernels of csrc/logprobs.cpp on CPU); "rto_fast inplace" adds
   `inplace_backward=True` (the gradient overwrites the logits).
 - "TRL": `trl.trainer.utils.selective_log_softmax` on (B, T, V) logits with B = 8 rows (a padded batch; on CPU it
   loops over B; on CUDA it runs TRL's own Triton kernel). "TRL packed" is the same call on a packed (1, N, V)
@@ -395,7 +395,12 @@ def _versions():
 
 
 def _hardware(device):
-    return f"{hardware(device)}, torch threads {torch.get_num_threads()}"
+    text = f"{hardware(device)}, torch threads {torch.get_num_threads()}"
+    if device == "cpu":
+        from rto_fast import _C
+
+        text += f", rto_fast CPU row kernels: {_C.cpu_isa()}"
+    return text
 
 
 def copy_bandwidth_gbs(device):

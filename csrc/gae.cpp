@@ -1,5 +1,6 @@
-// CPU fast paths over raw buffers (no libtorch link); the module is defined here. rto_fast._C.gae (generalized advantage estimation) and
-// rto_fast._C.ppo_loss_fwd (the clipped PPO loss forward with its per-token gradients).
+// CPU fast paths over raw buffers (no libtorch link); the rto_fast._C module is defined here, token_logprobs in
+// logprobs.cpp. rto_fast._C.gae (generalized advantage estimation) and rto_fast._C.ppo_loss_fwd (the clipped PPO
+// loss forward with its per-token gradients).
 //
 // The stream is flat: `segment_offsets` (int64, num_segments + 1 entries) splits it into rows of a padded batch
 // or sequences of a packed stream; a False mask position also ends a response, so every maximal run of True

@@ -232,8 +232,9 @@ RTO_INLINE void backward_row(const T* x, T* out, int64_t label, int64_t vocab, f
 }
 
 // Row functions for three instruction sets: the x86-64 baseline (SSE2; also what other architectures compile),
-// AVX2 + FMA and AVX-512 (2048 x 32000 on 2 Zen 5 cores: 39, 15 and 10 ms). No -ffast-math anywhere; the AVX copies contract multiply-adds into FMAs, so they can differ from the
-// baseline in the last bit, and a given machine always runs the same copy.
+// AVX2 + FMA and AVX-512 (2048 x 32000 on 2 Zen 5 cores: 39, 15 and 10 ms). No -ffast-math anywhere; the AVX copies
+// contract multiply-adds into FMAs, so they can differ from the baseline in the last bit, and a given machine always
+// runs the same copy.
 #define RTO_ROW_FUNCTIONS(SUFFIX, ATTRIBUTES, WIDTH)                                                                \
   template <typename T>                                                                                              \
   ATTRIBUTES void forward_row_##SUFFIX(const T* x, int64_t label, int64_t vocab, float temperature, float* logprob,  \

@@ -28,9 +28,10 @@ re-write a float32 (V, D) grad_weight accumulator: on an H200 at 4096 x 4096 x 1
 matmul + log-probs done separately.
 
 Backends (`rto_fast.ops._common.backend_for`): CUDA tensors run the Triton kernels of `rto_fast.kernels.logprobs`
-(float64 takes the torch path to keep its precision); CPU tensors run a vectorized torch path that walks the rows in
-chunks of about 2 M elements, casts a chunk to float32 into a reused buffer and uses log_softmax / gather on it
-(fused, vectorized ATen kernels; the chunk stays in cache, and no float32 copy of the whole logits ever exists).
+(float64 takes the torch path to keep its precision); CPU tensors run the torch path: float32 / bfloat16 logits go
+to the C++ row kernels of `rto_fast._C` (csrc/logprobs.cpp: per row a max sweep and one exp sweep from cache, nothing
+of size (N, V) written; backward writes the gradient in one sweep), other dtypes to ATen ops that walk the rows in
+chunks of about 2 M elements, cast a chunk to float32 into a reused buffer and use log_softmax / gather on it.
 `reference` runs `rto_fast.reference` for the forward. The raw ops are registered as `torch.library.custom_op`s
 (`rto_fast::token_logprobs_fwd`, `..._bwd`, `..._bwd_inplace`, `rto_fast::linear_token_logprobs_fwd`, `..._bwd`)
 with fake implementations and autograd, so `torch.compile`d code calls them without graph breaks.
@@ -128,7 +129,8 @@ def _backward_native(logits, labels, row_stats, entropy, grad_logprobs, grad_ent
                     for t in (entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy)]
     _C.token_logprobs_bwd(logits.data_ptr(), labels.data_ptr(), row_stats.data_ptr(),
                           *(t.data_ptr() if t is not None else 0 for t in float_inputs), n_rows, vocab_size,
-                          float(temperature), int(ignore_index), out.data_ptr(), str(logits.dtype).replace("torch.", ""))
+                          float(temperature), int(ignore_index), out.data_ptr(),
+                          str(logits.dtype).replace("torch.", ""))
     return out
 
 
