@@ -164,9 +164,8 @@ def register_packed_attention() -> None:
 # ------------------------------------------------------------------------------------------------ the call
 
 def _model_config(model: torch.nn.Module):
-    config = getattr(model, "config", None)
-    if config is None and hasattr(model, "module"):  # DeepSpeed engine, DDP
-        config = getattr(model.module, "config", None)
+    inner = getattr(model, "module", None)  # a DeepSpeed engine or DDP wraps the model (an engine's own .config is
+    config = getattr(inner if isinstance(inner, torch.nn.Module) else model, "config", None)  # DeepSpeed's)
     if config is None:
         raise TypeError(f"{type(model).__name__} has no transformers config")
     return config

@@ -84,6 +84,19 @@ def write_atomic_folder(target: str | os.PathLike, write: Callable[[Path], None]
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    return _replace_folder(temp, target)
+
+
+def finish_atomic_folder(temp: Path, target: Path, training_state: dict) -> Path:
+    """Complete a checkpoint that several processes wrote into `temp`: trainer_state.json last, fsync, rename."""
+    (temp / STATE_FILE).write_text(json.dumps(training_state, indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(temp)
+    return _replace_folder(temp, target)
+
+
+def _replace_folder(temp: Path, target: Path) -> Path:
+    """Rename the complete folder `temp` to `target` (moving an existing target aside first) and fsync the parent."""
+    parent = target.parent
     old = None
     if target.exists():
         # os.replace cannot replace a non-empty folder: move the old one aside (also atomic), then delete it.

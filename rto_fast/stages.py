@@ -40,8 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import distributed
 from .attention import packed_forward
 from .config import RL_MODES, STAGES, Config, StageConfig
+from .distributed import Distributed, EngineTrainer, shard_by_tokens
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .run_log import MetricsLog, ProgressBar
@@ -84,6 +86,8 @@ class RunContext:
     # Prompts for the RL and eval stages (rto_fast.data.PromptExample), loaded when a config lists those stages.
     train_prompts: list = field(default_factory=list)
     eval_prompts: list = field(default_factory=list)
+    # This process's place in a data-parallel run (rank 0 of 1 and no DeepSpeed engine by default).
+    dist: Distributed = field(default_factory=Distributed)
 
 
 def _get(example, name: str):
@@ -416,17 +420,22 @@ def resume_point(name: str, context: RunContext) -> tuple[bool, Path | None]:
     a checkpoint folder -> its stage continues from it, the other stages as with auto. Also removes what an
     interrupted save left behind. A finished stage's model folder is recorded in context.outputs."""
     runtime = context.config.runtime
+    dist = context.dist
     stage_dir = context.run_dir / name
     output_dir = stage_dir / MODEL_DIR
     explicit = _explicit_checkpoint(name, context)
-    if runtime.resume == "never" and stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    elif explicit is None and output_dir.is_dir():
+    finished = explicit is None and runtime.resume != "never" and output_dir.is_dir()
+    dist.barrier()  # every rank has looked before rank 0 changes anything
+    if finished:
         logger.info("%s: %s already holds the finished model; skipping the stage", name, output_dir)
         context.outputs[name] = output_dir
         return True, None
-    for leftover in (ckpt.clean_temporary(stage_dir / CHECKPOINT_DIR) + ckpt.clean_temporary(stage_dir)):
-        logger.info("%s: removed %s, left by an interrupted save", name, leftover)
+    if dist.main:
+        if runtime.resume == "never" and stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        for leftover in (ckpt.clean_temporary(stage_dir / CHECKPOINT_DIR) + ckpt.clean_temporary(stage_dir)):
+            logger.info("%s: removed %s, left by an interrupted save", name, leftover)
+    dist.barrier()
     if explicit is not None:
         return False, explicit
     if runtime.resume == "never":
@@ -460,53 +469,88 @@ def run_stage(name: str, context: RunContext) -> Path:
                 f", resuming from {resume_from}" if resume_from else "")
     stage.build(init_path, resume_from / MODEL_DIR if resume_from else None)
 
-    optimizer = torch.optim.AdamW(stage.trainable_parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(settings.adam_beta1, settings.adam_beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, settings))
+    dist = context.dist
+    schedule = (lambda at: lr_factor(at, total_steps, settings))  # noqa: E731
+    trainer = optimizer = scheduler = None
+    if dist.engine:
+        trainer = EngineTrainer(stage.model, settings, schedule, dist, context.device.type)
+        stage.model = trainer.engine  # forward passes go through the engine (ZeRO-3 counts them for accumulation)
+    else:
+        optimizer = torch.optim.AdamW(stage.trainable_parameters(), lr=settings.lr,
+                                      weight_decay=settings.weight_decay,
+                                      betas=(settings.adam_beta1, settings.adam_beta2))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = {"stage": name, "tokens_seen": 0, "elapsed_s": 0.0, "evaluated_at": -1}
     step = 0
     if resume_from is not None:
-        saved = ckpt.load_training_state(resume_from, optimizer, scheduler)
+        if trainer is not None:
+            saved = distributed.load_checkpoint(resume_from, trainer, dist)
+        else:
+            saved = ckpt.load_training_state(resume_from, optimizer, scheduler)
         step = int(saved["step"])
         state.update({key: saved[key] for key in state if key in saved})
         if saved.get("total_steps") not in (None, total_steps):
             logger.warning("%s: the checkpoint was planned for %s steps, this config gives %d", name,
                            saved.get("total_steps"), total_steps)
-    # Records past the checkpoint were written by the interrupted run; this run writes them again.
-    context.metrics.truncate(name, after_step=step)
+    if dist.main:
+        # Records past the checkpoint were written by the interrupted run; this run writes them again.
+        context.metrics.truncate(name, after_step=step)
 
     def save_checkpoint(at_step: int) -> None:
         epoch, batch_in_epoch = plan.position(at_step)  # where the next step starts
-        ckpt.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, stage.model, optimizer, scheduler,
-                             {**state, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": total_steps},
-                             tokenizer=context.tokenizer, keep_last=runtime.keep_last)
+        position = {**state, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": total_steps}
+        if trainer is not None:
+            distributed.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, trainer, position, context.tokenizer,
+                                        runtime.keep_last, dist)
+        else:
+            ckpt.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, stage.model, optimizer, scheduler, position,
+                                 tokenizer=context.tokenizer, keep_last=runtime.keep_last)
 
-    bar = ProgressBar(total_steps, initial=step, desc=name, enabled=runtime.progress_bar)
+    bar = ProgressBar(total_steps, initial=step, desc=name, enabled=runtime.progress_bar and dist.main)
     parameters = stage.trainable_parameters()
     clip = settings.max_grad_norm if settings.max_grad_norm is not None else float("inf")
     try:
         while step < total_steps:
             started = time.perf_counter()
             indices, epoch = plan.batch(step)
+            if dist.parallel:  # this rank's share of the step, balanced by tokens
+                shares = shard_by_tokens(indices, [int(plan.example_tokens[i]) for i in indices], dist.world_size)
+                indices = shares[dist.rank]
             groups = [stage.micro_batches(context.train_examples, group, settings.micro_batch_tokens)
                       for group in split_even(indices, settings.grad_accumulation)]
-            denominator = stage.denominator([batch for group in groups for batch in group])
-            lr = scheduler.get_last_lr()[0]
-            optimizer.zero_grad(set_to_none=True)
+            denominator = dist.sum([stage.denominator([batch for group in groups for batch in group])])[0]
+            passes = [[(batch, 1.0) for batch in group] for group in groups]
+            # Every rank runs as many passes (ZeRO collectives); missing ones repeat a batch with weight 0.
+            missing = dist.max(sum(map(len, passes))) - sum(map(len, passes))
+            passes[-1].extend([(passes[-1][-1][0], 0.0)] * missing)
+            last_pass = (len(passes) - 1, len(passes[-1]) - 1)
+            lr = trainer.lr if trainer is not None else scheduler.get_last_lr()[0]
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
             totals: dict = {}
             tokens = 0
-            for group in groups:
-                group = [batch.to(context.device) for batch in group]
-                extras = stage.prepare(group)
-                for batch, extra in zip(group, extras):
+            for group_index, group in enumerate(passes):
+                batches = [batch.to(context.device) for batch, _ in group]
+                extras = stage.prepare(batches)
+                for pass_index, (batch, extra, (_, weight)) in enumerate(zip(batches, extras, group)):
                     with _autocast(context):
                         loss, stats = stage.loss(batch, extra, denominator)
-                    loss.backward()
-                    _accumulate(totals, stats)
-                    tokens += batch.num_tokens
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip))
-            optimizer.step()
-            scheduler.step()
+                    if trainer is not None:
+                        trainer.backward(loss * weight, boundary=(group_index, pass_index) == last_pass)
+                    else:
+                        loss.backward()
+                    if weight:
+                        _accumulate(totals, stats)
+                        tokens += batch.num_tokens
+            if trainer is not None:
+                grad_norm = trainer.step()
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip))
+                optimizer.step()
+                scheduler.step()
+            if dist.parallel:
+                totals = dist.sum_dicts({**totals, "_tokens": tokens})
+                tokens = int(totals.pop("_tokens"))
             step += 1
             state["tokens_seen"] += tokens
             step_time = time.perf_counter() - started
@@ -517,21 +561,29 @@ def run_stage(name: str, context: RunContext) -> Path:
                       "tokens_seen": state["tokens_seen"], "elapsed_s": round(state["elapsed_s"], 3)}
             last = step == total_steps
             if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last):
-                record.update(evaluate(stage, eval_batches))
+                record.update(evaluate(stage, eval_batches))  # every rank evaluates all of it: same numbers
                 state["evaluated_at"] = step
-            if step % runtime.log_every == 0 or last or "eval_loss" in record:
+            if dist.main and (step % runtime.log_every == 0 or last or "eval_loss" in record):
                 context.metrics.write(record)
             bar.update(step, tokens, loss=record.get("loss"))
             if last or (runtime.checkpoint_every and step % runtime.checkpoint_every == 0):
                 save_checkpoint(step)
         if eval_batches and state["evaluated_at"] != step:
             # Resumed from the final checkpoint of a run that had not evaluated yet.
-            context.metrics.write({"stage": name, "step": step, **evaluate(stage, eval_batches)})
+            metrics = evaluate(stage, eval_batches)
+            if dist.main:
+                context.metrics.write({"stage": name, "step": step, **metrics})
     finally:
         bar.close()
 
-    ckpt.write_atomic_folder(output_dir, stage.save)
+    if trainer is not None:
+        with trainer.full_parameters():
+            if dist.main:
+                ckpt.write_atomic_folder(output_dir, lambda folder: ckpt.save_model(trainer.module, folder,
+                                                                                    context.tokenizer))
+        dist.barrier()
+    else:
+        ckpt.write_atomic_folder(output_dir, stage.save)
     logger.info("%s: finished after %d steps; model in %s", name, step, output_dir)
     context.outputs[name] = output_dir
-    del stage
     return output_dir

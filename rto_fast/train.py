@@ -20,6 +20,7 @@ stops the run before any model loads, with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -92,9 +93,7 @@ def preflight(config: Config) -> None:
             check_model_source(path)
         except FileNotFoundError as error:
             raise UsageError(f"{key}: {error}") from None
-    if config.runtime.deepspeed is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("runtime.deepspeed / multi-process launch: the sft, dpo and rm stages run in one process "
-                         "for now; unset runtime.deepspeed and launch with python -m rto_fast.train")
+    _check_distributed(config)
     training = [stage for stage in config.stages if stage in TRAINING_STAGES]
     if config.data.format == "prompt" and training:
         raise UsageError(f"data.format 'prompt' has no responses; stages {', '.join(training)} need "
@@ -117,11 +116,37 @@ def preflight(config: Config) -> None:
             raise UsageError(f"rl.prompts: {error}") from None
 
 
-def _device(name: str):
+def _check_distributed(config: Config) -> None:
+    """A DeepSpeed config that cannot work, or a multi-process launch of what runs in one process only."""
+    from . import distributed
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.runtime.deepspeed is None and world_size == 1:
+        return
+    try:
+        if config.runtime.deepspeed is not None:
+            distributed.validate_deepspeed_config(distributed.load_deepspeed_config(config.runtime.deepspeed))
+        distributed.check_world({stage: getattr(config, stage) for stage in config.stages
+                                 if stage in TRAINING_STAGES}, world_size)
+    except distributed.DistributedError as error:
+        raise UsageError(str(error)) from None
+    single = [stage for stage in config.stages if stage not in TRAINING_STAGES]
+    if single:
+        raise UsageError(f"stages {', '.join(single)}: the RL and eval stages run in one process without DeepSpeed "
+                         "for now (sft, dpo and rm run under DeepSpeed); run them in a separate launch with "
+                         "runtime.deepspeed unset")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("runtime.deepspeed / a multi-process launch needs the deepspeed package "
+                         "(pip install deepspeed)")
+
+
+def _device(name: str, local_rank: int = 0):
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{local_rank}"  # one GPU per process
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"runtime.device: {name!r} asked for, but torch sees no CUDA device")
@@ -165,7 +190,7 @@ def _load_prompts(config: Config, tokenizer, run_dir: Path):
     return train, test
 
 
-def _setup_logging(run_dir: Path) -> None:
+def _setup_logging(run_dir: Path, main: bool = True) -> None:
     package_logger = logging.getLogger("rto_fast")
     package_logger.setLevel(logging.INFO)
     formatter = logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S")
@@ -173,7 +198,11 @@ def _setup_logging(run_dir: Path) -> None:
         if getattr(handler, "_rto_fast_run", False):
             package_logger.removeHandler(handler)
             handler.close()
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log", encoding="utf-8")]
+    if not main:  # other ranks: warnings and errors on stderr only; rank 0 writes the log
+        package_logger.setLevel(logging.WARNING)
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if main:
+        handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler._rto_fast_run = True
@@ -187,11 +216,16 @@ def run(config: Config) -> Path:
     """Run every stage of `config`; returns the run folder. Raises UsageError for problems found before any model
     loads."""
     preflight(config)
-    device = _device(config.runtime.device)
+    from . import distributed
+
+    device = _device(config.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = distributed.from_environment(config.runtime.deepspeed, device.type)
     run_dir = Path(config.runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    _setup_logging(run_dir)
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    dist.barrier()
+    _setup_logging(run_dir, dist.main)
 
     from transformers.utils import logging as transformers_logging
 
@@ -216,7 +250,8 @@ def run(config: Config) -> Path:
         raise UsageError(f"tokenizer {tokenizer_source!r} cannot be loaded: {' '.join(str(error).split())}") from None
     train_examples, eval_examples = [], []
     if any(stage in TRAINING_STAGES for stage in config.stages):
-        train_examples, eval_examples = _load_examples(config, tokenizer, run_dir)
+        with dist.main_first():  # rank 0 fills the data cache, the others read it
+            train_examples, eval_examples = _load_examples(config, tokenizer, run_dir)
         if not train_examples:
             raise UsageError(f"data.source {config.data.source!r}: no usable training examples")
     train_prompts, eval_prompts = [], []
@@ -226,11 +261,12 @@ def run(config: Config) -> Path:
     from .run_log import METRICS_FILE, MetricsLog, write_plots, write_summary
     from .stages import RunContext, run_stage
 
-    logger.info("run folder %s, device %s, stages %s", run_dir, device, ", ".join(config.stages))
+    logger.info("run folder %s, device %s, stages %s%s", run_dir, device, ", ".join(config.stages),
+                f", {dist.world_size} ranks under DeepSpeed" if dist.engine else "")
     context = RunContext(config=config, run_dir=run_dir, device=device, tokenizer=tokenizer,
                          train_examples=train_examples, eval_examples=eval_examples,
                          metrics=MetricsLog(run_dir / METRICS_FILE), train_prompts=train_prompts,
-                         eval_prompts=eval_prompts)
+                         eval_prompts=eval_prompts, dist=dist)
     for name in config.stages:
         if name in TRAINING_STAGES:
             run_stage(name, context)
@@ -242,10 +278,12 @@ def run(config: Config) -> Path:
             from .evaluation import run_eval
 
             run_eval(context)
-    plots = write_plots(run_dir)
-    table = write_summary(run_dir)
-    logger.info("plots: %s", ", ".join(str(path) for path in plots) or "none")
-    print(table, flush=True)
+    if dist.main:
+        plots = write_plots(run_dir)
+        table = write_summary(run_dir)
+        logger.info("plots: %s", ", ".join(str(path) for path in plots) or "none")
+        print(table, flush=True)
+    dist.barrier()
     return run_dir
 
 
