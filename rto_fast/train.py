@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .config import RL_MODES, TRAINING_STAGES, Config, ConfigError, config_help, load_config, save_config
+from .distributed import DistributedError
 
 logger = logging.getLogger("rto_fast.train")
 EXIT_USAGE = 2
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         run(config)
-    except (ConfigError, UsageError) as error:
+    except (ConfigError, UsageError, DistributedError) as error:
         print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     return 0
