@@ -34,6 +34,7 @@ and trainer_state.json (with the world size; a resume must use the same one).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -101,14 +102,20 @@ class Distributed:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return int(tensor.item())
 
+    def gather(self, value) -> list:
+        """One picklable object per rank, in rank order, on every rank."""
+        if not self.parallel:
+            return [value]
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
     def sum_dicts(self, values: dict) -> dict:
         """Key-wise sum of one dict per rank (keys may differ between ranks)."""
         if not self.parallel:
             return dict(values)
-        gathered: list = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, values)
         total: dict = {}
-        for part in gathered:
+        for part in self.gather(values):
             for key, value in part.items():
                 total[key] = total.get(key, 0.0) + value
         return total
@@ -190,7 +197,9 @@ def from_environment(deepspeed_setting, device_type: str) -> Distributed:
 
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+    # Rank 0 runs the eval stage alone while the others wait: a generous timeout.
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                               timeout=datetime.timedelta(hours=2))
     return Distributed(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                        local_rank=local_rank, deepspeed=config)
 
@@ -277,6 +286,27 @@ class EngineTrainer:
         return float(norm) if norm is not None else 0.0
 
     @contextlib.contextmanager
+    def whole_model(self):
+        """The bare model with all parameters whole on this rank and no ZeRO hooks, for passes that ranks run a
+        different number of times (sampling, scoring): under ZeRO-3 the parameters are gathered once for the block
+        and the per-module gather hooks are taken off, so nothing in it is collective; other stages hold the
+        parameters whole anyway. Entering and leaving are collective."""
+        if self.zero_stage != 3:
+            yield self.module
+            return
+        import deepspeed
+
+        offload = self.engine.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            for parameter in self.module.parameters():
+                getattr(parameter, "ds_active_sub_modules", set()).clear()
+            offload._remove_module_hooks()
+            try:
+                yield self.module
+            finally:
+                offload.setup_zero_stage3_hooks()
+
+    @contextlib.contextmanager
     def full_parameters(self):
         """All parameters whole on every rank for the block (ZeRO-3 gathers them; other stages hold them whole)."""
         if self.zero_stage == 3:
@@ -307,9 +337,11 @@ class EngineTrainer:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(folder: Path, step: int, trainer: EngineTrainer, state: dict, tokenizer, keep_last: int | None,
-                    dist: Distributed) -> Path:
-    """Collective, atomic checkpoint `step` under `folder` (layout in the module docstring)."""
+def save_checkpoint(folder: Path, step: int, trainers: dict[str, EngineTrainer], state: dict, tokenizer,
+                    keep_last: int | None, dist: Distributed) -> Path:
+    """Collective, atomic checkpoint `step` under `folder` (layout in the module docstring). `trainers` maps a
+    subfolder to each trained model ("" for the main one, e.g. "critic" for the RL critic: critic/deepspeed,
+    critic/model); the tokenizer goes with the main one."""
     from . import checkpoint as ckpt
 
     folder = Path(folder)
@@ -323,8 +355,9 @@ def save_checkpoint(folder: Path, step: int, trainer: EngineTrainer, state: dict
             shutil.rmtree(temp)
         temp.mkdir()
     dist.barrier()
-    trainer.save_engine(temp)
-    trainer.export(temp / "model", tokenizer)
+    for name, trainer in trainers.items():
+        trainer.save_engine(temp / name)
+        trainer.export(temp / name / "model", tokenizer if not name else None)
     torch.save(ckpt.rng_state(), temp / _RNG_FILE.format(rank=dist.rank))
     dist.barrier()
     if dist.main:
@@ -336,8 +369,9 @@ def save_checkpoint(folder: Path, step: int, trainer: EngineTrainer, state: dict
     return target
 
 
-def load_checkpoint(checkpoint: Path, trainer: EngineTrainer, dist: Distributed) -> dict:
-    """Restore engine (weights, optimizer, schedule) and this rank's RNGs; returns trainer_state.json."""
+def load_checkpoint(checkpoint: Path, trainers: dict[str, EngineTrainer], dist: Distributed) -> dict:
+    """Restore each engine (weights, optimizer, schedule; `trainers` as in save_checkpoint) and this rank's RNGs;
+    returns trainer_state.json."""
     from . import checkpoint as ckpt
 
     state = ckpt.read_state(checkpoint)
@@ -348,7 +382,8 @@ def load_checkpoint(checkpoint: Path, trainer: EngineTrainer, dist: Distributed)
     if saved_world != dist.world_size:
         raise DistributedError(f"runtime.resume: {checkpoint} was written by {saved_world} ranks, this run has "
                                f"{dist.world_size}; resume with the same world size")
-    trainer.load_engine(checkpoint)
+    for name, trainer in trainers.items():
+        trainer.load_engine(Path(checkpoint) / name)
     rng_file = Path(checkpoint) / _RNG_FILE.format(rank=dist.rank)
     if rng_file.is_file():
         ckpt.set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))

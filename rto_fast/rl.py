@@ -40,6 +40,7 @@ schedulers, the RNG states, kl_coef and the iteration; a resumed run repeats exa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -59,8 +60,10 @@ from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
 from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
+from . import distributed
+from .distributed import EngineTrainer, shard_by_tokens
 from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _accumulate, _autocast,
-                     lr_factor, resume_point, seed_everything, stage_init_path, stage_output)
+                     lr_factor, resume_point, seed_everything, split_even, stage_init_path, stage_output)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,18 @@ class RolloutBatch:
 
     def sequences(self) -> list:
         return [response_sequence(rollout.prompt_ids, rollout.response_ids) for rollout in self.rollouts]
+
+    @staticmethod
+    def concatenate(parts: list["RolloutBatch"]) -> "RolloutBatch":
+        """One batch from per-rank parts, in the order given."""
+        if len(parts) == 1:
+            return parts[0]
+        joined = {name: [item for part in parts for item in getattr(part, name)]
+                  for name in ("prompts", "rollouts", "old_logprobs", "ref_logprobs", "values", "rewards",
+                               "advantages", "returns")}
+        for name in ("dpo_rewards", "scores"):
+            joined[name] = None if parts[0].__dict__[name] is None else torch.cat([getattr(p, name) for p in parts])
+        return RolloutBatch(**joined)
 
 
 def _split_per_sequence(values: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
@@ -177,6 +192,11 @@ class RLTrainer:
             # A static cache pays off only when shapes repeat: pad every batch's prompts to one width.
             prompt_width=self.config.data.max_prompt_length if settings.generation_cache == "static" else 0)
         self.synthetic = self.config.data.source == "synthetic" and settings.prompts in (None, "synthetic")
+        self.dist = context.dist
+        # Under DeepSpeed: the engines of policy and critic (self.policy / self.critic are then the engines, which
+        # training passes go through; sampling and scoring use the bare models inside EngineTrainer.whole_model).
+        self.actor_engine: EngineTrainer | None = None
+        self.critic_engine: EngineTrainer | None = None
 
     # --- models
     def model_paths(self) -> dict[str, str | None]:
@@ -249,6 +269,20 @@ class RLTrainer:
         def schedule(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, settings))
 
+        if self.dist.engine:
+            def engine(model, lr):
+                optimizer_settings = SimpleNamespace(lr=lr, weight_decay=settings.weight_decay,
+                                                     adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2,
+                                                     max_grad_norm=settings.max_grad_norm)
+                return EngineTrainer(model, optimizer_settings, lambda step: lr_factor(step, total_steps, settings),
+                                     self.dist, self.device.type)
+
+            self.actor_engine = engine(self.policy, settings.actor_lr)
+            self.critic_engine = engine(self.critic, settings.critic_lr)
+            self.policy, self.critic = self.actor_engine.engine, self.critic_engine.engine
+            self.actor_optimizer = self.critic_optimizer = None
+            self.actor_scheduler, self.critic_scheduler = self.actor_engine.scheduler, self.critic_engine.scheduler
+            return
         actor_parameters = [p for p in self.policy.parameters() if p.requires_grad]
         critic_parameters = [p for p in self.critic.parameters() if p.requires_grad]
         self.actor_parameters, self.critic_parameters = actor_parameters, critic_parameters
@@ -264,10 +298,20 @@ class RLTrainer:
     def steps_per_iteration(self, num_responses: int) -> int:
         return self.settings.ppo_epochs * math.ceil(num_responses / self.settings.mini_batch_size)
 
+    @contextlib.contextmanager
+    def whole_models(self):
+        """(policy, critic) as bare models for sampling and scoring (see EngineTrainer.whole_model)."""
+        if self.actor_engine is None:
+            yield self.policy, self.critic
+            return
+        with self.actor_engine.whole_model() as policy, self.critic_engine.whole_model() as critic:
+            yield policy, critic
+
     # --- 1. rollouts
     def sample(self, prompts: list) -> list[Rollout]:
-        return generate(self.policy, [prompt.prompt_ids for prompt in prompts], self.sampling,
-                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        with self.whole_models() as (policy, _):
+            return generate(policy, [prompt.prompt_ids for prompt in prompts], self.sampling,
+                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
 
     # --- 2. and 3. scoring, rewards, advantages
     def reward_arguments(self) -> dict:
@@ -275,8 +319,20 @@ class RLTrainer:
         return dict(mode=self.mode, kl_coef=self.kl_coef, dpo_coef=settings.dpo_coef, score_coef=settings.score_coef,
                     dpo_clip=settings.dpo_clip, kl_estimator=settings.kl_estimator)
 
-    @torch.inference_mode()
     def score(self, prompts: list, rollouts: list[Rollout]) -> RolloutBatch:
+        """Log-probs, values, rewards and (not yet whitened) advantages of this rank's rollouts."""
+        with self.whole_models() as (policy, critic), torch.inference_mode():
+            return self._score(policy, critic, prompts, rollouts)
+
+    def gather(self, rollout: RolloutBatch) -> RolloutBatch:
+        """Every rank's rollouts on every rank (rank order, which is the order of the prompts), advantages whitened
+        over all of them."""
+        rollout = RolloutBatch.concatenate(self.dist.gather(rollout))
+        if self.settings.whiten_advantages:
+            rollout.advantages = whiten(rollout.advantages)
+        return rollout
+
+    def _score(self, policy, critic, prompts: list, rollouts: list[Rollout]) -> RolloutBatch:
         settings = self.settings
         sequences = [response_sequence(r.prompt_ids, r.response_ids) for r in rollouts]
         count = len(sequences)
@@ -288,10 +344,10 @@ class RLTrainer:
             batch = batch.to(self.device)
             order = batch.sequence_index.tolist()
             with _autocast(self.context):
-                logprobs = packed_logprobs(self.policy, batch)
+                logprobs = packed_logprobs(policy, batch)
                 ref_logprobs = packed_logprobs(self.reference, batch)
                 dpo_logprobs = packed_logprobs(self.dpo_model, batch) if self.dpo_model is not None else None
-                values = packed_values(self.critic, batch)
+                values = packed_values(critic, batch)
                 batch_scores = last_token_scores(self.reward_model, batch) if self.reward_model is not None else None
             rewards, advantages, returns = self.rewards_and_advantages(
                 batch, logprobs, ref_logprobs, dpo_logprobs, values, batch_scores,
@@ -304,8 +360,6 @@ class RLTrainer:
                 dpo_rewards[order] = implicit_dpo_rewards(dpo_logprobs, ref_logprobs, batch, settings.dpo_coef).cpu()
             if scores is not None:
                 scores[order] = batch_scores.float().cpu()
-        if settings.whiten_advantages:
-            fields["advantages"] = whiten(fields["advantages"])
         return RolloutBatch(prompts=prompts, rollouts=rollouts, dpo_rewards=dpo_rewards, scores=scores, **fields)
 
     def rewards_and_advantages(self, batch, logprobs, ref_logprobs, dpo_logprobs, values, scores, finished):
@@ -339,31 +393,46 @@ class RLTrainer:
         totals: dict = {}
         norms: list[tuple[float, float]] = []
         generator = torch.Generator().manual_seed(self.config.runtime.seed * 1_000_003 + 7919 * iteration)
-        separate = self.critic_optimizer is not None
+        engines = self.actor_engine is not None
+        separate = engines or self.critic_optimizer is not None
         vf_coef = 1.0 if separate else settings.vf_coef
+        dist = self.dist
         for _ in range(settings.ppo_epochs):
             order = torch.randperm(count, generator=generator).tolist()
             for start in range(0, count, settings.mini_batch_size):
                 members = order[start:start + settings.mini_batch_size]
-                bins = first_fit_decreasing([lengths[i] for i in members], settings.micro_batch_tokens)
                 mini_tokens = sum(response_lengths[i] for i in members)
-                self.actor_optimizer.zero_grad(set_to_none=True)
-                if separate:
-                    self.critic_optimizer.zero_grad(set_to_none=True)
-                for bin_ in bins:
-                    chosen = [members[i] for i in bin_]
+                mine, weight = members, 1.0
+                if dist.parallel:  # every rank draws the same mini-batch and trains on its token-balanced share
+                    shares = shard_by_tokens(members, [lengths[i] for i in members], dist.world_size)
+                    mine, weight = (shares[dist.rank], 1.0) if shares[dist.rank] else (members[:1], 0.0)
+                bins = first_fit_decreasing([lengths[i] for i in mine], settings.micro_batch_tokens)
+                passes = [([mine[i] for i in bin_], weight) for bin_ in bins]
+                # Every rank runs as many passes (ZeRO collectives); missing ones repeat a batch with weight 0.
+                passes.extend([(passes[-1][0], 0.0)] * (dist.max(len(passes)) - len(passes)))
+                if not engines:
+                    self.actor_optimizer.zero_grad(set_to_none=True)
+                    if separate:
+                        self.critic_optimizer.zero_grad(set_to_none=True)
+                for index, (chosen, pass_weight) in enumerate(passes):
                     batch = pack(sequences, chosen).to(self.device)
-                    share = (sum(response_lengths[i] for i in chosen) / mini_tokens if settings.agg == "token-mean"
-                             else len(chosen) / len(members))
-                    stats = self._micro_batch_step(batch, rollout, chosen, share, vf_coef)
-                    _accumulate(totals, {key: value * share for key, value in stats.items()})
-                    totals["count"] = totals.get("count", 0.0) + share
+                    share = pass_weight * (sum(response_lengths[i] for i in chosen) / mini_tokens
+                                           if settings.agg == "token-mean" else len(chosen) / len(members))
+                    stats = self._micro_batch_step(batch, rollout, chosen, share, vf_coef,
+                                                   boundary=index == len(passes) - 1)
+                    if pass_weight:
+                        _accumulate(totals, {key: value * share for key, value in stats.items()})
+                        totals["count"] = totals.get("count", 0.0) + share
+                if engines:
+                    norms.append((self.actor_engine.step(), self.critic_engine.step()))
+                    continue
                 norms.append(self._clip_gradients(separate))
                 self.actor_optimizer.step()
                 self.actor_scheduler.step()
                 if separate:
                     self.critic_optimizer.step()
                     self.critic_scheduler.step()
+        totals = dist.sum_dicts(totals)
         mini_batches = max(totals.pop("count", 1.0), 1e-9)  # the shares of each mini-batch add up to 1
         stats = {key: value / mini_batches for key, value in totals.items()}
         stats["grad_norm_actor"] = float(np.mean([actor for actor, _ in norms]))
@@ -372,7 +441,7 @@ class RLTrainer:
         return stats
 
     def _micro_batch_step(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
-                          vf_coef: float) -> dict:
+                          vf_coef: float, boundary: bool = True) -> dict:
         settings = self.settings
         old_logprobs = _scatter_to_stream(rollout.old_logprobs, batch, chosen)
         old_values = _scatter_to_stream(rollout.values, batch, chosen)
@@ -381,11 +450,23 @@ class RLTrainer:
         with _autocast(self.context):
             logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True)
             values = packed_values(self.critic, batch)
-        loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, values=values.float(),
-                                   old_values=old_values, returns=returns, clip_eps=settings.clip_eps,
-                                   clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip,
-                                   vf_coef=vf_coef, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
+        def ppo_loss(logprobs, values):
+            return ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, values=values.float(),
+                                old_values=old_values, returns=returns, clip_eps=settings.clip_eps,
+                                clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip,
+                                vf_coef=vf_coef, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
+
         mean_entropy = self._aggregate(entropy, batch)
+        if self.actor_engine is not None:
+            # Two engines, one backward each: pg + vf split by detaching the other model's output (the terms are
+            # disjoint, so each model gets exactly its gradient of the joint loss).
+            loss, stats = ppo_loss(logprobs, values.detach())
+            if settings.entropy_coef:
+                loss = loss - settings.entropy_coef * mean_entropy
+            self.actor_engine.backward(loss * share, boundary)
+            self.critic_engine.backward(ppo_loss(logprobs.detach(), values)[0] * share, boundary)
+            return {**{name: float(value) for name, value in stats.items()}, "entropy": float(mean_entropy.detach())}
+        loss, stats = ppo_loss(logprobs, values)
         if settings.entropy_coef:
             loss = loss - settings.entropy_coef * mean_entropy
         (loss * share).backward()
@@ -459,8 +540,10 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.eval.seed)
-        rollouts = generate(trainer.policy, [prompt.prompt_ids for prompt in prompts], sampling,
-                            eos_token_id=trainer.tokenizer.eos_token_id, pad_token_id=trainer.tokenizer.pad_token_id)
+        with trainer.whole_models() as (policy, _):
+            rollouts = generate(policy, [prompt.prompt_ids for prompt in prompts], sampling,
+                                eos_token_id=trainer.tokenizer.eos_token_id,
+                                pad_token_id=trainer.tokenizer.pad_token_id)
     judges = Judges(reward_model=trainer.reward_model, dpo_model=trainer.dpo_model, ref_model=trainer.reference,
                     beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic)
     scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens)
@@ -500,6 +583,10 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
     logger.info("%s: models %s; kl_coef %.4g, reward model score %s", mode, trainer.paths, trainer.kl_coef,
                 "on" if trainer.use_reward_model else "off")
     trainer.build_optimizers(total_steps)
+    dist = context.dist
+    if dist.parallel:  # ranks sample different prompts: they must not draw the same random numbers
+        torch.manual_seed(seed * 1_000_003 + dist.rank)
+    engines = {"": trainer.actor_engine, CRITIC_DIR: trainer.critic_engine} if trainer.actor_engine else None
     controller = AdaptiveKLController(trainer.kl_coef, settings.kl_target, settings.kl_horizon) \
         if settings.adaptive_kl else None
 
@@ -507,24 +594,34 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
              "evaluated_at": -1}
     iteration = 0
     if resume_from is not None:
-        extra = {CRITIC_DIR: (trainer.critic_optimizer, trainer.critic_scheduler)}
-        saved = ckpt.load_training_state(resume_from, trainer.actor_optimizer, trainer.actor_scheduler, extra=extra)
+        if engines is not None:
+            saved = distributed.load_checkpoint(resume_from, engines, dist)
+        else:
+            extra = {CRITIC_DIR: (trainer.critic_optimizer, trainer.critic_scheduler)}
+            saved = ckpt.load_training_state(resume_from, trainer.actor_optimizer, trainer.actor_scheduler,
+                                             extra=extra)
         iteration = int(saved["step"])
         state.update({key: saved[key] for key in state if key in saved})
         trainer.kl_coef = float(state["kl_coef"])
         if controller is not None:
             controller.value = trainer.kl_coef
-    context.metrics.truncate(mode, after_step=iteration)
+    if dist.main:
+        context.metrics.truncate(mode, after_step=iteration)
 
     eval_prompts = context.eval_prompts[:settings.eval_prompts] if settings.eval_prompts else []
 
     def save_checkpoint(at_iteration: int) -> None:
+        if engines is not None:
+            distributed.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_iteration, engines,
+                                        {**state, "total_steps": iterations}, context.tokenizer, runtime.keep_last,
+                                        dist)
+            return
         extra = {CRITIC_DIR: (trainer.critic, trainer.critic_optimizer, trainer.critic_scheduler)}
         ckpt.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_iteration, trainer.policy, trainer.actor_optimizer,
                              trainer.actor_scheduler, {**state, "total_steps": iterations},
                              tokenizer=context.tokenizer, keep_last=runtime.keep_last, extra=extra)
 
-    bar = ProgressBar(iterations, initial=iteration, desc=mode, enabled=runtime.progress_bar)
+    bar = ProgressBar(iterations, initial=iteration, desc=mode, enabled=runtime.progress_bar and dist.main)
     try:
         while iteration < iterations:
             record = run_iteration(trainer, plan, iteration, controller)
@@ -541,7 +638,7 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
                 record.update(evaluate_policy(trainer, eval_prompts))
                 record["time_eval_s"] = time.perf_counter() - started
                 state["evaluated_at"] = iteration
-            if iteration % runtime.log_every == 0 or last or "eval_length" in record:
+            if dist.main and (iteration % runtime.log_every == 0 or last or "eval_length" in record):
                 context.metrics.write(record)
             bar.update(iteration, record["tokens"], reward=record.get("true_reward", record.get("dpo_reward")))
             if last or (runtime.checkpoint_every and iteration % runtime.checkpoint_every == 0):
@@ -549,8 +646,17 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
     finally:
         bar.close()
 
-    ckpt.write_atomic_folder(output_dir, lambda folder: ckpt.save_model(trainer.policy, folder, context.tokenizer))
-    ckpt.write_atomic_folder(stage_dir / CRITIC_DIR, lambda folder: ckpt.save_model(trainer.critic, folder))
+    if engines is not None:
+        for engine, folder, tokenizer in ((trainer.actor_engine, output_dir, context.tokenizer),
+                                          (trainer.critic_engine, stage_dir / CRITIC_DIR, None)):
+            with engine.full_parameters():
+                if dist.main:
+                    ckpt.write_atomic_folder(folder, lambda temp: ckpt.save_model(engine.module, temp, tokenizer))
+        dist.barrier()
+    else:
+        ckpt.write_atomic_folder(output_dir, lambda folder: ckpt.save_model(trainer.policy, folder,
+                                                                            context.tokenizer))
+        ckpt.write_atomic_folder(stage_dir / CRITIC_DIR, lambda folder: ckpt.save_model(trainer.critic, folder))
     logger.info("%s: finished after %d iterations; policy in %s, critic in %s", mode, iteration, output_dir,
                 stage_dir / CRITIC_DIR)
     context.outputs[mode] = output_dir
@@ -563,9 +669,12 @@ def run_iteration(trainer: RLTrainer, plan: DataPlan, iteration: int, controller
     indices, epoch = plan.batch(iteration)
     prompts = [trainer.context.train_prompts[i] for i in indices for _ in range(settings.samples_per_prompt)]
     started = time.perf_counter()
+    dist = trainer.dist
+    if dist.parallel:  # this rank samples and scores its slice of the prompts; all slices are gathered after
+        prompts = split_even(prompts, dist.world_size)[dist.rank]
     rollouts = trainer.sample(prompts)
     generated = time.perf_counter()
-    rollout = trainer.score(prompts, rollouts)
+    rollout = trainer.gather(trainer.score(prompts, rollouts))
     scored = time.perf_counter()
     lrs = {"lr_actor": trainer.actor_scheduler.get_last_lr()[0]}
     if trainer.critic_scheduler is not None:
@@ -576,8 +685,8 @@ def run_iteration(trainer: RLTrainer, plan: DataPlan, iteration: int, controller
     if controller is not None:
         controller.update(metrics["kl"], len(rollout))
         trainer.kl_coef = controller.value
-    response_tokens = sum(len(r.response_ids) for r in rollouts)
-    tokens = response_tokens + sum(len(r.prompt_ids) for r in rollouts)
+    response_tokens = sum(len(r.response_ids) for r in rollout.rollouts)
+    tokens = response_tokens + sum(len(r.prompt_ids) for r in rollout.rollouts)
     elapsed = finished - started
     return {"epoch": round(epoch, 4), "prompts": len(indices), **lrs, **metrics, **train_stats,
             "time_generate_s": generated - started, "time_score_s": scored - generated,

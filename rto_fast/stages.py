@@ -484,7 +484,7 @@ def run_stage(name: str, context: RunContext) -> Path:
     step = 0
     if resume_from is not None:
         if trainer is not None:
-            saved = distributed.load_checkpoint(resume_from, trainer, dist)
+            saved = distributed.load_checkpoint(resume_from, {"": trainer}, dist)
         else:
             saved = ckpt.load_training_state(resume_from, optimizer, scheduler)
         step = int(saved["step"])
@@ -500,8 +500,8 @@ def run_stage(name: str, context: RunContext) -> Path:
         epoch, batch_in_epoch = plan.position(at_step)  # where the next step starts
         position = {**state, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": total_steps}
         if trainer is not None:
-            distributed.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, trainer, position, context.tokenizer,
-                                        runtime.keep_last, dist)
+            distributed.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, {"": trainer}, position,
+                                        context.tokenizer, runtime.keep_last, dist)
         else:
             ckpt.save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, stage.model, optimizer, scheduler, position,
                                  tokenizer=context.tokenizer, keep_last=runtime.keep_last)
@@ -513,13 +513,15 @@ def run_stage(name: str, context: RunContext) -> Path:
         while step < total_steps:
             started = time.perf_counter()
             indices, epoch = plan.batch(step)
+            weight = 1.0
             if dist.parallel:  # this rank's share of the step, balanced by tokens
                 shares = shard_by_tokens(indices, [int(plan.example_tokens[i]) for i in indices], dist.world_size)
-                indices = shares[dist.rank]
+                # Fewer examples than ranks (a token-budget step of a few long examples): a zero-weight pass.
+                indices, weight = (shares[dist.rank], 1.0) if shares[dist.rank] else (indices[:1], 0.0)
             groups = [stage.micro_batches(context.train_examples, group, settings.micro_batch_tokens)
                       for group in split_even(indices, settings.grad_accumulation)]
-            denominator = dist.sum([stage.denominator([batch for group in groups for batch in group])])[0]
-            passes = [[(batch, 1.0) for batch in group] for group in groups]
+            denominator = dist.sum([weight * stage.denominator([batch for group in groups for batch in group])])[0]
+            passes = [[(batch, weight) for batch in group] for group in groups]
             # Every rank runs as many passes (ZeRO collectives); missing ones repeat a batch with weight 0.
             missing = dist.max(sum(map(len, passes))) - sum(map(len, passes))
             passes[-1].extend([(passes[-1][-1][0], 0.0)] * missing)

@@ -131,11 +131,15 @@ def _check_distributed(config: Config) -> None:
                                  if stage in TRAINING_STAGES}, world_size)
     except distributed.DistributedError as error:
         raise UsageError(str(error)) from None
-    single = [stage for stage in config.stages if stage not in TRAINING_STAGES]
-    if single:
-        raise UsageError(f"stages {', '.join(single)}: the RL and eval stages run in one process without DeepSpeed "
-                         "for now (sft, dpo and rm run under DeepSpeed); run them in a separate launch with "
-                         "runtime.deepspeed unset")
+    if any(stage in RL_MODES for stage in config.stages):
+        rl = config.rl
+        if rl.critic_optimizer == "shared":
+            raise UsageError("rl.critic_optimizer: 'shared' (one optimizer over policy and critic) does not exist "
+                             "under DeepSpeed, where each model has its own engine; use 'separate'")
+        responses = rl.rollout_batch_size * rl.samples_per_prompt
+        if responses % world_size:
+            raise UsageError(f"rl.rollout_batch_size: {rl.rollout_batch_size} prompts x {rl.samples_per_prompt} "
+                             f"samples do not divide over {world_size} ranks")
     if importlib.util.find_spec("deepspeed") is None:
         raise UsageError("runtime.deepspeed / a multi-process launch needs the deepspeed package "
                          "(pip install deepspeed)")
@@ -278,7 +282,9 @@ def run(config: Config) -> Path:
         else:
             from .evaluation import run_eval
 
-            run_eval(context)
+            if dist.main:  # loads the finished models by itself: one process is enough
+                run_eval(context)
+            dist.barrier()
     if dist.main:
         plots = write_plots(run_dir)
         table = write_summary(run_dir)
