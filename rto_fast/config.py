@@ -80,6 +80,8 @@ class DataConfig:
                                       "(the bundled synthetic preference task)")
     format: str = option("preference", "hh-rlhf: chosen/rejected transcripts; preference: prompt/chosen/rejected "
                                        "columns (strings or chat messages); prompt: prompts only", DATA_FORMATS)
+    data_dir: str | None = option(None, "subfolder of a Hub dataset (load_dataset's data_dir), e.g. helpful-base of "
+                                        "Anthropic/hh-rlhf; null: the whole dataset")
     train_split: str = option("train", "split used for training")
     test_split: str | None = option("test", "split used for evaluation; null: no evaluation")
     prompt_field: str = option("prompt", "column holding the prompt (preference and prompt formats)")

@@ -13,7 +13,8 @@ Sources (`data.source`):
 - a local file ending .jsonl, .json, .parquet or .csv: its rows are the training split;
 - a local folder: split files found by `datasets`' naming rules (`train.jsonl`, `test.parquet`,
   `data/train-00000-of-00001.parquet`, ...);
-- anything else is a Hub dataset name, loaded with `load_dataset(name, split=...)` into the usual HF cache.
+- anything else is a Hub dataset name, loaded with `load_dataset(name, split=..., data_dir=data.data_dir)` into the
+  usual HF cache (data_dir picks a subfolder, e.g. `helpful-base` of Anthropic/hh-rlhf).
 Local files are read with `load_dataset("json" | "parquet" | "csv", data_files=...)`, caching into `cache_dir`
 when given. When the test split (`data.test_split`) does not exist, a test split is carved out of the training rows:
 `DEFAULT_TEST_FRACTION` of them (at most `data.max_eval_samples`), chosen with `seed`, removed from training.
@@ -122,6 +123,7 @@ class _Source:
     kind: str  # "file", "folder" or "hub"
     location: str  # path or Hub name
     label: str  # how messages name it: data.source as the user wrote it
+    data_dir: str | None = None  # a Hub dataset's subfolder (data.data_dir)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -153,7 +155,7 @@ def _resolve_source(data_cfg, data_format: str, cache_dir: str | os.PathLike | N
         return _Source("file", str(path), source)
     if _looks_like_path(source):
         raise DataError(f"data.source {source!r} does not exist (and is not a Hub dataset name like 'org/name')")
-    return _Source("hub", source, source)
+    return _Source("hub", source, source, getattr(data_cfg, "data_dir", None))
 
 
 def _synthetic_folder(cache_dir) -> Path:
@@ -201,7 +203,7 @@ def _load_arguments(source: _Source, split: str, cache_dir) -> tuple[tuple, dict
     if source.kind == "folder":
         return (source.location,), {"split": split, "cache_dir": _cache(cache_dir)}
     # Hub data goes to the shared HF cache, so every run reuses one download.
-    return (source.location,), {"split": split}
+    return (source.location,), {"split": split, **({"data_dir": source.data_dir} if source.data_dir else {})}
 
 
 def _cache(cache_dir) -> str | None:

@@ -175,7 +175,7 @@ def prompt_data_config(config: Config):
     import dataclasses
 
     if config.rl.prompts is not None:
-        return dataclasses.replace(config.data, source=config.rl.prompts, format="prompt")
+        return dataclasses.replace(config.data, source=config.rl.prompts, format="prompt", data_dir=None)
     if config.data.source == "synthetic":
         return dataclasses.replace(config.data, format="prompt")
     return config.data

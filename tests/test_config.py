@@ -187,3 +187,19 @@ def test_help_documents_every_field():
 
     check(Config, "")
     assert "one of: fp32, bf16" in text
+
+
+def test_shipped_configs_load_and_their_deepspeed_settings_validate():
+    from pathlib import Path
+
+    from rto_fast import distributed
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted(folder.glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        config = load_config(str(path), [])
+        if config.runtime.deepspeed is not None:
+            distributed.validate_deepspeed_config(distributed.load_deepspeed_config(config.runtime.deepspeed))
+            distributed.check_world({stage: getattr(config, stage) for stage in config.stages
+                                     if stage in ("sft", "dpo", "rm")}, 8)

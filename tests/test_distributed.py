@@ -205,6 +205,28 @@ def test_two_ranks_match_one_process(single_process_run, tmp_path, zero_stage):
 
 
 @deepspeed_installed
+@pytest.mark.parametrize("deepspeed_config,precision", [
+    ("{zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}, bf16: {enabled: true}}", "bf16"),
+    ("{zero_optimization: {stage: 3, offload_optimizer: {device: cpu}, offload_param: {device: cpu}}}", "fp32"),
+])
+def test_offload_and_bf16(single_process_run, tmp_path, deepspeed_config, precision):
+    run = tmp_path / "run"
+    extra = [f"runtime.deepspeed={deepspeed_config}", "stages=[sft]"] + (["model.dtype=bf16"] if precision == "bf16"
+                                                                         else [])
+    _run(run, *extra, processes=2)
+    expected = [r for r in _records(single_process_run) if r["stage"] == "sft"]
+    records = _records(run)
+    assert [r["step"] for r in records] == [r["step"] for r in expected]
+    # bf16 weights (fp32 master copies in the ZeRO optimizer) follow the fp32 run to bf16 precision.
+    tolerance = 2e-2 if precision == "bf16" else 1e-5
+    for want, got in zip(expected, records):
+        assert got["loss"] == pytest.approx(want["loss"], rel=tolerance)
+    if precision == "fp32":
+        assert _max_difference(_weights(single_process_run / "sft" / "model"), _weights(run / "sft" / "model")) \
+            < WEIGHT_TOLERANCE
+
+
+@deepspeed_installed
 def test_two_rank_checkpoint_resumes_identically(tmp_path):
     # RTO with sampling (each rank's RNG state is part of the checkpoint) and two engines (policy and critic).
     extra = ["runtime.deepspeed={zero_optimization: {stage: 2}}", "stages=[sft,dpo,rto]", "rl.iterations=4",

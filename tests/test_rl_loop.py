@@ -156,7 +156,7 @@ def test_rewards_returns_and_logprobs_match_the_reference(tmp_path, assets, mode
     prompts = trainer.context.train_prompts[:6]
     torch.manual_seed(1)
     rollouts = trainer.sample(prompts)
-    batch = trainer.score(prompts, rollouts)
+    batch = trainer.gather(trainer.score(prompts, rollouts))  # gather whitens the advantages
     settings = trainer.settings
     advantages_raw = []
     for index, (prompt, rollout) in enumerate(zip(prompts, rollouts)):
@@ -210,7 +210,7 @@ def test_micro_batch_budget_does_not_change_the_update(tmp_path, assets):
     trainer = make_trainer(assets, tmp_path, "rto", "rl.ppo_epochs=1", "rl.mini_batch_size=8", "rl.max_grad_norm=null")
     prompts = trainer.context.train_prompts[:8]
     torch.manual_seed(2)
-    batch = trainer.score(prompts, trainer.sample(prompts))
+    batch = trainer.gather(trainer.score(prompts, trainer.sample(prompts)))
     small = copy.deepcopy(trainer)
     small.settings = copy.deepcopy(trainer.settings)
     small.settings.micro_batch_tokens = 64  # about one sequence per micro-batch
