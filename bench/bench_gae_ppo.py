@@ -36,7 +36,6 @@ sys.path.insert(0, ROOT)
 
 import rto_fast  # noqa: E402
 import rto_fast.ops as ops  # noqa: E402
-from rto_fast import reference  # noqa: E402
 
 PADDED_SHAPES = [(64, 512), (512, 1024), (256, 4096)]
 PACKED_TOKENS = 512 * 1024

@@ -74,7 +74,8 @@ def test_shard_by_tokens_balances_tokens_and_keeps_every_index():
     ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
     ({"gradient_clipping": 1.0}, "gradient_clipping"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "zero_optimization.offload_param"),
-    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "zero_optimization.offload_optimizer.device"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}},
+     "zero_optimization.offload_optimizer.device"),
     ({"fp16": {"enabled": True}}, "fp16"),
     ({"bf16": True}, "bf16"),
 ])
