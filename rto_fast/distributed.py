@@ -70,6 +70,8 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     deepspeed: dict | None = None  # the user's DeepSpeed config (validated), None: plain PyTorch
+    # Where collective tensors live: NCCL reduces only CUDA tensors, gloo CPU ones.
+    collective_device: str = "cpu"
 
     @property
     def main(self) -> bool:
@@ -91,14 +93,14 @@ class Distributed:
         """Element-wise sum over ranks (float64)."""
         if not self.parallel:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.collective_device)
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
     def max(self, value: int) -> int:
         if not self.parallel:
             return value
-        tensor = torch.tensor([value], dtype=torch.int64)
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.collective_device)
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return int(tensor.item())
 
@@ -201,7 +203,8 @@ def from_environment(deepspeed_setting, device_type: str) -> Distributed:
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
                                timeout=datetime.timedelta(hours=2))
     return Distributed(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                       local_rank=local_rank, deepspeed=config)
+                       local_rank=local_rank, deepspeed=config,
+                       collective_device=f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------ data sharding

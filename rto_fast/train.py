@@ -150,8 +150,8 @@ def _device(name: str, local_rank: int = 0):
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        name = f"cuda:{local_rank}"  # one GPU per process
+    if name.split(":")[0] == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{local_rank}"  # one GPU per process, whatever index the config names
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"runtime.device: {name!r} asked for, but torch sees no CUDA device")
