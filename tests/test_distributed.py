@@ -138,12 +138,16 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(output_dir: Path, *extra: str, processes: int | None = None, check: bool = True):
-    """One training run: plain `python -m rto_fast.train`, or torchrun with `processes` ranks."""
+def _run(output_dir: Path, *extra: str, processes: int | None = None, check: bool = True, launcher: str = "torchrun"):
+    """One training run: plain `python -m rto_fast.train`, or `processes` ranks started by torchrun or by DeepSpeed's
+    launcher (which also passes --local_rank)."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     environment.pop("WORLD_SIZE", None)
     if processes is None:
         command = [sys.executable, "-m", "rto_fast.train"]
+    elif launcher == "deepspeed":
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={processes}",
+                   f"--master_port={_free_port()}", "--module", "rto_fast.train"]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    f"--master_port={_free_port()}", "-m", "rto_fast.train"]
@@ -225,6 +229,14 @@ def test_offload_and_bf16(single_process_run, tmp_path, deepspeed_config, precis
     if precision == "fp32":
         assert _max_difference(_weights(single_process_run / "sft" / "model"), _weights(run / "sft" / "model")) \
             < WEIGHT_TOLERANCE
+
+
+@deepspeed_installed
+def test_deepspeed_launcher(single_process_run, tmp_path):
+    run = tmp_path / "run"
+    _run(run, "runtime.deepspeed={zero_optimization: {stage: 1}}", "stages=[sft]", processes=2, launcher="deepspeed")
+    expected = [r["loss"] for r in _records(single_process_run) if r["stage"] == "sft"]
+    assert [r["loss"] for r in _records(run)] == pytest.approx(expected, rel=1e-5)
 
 
 @deepspeed_installed
