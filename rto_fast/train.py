@@ -263,7 +263,8 @@ def run(config: Config) -> Path:
             raise UsageError(f"data.source {config.data.source!r}: no usable training examples")
     train_prompts, eval_prompts = [], []
     if any(stage in RL_MODES or stage == "eval" for stage in config.stages):
-        train_prompts, eval_prompts = _load_prompts(config, tokenizer, run_dir)
+        with dist.main_first():
+            train_prompts, eval_prompts = _load_prompts(config, tokenizer, run_dir)
 
     from .run_log import METRICS_FILE, MetricsLog, write_plots, write_summary
     from .stages import RunContext, run_stage
