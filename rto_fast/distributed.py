@@ -372,19 +372,31 @@ def save_checkpoint(folder: Path, step: int, trainers: dict[str, EngineTrainer],
     return target
 
 
+def check_resumable(checkpoint: Path, dist: Distributed) -> dict:
+    """trainer_state.json of `checkpoint`, or DistributedError when this run cannot resume it: a DeepSpeed
+    checkpoint needs DeepSpeed and the world size that wrote it, a plain one a plain single-process run."""
+    from . import checkpoint as ckpt
+
+    state = ckpt.read_state(checkpoint)
+    if state.get("deepspeed") and not dist.engine:
+        raise DistributedError(f"runtime.resume: {checkpoint} was written under DeepSpeed by "
+                               f"{state.get('world_size', 1)} ranks; resume it with runtime.deepspeed set and as "
+                               "many processes")
+    if not state.get("deepspeed") and dist.engine:
+        raise DistributedError(f"runtime.resume: {checkpoint} was written without DeepSpeed; resume it with "
+                               "runtime.deepspeed unset in one process")
+    if dist.engine and state.get("world_size", 1) != dist.world_size:
+        raise DistributedError(f"runtime.resume: {checkpoint} was written by {state.get('world_size', 1)} ranks, "
+                               f"this run has {dist.world_size}; resume with the same world size")
+    return state
+
+
 def load_checkpoint(checkpoint: Path, trainers: dict[str, EngineTrainer], dist: Distributed) -> dict:
     """Restore each engine (weights, optimizer, schedule; `trainers` as in save_checkpoint) and this rank's RNGs;
     returns trainer_state.json."""
     from . import checkpoint as ckpt
 
-    state = ckpt.read_state(checkpoint)
-    saved_world = state.get("world_size", 1)
-    if not state.get("deepspeed"):
-        raise DistributedError(f"runtime.resume: {checkpoint} was written without DeepSpeed; resume it with "
-                               "runtime.deepspeed unset in one process")
-    if saved_world != dist.world_size:
-        raise DistributedError(f"runtime.resume: {checkpoint} was written by {saved_world} ranks, this run has "
-                               f"{dist.world_size}; resume with the same world size")
+    state = check_resumable(checkpoint, dist)
     for name, trainer in trainers.items():
         trainer.load_engine(Path(checkpoint) / name)
     rng_file = Path(checkpoint) / _RNG_FILE.format(rank=dist.rank)

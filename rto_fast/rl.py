@@ -564,6 +564,8 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
     finished, resume_from = resume_point(mode, context)
     if finished:
         return output_dir
+    if resume_from is not None:  # before any model loads: a checkpoint this launch cannot continue is an error
+        distributed.check_resumable(resume_from, context.dist)
     if not context.train_prompts:
         raise ValueError(f"stage {mode}: no training prompts (data.source / rl.prompts)")
 

@@ -453,6 +453,8 @@ def run_stage(name: str, context: RunContext) -> Path:
     finished, resume_from = resume_point(name, context)
     if finished:
         return output_dir
+    if resume_from is not None:  # before any model loads: a checkpoint this launch cannot continue is an error
+        distributed.check_resumable(resume_from, context.dist)
 
     stage = STAGE_CLASSES[name](context, settings)
     seed = runtime.seed + STAGE_SEED_OFFSET[name]

@@ -259,6 +259,9 @@ def test_two_rank_checkpoint_resumes_identically(tmp_path):
     result = _run(resumed, *extra, check=False, processes=1)
     assert result.returncode != 0  # torchrun reports the rank's exit code 2 as a failure
     assert "rto_fast.train: error: runtime.resume:" in result.stderr and "written by 2 ranks" in result.stderr
+    # Nor can a plain single-process run.
+    result = _run(resumed, *extra[1:], check=False)
+    assert result.returncode == train.EXIT_USAGE and "written under DeepSpeed by 2 ranks" in result.stderr
     _run(resumed, *extra, processes=2)
     for model in ("rto/model", "rto/critic"):
         assert _max_difference(_weights(full / model), _weights(resumed / model)) == 0.0, model
