@@ -15,7 +15,8 @@ settings decide, and fills them per stage (`deepspeed_config`):
   not used (train_micro_batch_size_per_gpu = gradient_accumulation_steps = 1; rto_fast marks the accumulation
   boundary itself). Setting any of these in the DeepSpeed config is an error that names the key.
 Everything else (zero_optimization: stage 0-3, offload_optimizer / offload_param, overlap_comm, bucket sizes; bf16;
-communication settings) passes through.
+communication settings) passes through. Under ZeRO-3 the trained models load straight into partitions
+(`partitioned_loading`); frozen models (reference, DPO, reward) are replicated on every rank in inference mode.
 
 Per optimizer step: every rank knows the whole step (the data plan is a function of the seed), takes its share of the
 examples balanced by tokens (`shard_by_tokens`: longest first onto the rank with the fewest tokens), and packs it
@@ -247,6 +248,26 @@ def deepspeed_config(user: dict, settings, world_size: int, device_type: str) ->
         "wall_clock_breakdown": False,
     })
     return config
+
+
+@contextlib.contextmanager
+def partitioned_loading(dist: Distributed, settings, device_type: str, enabled: bool = True):
+    """While a model that will be trained under ZeRO-3 loads: transformers builds it straight into ZeRO-3 partitions
+    (deepspeed.zero.Init through HfDeepSpeedConfig), so no rank ever holds the whole model. Off for other stages and
+    for frozen models, which must load whole: the switch is transformers-global, so it is on only inside the block."""
+    if not enabled or not dist.engine or int(dist.deepspeed.get("zero_optimization", {}).get("stage", 0)) != 3:
+        yield False
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    switch = HfDeepSpeedConfig(deepspeed_config(dist.deepspeed, settings, dist.world_size, device_type))
+    logger.info("loading straight into ZeRO-3 partitions (deepspeed.zero.Init)")
+    try:
+        yield True
+    finally:
+        unset_hf_deepspeed_config()
+        del switch
 
 
 class EngineTrainer:

@@ -235,29 +235,39 @@ class RLTrainer:
         self.dpo_model = load_causal_lm(paths["dpo"], dtype=dtype, trainable=False) if paths["dpo"] else None
         self.reward_model = (ValueHeadModel.from_pretrained(paths["reward"], dtype=dtype, trainable=False)
                              if paths["reward"] else None)
-        if resume_from is not None:
-            self.policy = load_causal_lm(str(resume_from / MODEL_DIR), dtype=dtype, trainable=True,
-                                         gradient_checkpointing=checkpointing)
-            critic_source = str(resume_from / CRITIC_DIR / MODEL_DIR)
-        else:
-            if paths["policy"] == paths["reference"]:
-                # pi_0 = pi_ref: a copy of the frozen reference (also the only way for random 'tiny' weights).
-                self.policy = copy.deepcopy(self.reference).requires_grad_(True).train()
-                if checkpointing:
-                    from .models import enable_gradient_checkpointing
-
-                    enable_gradient_checkpointing(self.policy)
-            else:
-                self.policy = load_causal_lm(paths["policy"], dtype=dtype, trainable=True,
-                                             gradient_checkpointing=checkpointing)
-            critic_source = paths["critic"]
-        if critic_source == TINY:
-            torch.manual_seed(seed + 1)
-        self.critic = ValueHeadModel.from_pretrained(critic_source, dtype=dtype, trainable=True,
-                                                     gradient_checkpointing=checkpointing)
-        for model in (self.reference, self.dpo_model, self.reward_model, self.policy, self.critic):
+        for model in (self.reference, self.dpo_model, self.reward_model):
             if model is not None:
                 model.to(self.device)
+        settings = self.settings
+        policy_source = str(resume_from / MODEL_DIR) if resume_from is not None else paths["policy"]
+        if resume_from is None and policy_source == paths["reference"] == TINY:
+            # pi_0 = pi_ref with random 'tiny' weights: a copy of the frozen reference.
+            self.policy = copy.deepcopy(self.reference).requires_grad_(True).train()
+            if checkpointing:
+                from .models import enable_gradient_checkpointing
+
+                enable_gradient_checkpointing(self.policy)
+        else:
+            self.policy = self._load_trained(policy_source, settings.actor_lr, lambda: load_causal_lm(
+                policy_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing))
+        critic_source = str(resume_from / CRITIC_DIR / MODEL_DIR) if resume_from is not None else paths["critic"]
+        if critic_source == TINY:
+            torch.manual_seed(seed + 1)
+        self.critic = self._load_trained(critic_source, settings.critic_lr, lambda: ValueHeadModel.from_pretrained(
+            critic_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing))
+
+    def _optimizer_settings(self, lr: float) -> SimpleNamespace:
+        settings = self.settings
+        return SimpleNamespace(lr=lr, weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
+                               adam_beta2=settings.adam_beta2, max_grad_norm=settings.max_grad_norm)
+
+    def _load_trained(self, path: str, lr: float, load):
+        """A model this stage trains: straight into ZeRO-3 partitions under ZeRO-3 (not the random tiny model, see
+        Stage.load_trained), else whole on the device."""
+        with distributed.partitioned_loading(self.dist, self._optimizer_settings(lr), self.device.type,
+                                             enabled=path != TINY) as split:
+            model = load()
+        return model if split else model.to(self.device)
 
     def build_optimizers(self, total_steps: int) -> None:
         settings = self.settings
@@ -271,11 +281,8 @@ class RLTrainer:
 
         if self.dist.engine:
             def engine(model, lr):
-                optimizer_settings = SimpleNamespace(lr=lr, weight_decay=settings.weight_decay,
-                                                     adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2,
-                                                     max_grad_norm=settings.max_grad_norm)
-                return EngineTrainer(model, optimizer_settings, lambda step: lr_factor(step, total_steps, settings),
-                                     self.dist, self.device.type)
+                return EngineTrainer(model, self._optimizer_settings(lr),
+                                     lambda step: lr_factor(step, total_steps, settings), self.dist, self.device.type)
 
             self.actor_engine = engine(self.policy, settings.actor_lr)
             self.critic_engine = engine(self.critic, settings.critic_lr)

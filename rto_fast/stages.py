@@ -210,6 +210,15 @@ class Stage:
     def build(self, init_path: str, resume_model: Path | None) -> None:
         raise NotImplementedError
 
+    def load_trained(self, path: str, load):
+        """`load()` of the model this stage trains from `path`: straight into ZeRO-3 partitions when the run uses
+        ZeRO-3, else whole and moved to the device. The tiny model always loads whole: its random weights are drawn
+        differently when built in partitions, and every launch mode must start from the same weights."""
+        with distributed.partitioned_loading(self.context.dist, self.settings, self.context.device.type,
+                                             enabled=path != TINY) as split:
+            model = load()
+        return model if split else model.to(self.context.device)
+
     def trainable_parameters(self):
         return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
@@ -242,8 +251,8 @@ class SFTStage(Stage):
 
     def build(self, init_path, resume_model):
         seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
-        self.model = _load_lm(str(resume_model) if resume_model else init_path, self.config, True, seed)
-        self.model.to(self.context.device)
+        path = str(resume_model) if resume_model else init_path
+        self.model = self.load_trained(path, lambda: _load_lm(path, self.config, True, seed))
 
     def denominator(self, micro_batches):
         return float(sum(int(batch.response_mask.sum()) for batch in micro_batches))
@@ -265,12 +274,12 @@ class DPOStage(Stage):
         ref_path = self.config.model.ref_path or init_path
         self.reference = _load_lm(ref_path, self.config, False, seed)
         if resume_model is not None:
-            self.model = _load_lm(str(resume_model), self.config, True)
+            self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.config, True))
         elif init_path == ref_path == TINY:
-            self.model = copy.deepcopy(self.reference).requires_grad_(True).train()  # same random weights
+            # The same random weights (ZeRO-3 partitions this whole copy when the engine starts).
+            self.model = copy.deepcopy(self.reference).requires_grad_(True).train().to(self.context.device)
         else:
-            self.model = _load_lm(init_path, self.config, True, seed)
-        self.model.to(self.context.device)
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
         self.reference.to(self.context.device)
 
     def _sequence_logprobs(self, model, batch, training: bool) -> torch.Tensor:
@@ -306,10 +315,9 @@ class RMStage(Stage):
         path = str(resume_model) if resume_model else init_path
         if path == TINY:
             torch.manual_seed(self.config.runtime.seed + STAGE_SEED_OFFSET[self.name])
-        self.model = ValueHeadModel.from_pretrained(
+        self.model = self.load_trained(path, lambda: ValueHeadModel.from_pretrained(
             path, dtype=self.config.model.dtype, trainable=True,
-            gradient_checkpointing=self.config.model.gradient_checkpointing)
-        self.model.to(self.context.device)
+            gradient_checkpointing=self.config.model.gradient_checkpointing))
 
     def loss(self, batch, extra, denominator):
         values = packed_forward(self.model, batch)  # (1, N) float32
