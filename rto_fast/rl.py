@@ -36,6 +36,10 @@ sampling settings and logs `eval_*` means of the same judges (without disturbing
 
 Checkpoints (every `runtime.checkpoint_every` iterations and at the end) hold policy, critic, both optimizers and
 schedulers, the RNG states, kl_coef and the iteration; a resumed run repeats exactly what the uninterrupted run does.
+
+Data parallel (`runtime.deepspeed`, several processes): policy and critic each run under a DeepSpeed engine
+(separate optimizers); each rank samples and scores its slice of the rollout prompts, the rollouts are gathered on
+every rank and advantages whitened over all of them, and each PPO mini-batch is split over the ranks by tokens.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ was cut into micro-batches.
 Data order: epoch e visits the training examples in a permutation drawn from its own generator seeded by
 (runtime.seed, stage, e), so the data position of a checkpoint is just its step number, and a resumed run sees
 exactly the batches the uninterrupted run would have seen.
+
+Data parallel (`runtime.deepspeed`, several processes; rto_fast.distributed): every rank draws the same step, trains
+on its token-balanced share of it under a DeepSpeed engine, and pads to the same number of passes; statistics are
+summed over ranks and rank 0 alone writes logs, checkpoints' metadata and the final model.
 """
 
 from __future__ import annotations

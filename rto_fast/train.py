@@ -6,6 +6,7 @@ Usage:
     python -m rto_fast.train --config configs/tiny.yaml sft.lr=1e-4 runtime.output_dir=runs/try2
     python -m rto_fast.train --config my.yaml stages=dpo model.sft_path=runs/x/sft/model
     python -m rto_fast.train --help                                              # every option
+    torchrun --nproc_per_node 8 -m rto_fast.train --config configs/pythia2.8b_hh_rto.yaml   # DeepSpeed, 8 GPUs
 
 The run folder (`runtime.output_dir`) gets: config.yaml (the resolved config), metrics.jsonl (one JSON object per
 logged step), train.log, <stage>/checkpoints/step-XXXXXXXX (atomic, the last `runtime.keep_last` kept),
