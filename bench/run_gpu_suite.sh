@@ -2,7 +2,8 @@
 # Everything that needs a CUDA GPU, in one go, in the order of what matters most when time is short:
 #   1. the kernel tests with the Triton kernels compiled natively (the interpreter hides compile errors),
 #   2. the rest of the suite (trainer stages on the GPU), while the tiny pipeline trains on the GPU beside it,
-#   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped), bench_gae_ppo.
+#   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped), bench_gae_ppo, and
+#      bench_rl_step again with the static KV cache (bench/results/rl_step_cuda_static.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed.
 #
@@ -48,5 +49,9 @@ trl_args=()
 step bench_rl_step 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 "${trl_args[@]}"
 step bench_gae_ppo 40 python3 bench/bench_gae_ppo.py --device cuda --skip-compile
+# Last: the static KV cache (shapes repeat, so transformers can compile the decode step) against the dynamic run.
+step bench_rl_step_static 150 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
+    --response-length 256 --iterations 3 --generation-cache static --output bench/results/rl_step_cuda_static.md \
+    "${trl_args[@]}"
 
 cat "$out/summary.log"
