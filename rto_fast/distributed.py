@@ -200,7 +200,7 @@ def from_environment(deepspeed_setting, device_type: str) -> Distributed:
 
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    # Rank 0 runs the eval stage alone while the others wait: a generous timeout.
+    # Ranks wait for each other where their work differs (sampling lengths, rank 0 writing exports): a generous timeout.
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
                                timeout=datetime.timedelta(hours=2))
     return Distributed(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),

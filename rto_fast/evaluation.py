@@ -21,6 +21,10 @@ models mostly differ where their distributions do, which lowers the variance of 
 The win rate of A against B is the mean over prompts of [s_A > s_B] + 0.5 [s_A == s_B], so W[A, B] + W[B, A] = 1.
 Every judge that exists scores every response, so the per-model table also shows the other judges' means.
 
+Data parallel (several processes): each rank samples and scores its slice of the prompts (the same seed for every
+model on a rank, eval.seed + rank: common random numbers still hold per prompt), the slices are gathered, and rank 0
+writes the outputs. With greedy sampling (eval.temperature 0) the result equals the one-process one.
+
 Models are loaded one at a time (frozen), next to the judges, and freed before the next one. The stage's outputs
 are written atomically; win_rates.json is written last and marks the stage finished: a rerun with the same models
 (folders), judge and sampling settings skips it unless `runtime.resume` is `never`, and one whose models changed
@@ -45,7 +49,7 @@ from .generation import Rollout, SamplingSettings, generate
 from .models import ValueHeadModel, load_causal_lm
 from .packing import build_micro_batches
 from .scoring import response_sequence, sequence_judge_scores
-from .stages import RunContext, _autocast, stage_output
+from .stages import RunContext, _autocast, split_even, stage_output
 
 logger = logging.getLogger(__name__)
 
@@ -334,31 +338,42 @@ def run_eval(context: RunContext) -> Path:
                 judge)
 
     started = time.perf_counter()
+    dist = context.dist
     judges = load_judges(context)
     tokenizer = context.tokenizer
     scores: dict[str, dict[str, np.ndarray]] = {}
     samples: list[dict] = []
-    prompt_ids = [prompt.prompt_ids for prompt in prompts]
+    # This rank's slice of the prompts (all of them in one process); slices are contiguous and gathered in rank order.
+    slices = split_even(list(range(len(prompts))), dist.world_size)
+    mine = slices[dist.rank] if dist.rank < len(slices) else []
+    my_prompts = [prompts[index] for index in mine]
     devices = [context.device] if context.device.type == "cuda" else []
     for name, path in models:
         model = load_causal_lm(str(path), dtype=config.model.dtype, trainable=False).to(context.device)
         # The same seed for every model: common random numbers (and the run's own RNG stream is left alone).
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(settings.seed)
-            rollouts = generate(model, prompt_ids, sampling, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)
+            torch.manual_seed(settings.seed + dist.rank)
+            rollouts = generate(model, [prompt.prompt_ids for prompt in my_prompts], sampling,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         _free(model)
-        with _autocast(context):
-            model_scores = score_rollouts(judges, prompts, rollouts, tokenizer, settings.micro_batch_tokens)
+        my_scores = {}
+        if my_prompts:
+            with _autocast(context):
+                my_scores = score_rollouts(judges, my_prompts, rollouts, tokenizer, settings.micro_batch_tokens)
+        my_samples = [{"model": name, "prompt_index": index, "row": prompt.row, "prompt": prompt.prompt,
+                       "response": response_text(rollout, tokenizer), "finished": rollout.finished,
+                       "scores": {key: float(values[position]) for key, values in my_scores.items()}}
+                      for position, (index, prompt, rollout) in enumerate(zip(mine, my_prompts, rollouts))]
+        parts = [part for part in dist.gather((my_scores, my_samples)) if part[1]]
+        model_scores = {key: np.concatenate([part[0][key] for part in parts]) for key in parts[0][0]}
         scores[name] = model_scores
-        for index, (prompt, rollout) in enumerate(zip(prompts, rollouts)):
-            samples.append({"model": name, "prompt_index": index, "row": prompt.row, "prompt": prompt.prompt,
-                            "response": response_text(rollout, tokenizer), "finished": rollout.finished,
-                            "scores": {key: float(values[index]) for key, values in model_scores.items()}})
+        samples.extend(sample for part in parts for sample in part[1])
         logger.info("eval: %s: mean %s score %.4g, mean length %.1f", name, judge,
                     float(model_scores[judge].mean()), float(model_scores["length"].mean()))
     del judges
     gc.collect()
+    if not dist.main:
+        return eval_dir
 
     rates, stderr = win_rate_matrix([scores[name][judge] for name in names])
     means = {name: {key: float(values.mean()) for key, values in scores[name].items()} for name in names}

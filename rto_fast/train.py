@@ -286,9 +286,7 @@ def run(config: Config) -> Path:
         else:
             from .evaluation import run_eval
 
-            if dist.main:  # loads the finished models by itself: one process is enough
-                run_eval(context)
-            dist.barrier()
+            run_eval(context)
     if dist.main:
         plots = write_plots(run_dir)
         table = write_summary(run_dir)

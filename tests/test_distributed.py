@@ -28,18 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 deepspeed_installed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
                                          reason="deepspeed is not installed")
 
-# Two optimizer steps of SFT, DPO and the reward model, then two RTO iterations, on the tiny model, several
+# Two optimizer steps of SFT, DPO and the reward model, then two RTO iterations and the win rates, on the tiny model,
+# several
 # micro-batches per step (so that accumulation, token-balanced shards and zero-weight padding passes all happen).
 # RTO samples greedily here: ranks sample different prompts with their own random numbers, so only greedy rollouts
 # can be compared with one process token for token. The critic starts from the SFT model, not the reward model: the
 # reward model's value-head bias has an exactly zero gradient under the pairwise loss in one process, and a ~1e-10
 # one when the gradient is summed over ranks, which Adam turns into a 4e-5 step; a critic started from it drifts
 # apart by design of Adam, not of the data-parallel math (the reward model itself is compared below).
-RUN_ARGS = ["--config", str(REPO / "configs" / "tiny.yaml"), "stages=[sft,dpo,rm,rto]", "sft.max_steps=2",
+RUN_ARGS = ["--config", str(REPO / "configs" / "tiny.yaml"), "stages=[sft,dpo,rm,rto,eval]", "sft.max_steps=2",
             "dpo.max_steps=2", "rm.max_steps=2", "sft.micro_batch_tokens=512", "dpo.micro_batch_tokens=1024",
             "rm.micro_batch_tokens=1024", "sft.eval_every=0", "dpo.eval_every=0", "rm.eval_every=0",
             "rl.iterations=2", "rl.rollout_batch_size=8", "rl.mini_batch_size=4", "rl.micro_batch_tokens=256",
             "rl.temperature=0", "rl.eval_prompts=0", "rl.critic_init=sft", "data.max_eval_samples=16",
+            "eval.models=[sft,dpo,rto]", "eval.temperature=0",
             "runtime.progress_bar=false"]
 
 
@@ -176,6 +178,11 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _eval_samples(run: Path) -> list[tuple]:
+    lines = (run / "eval" / "samples.jsonl").read_text().splitlines()
+    return [(r["model"], r["prompt_index"], r["response"]) for r in map(json.loads, lines)]
+
+
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("plain") / "run"
@@ -200,11 +207,20 @@ def test_two_ranks_match_one_process(single_process_run, tmp_path, zero_stage):
     # Rank 0 alone writes the log: one record per step, the same steps as the single process.
     assert [(r["stage"], r["step"]) for r in records] == [(r["stage"], r["step"]) for r in expected]
     for want, got in zip(expected, records):
-        assert got["tokens"] == want["tokens"]
+        assert got.get("tokens") == want.get("tokens")
         for key in ("loss", "grad_norm", "kl", "dpo_reward", "pg_loss", "vf_loss", "grad_norm_actor",
                     "grad_norm_critic", "entropy", "response_length"):
             if key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"{want['stage']} {key}"
+    # Eval: each rank sampled (greedily) and judged its slice of the prompts; rank 0 wrote the gathered result.
+    expected_eval = json.loads((single_process_run / "eval" / "win_rates.json").read_text())
+    got_eval = json.loads((run / "eval" / "win_rates.json").read_text())
+    assert got_eval["matrix"] == expected_eval["matrix"]
+    for model, means in expected_eval["means"].items():
+        # abs 1e-4: the reward model's value-head bias differs by ~4e-5 between the runs (see RUN_ARGS), which
+        # shifts every rm score by that constant (and changes no win rate).
+        assert got_eval["means"][model] == pytest.approx(means, rel=1e-4, abs=1e-4), model
+    assert _eval_samples(run) == _eval_samples(single_process_run)
     state = json.loads((run / "sft" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["deepspeed"] is True
 
