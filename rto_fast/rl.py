@@ -311,16 +311,25 @@ class RLTrainer:
 
     @contextlib.contextmanager
     def whole_models(self):
-        """(policy, critic) as bare models for sampling and scoring (see EngineTrainer.whole_model)."""
+        """(policy, critic) as bare models for scoring (see EngineTrainer.whole_model)."""
         if self.actor_engine is None:
             yield self.policy, self.critic
             return
         with self.actor_engine.whole_model() as policy, self.critic_engine.whole_model() as critic:
             yield policy, critic
 
+    @contextlib.contextmanager
+    def whole_policy(self):
+        """The policy as a bare model for sampling (under ZeRO-3 only its parameters are gathered)."""
+        if self.actor_engine is None:
+            yield self.policy
+            return
+        with self.actor_engine.whole_model() as policy:
+            yield policy
+
     # --- 1. rollouts
     def sample(self, prompts: list) -> list[Rollout]:
-        with self.whole_models() as (policy, _):
+        with self.whole_policy() as policy:
             return generate(policy, [prompt.prompt_ids for prompt in prompts], self.sampling,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
 
@@ -551,7 +560,7 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.eval.seed)
-        with trainer.whole_models() as (policy, _):
+        with trainer.whole_policy() as policy:
             rollouts = generate(policy, [prompt.prompt_ids for prompt in prompts], sampling,
                                 eos_token_id=trainer.tokenizer.eos_token_id,
                                 pad_token_id=trainer.tokenizer.pad_token_id)
