@@ -105,6 +105,15 @@ class Distributed:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return int(tensor.item())
 
+    def share(self, items: list[int], tokens: list[int]) -> tuple[list[int], float]:
+        """This rank's token-balanced share of `items` (every rank draws the same list) and the weight of its passes.
+        With fewer items than ranks an empty share becomes a zero-weight repeat of the first item: every rank must
+        still run passes (ZeRO collectives)."""
+        if not self.parallel:
+            return items, 1.0
+        mine = shard_by_tokens(items, tokens, self.world_size)[self.rank]
+        return (mine, 1.0) if mine else (items[:1], 0.0)
+
     def gather(self, value) -> list:
         """One picklable object per rank, in rank order, on every rank."""
         if not self.parallel:
@@ -341,13 +350,17 @@ class EngineTrainer:
         else:
             yield
 
-    def export(self, folder: Path, tokenizer=None) -> None:
-        """The full model as an HF folder (safetensors), written by rank 0; collective (every rank must call it)."""
+    def export(self, folder: Path, tokenizer=None, atomic: bool = False) -> None:
+        """The full model as an HF folder (safetensors), written by rank 0 (`atomic`: through a temporary folder and
+        one rename); collective (every rank must call it)."""
         from . import checkpoint as ckpt
 
         with self.full_parameters():
             if self.dist.main:
-                ckpt.save_model(self.module, folder, tokenizer)
+                if atomic:
+                    ckpt.write_atomic_folder(folder, lambda temp: ckpt.save_model(self.module, temp, tokenizer))
+                else:
+                    ckpt.save_model(self.module, folder, tokenizer)
 
     def save_engine(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_DIR)

@@ -65,7 +65,7 @@ from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pac
 from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
 from . import distributed
-from .distributed import EngineTrainer, shard_by_tokens
+from .distributed import EngineTrainer
 from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _accumulate, _autocast,
                      lr_factor, resume_point, seed_everything, split_even, stage_init_path, stage_output)
 
@@ -422,10 +422,8 @@ class RLTrainer:
             for start in range(0, count, settings.mini_batch_size):
                 members = order[start:start + settings.mini_batch_size]
                 mini_tokens = sum(response_lengths[i] for i in members)
-                mine, weight = members, 1.0
-                if dist.parallel:  # every rank draws the same mini-batch and trains on its token-balanced share
-                    shares = shard_by_tokens(members, [lengths[i] for i in members], dist.world_size)
-                    mine, weight = (shares[dist.rank], 1.0) if shares[dist.rank] else (members[:1], 0.0)
+                # Every rank draws the same mini-batch and trains on its token-balanced share.
+                mine, weight = dist.share(members, [lengths[i] for i in members])
                 bins = first_fit_decreasing([lengths[i] for i in mine], settings.micro_batch_tokens)
                 passes = [([mine[i] for i in bin_], weight) for bin_ in bins]
                 # Every rank runs as many passes (ZeRO collectives); missing ones repeat a batch with weight 0.
@@ -669,11 +667,8 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
         bar.close()
 
     if engines is not None:
-        for engine, folder, tokenizer in ((trainer.actor_engine, output_dir, context.tokenizer),
-                                          (trainer.critic_engine, stage_dir / CRITIC_DIR, None)):
-            with engine.full_parameters():
-                if dist.main:
-                    ckpt.write_atomic_folder(folder, lambda temp: ckpt.save_model(engine.module, temp, tokenizer))
+        trainer.actor_engine.export(output_dir, context.tokenizer, atomic=True)
+        trainer.critic_engine.export(stage_dir / CRITIC_DIR, atomic=True)
         dist.barrier()
     else:
         ckpt.write_atomic_folder(output_dir, lambda folder: ckpt.save_model(trainer.policy, folder,

@@ -47,7 +47,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .attention import packed_forward
 from .config import RL_MODES, STAGES, Config, StageConfig
-from .distributed import Distributed, EngineTrainer, shard_by_tokens
+from .distributed import Distributed, EngineTrainer
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .run_log import MetricsLog, ProgressBar
@@ -527,11 +527,8 @@ def run_stage(name: str, context: RunContext) -> Path:
         while step < total_steps:
             started = time.perf_counter()
             indices, epoch = plan.batch(step)
-            weight = 1.0
-            if dist.parallel:  # this rank's share of the step, balanced by tokens
-                shares = shard_by_tokens(indices, [int(plan.example_tokens[i]) for i in indices], dist.world_size)
-                # Fewer examples than ranks (a token-budget step of a few long examples): a zero-weight pass.
-                indices, weight = (shares[dist.rank], 1.0) if shares[dist.rank] else (indices[:1], 0.0)
+            # This rank's share of the step, balanced by tokens (all of it in one process).
+            indices, weight = dist.share(indices, [int(plan.example_tokens[i]) for i in indices])
             groups = [stage.micro_batches(context.train_examples, group, settings.micro_batch_tokens)
                       for group in split_even(indices, settings.grad_accumulation)]
             denominator = dist.sum([weight * stage.denominator([batch for group in groups for batch in group])])[0]
@@ -593,10 +590,7 @@ def run_stage(name: str, context: RunContext) -> Path:
         bar.close()
 
     if trainer is not None:
-        with trainer.full_parameters():
-            if dist.main:
-                ckpt.write_atomic_folder(output_dir, lambda folder: ckpt.save_model(trainer.module, folder,
-                                                                                    context.tokenizer))
+        trainer.export(output_dir, context.tokenizer, atomic=True)
         dist.barrier()
     else:
         ckpt.write_atomic_folder(output_dir, stage.save)
