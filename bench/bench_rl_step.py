@@ -44,6 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # Published Pythia shapes (GPT-NeoX): hidden, layers, heads; vocabulary 50304.
 PYTHIA = {"pythia-410m": (1024, 24, 16), "pythia-1.4b": (2048, 24, 16)}
+# --generation: rto_fast's config overrides for each way of sampling.
+GENERATION = {"rto_fast": ["rl.generation_engine=rto_fast"],
+              "transformers": ["rl.generation_engine=transformers", "rl.generation_cache=dynamic"],
+              "transformers-static": ["rl.generation_engine=transformers", "rl.generation_cache=static"]}
 
 
 # ------------------------------------------------------------------------------------------------ shared setup
@@ -120,7 +124,7 @@ def run_ours(spec: dict) -> dict:
         f"rl.micro_batch_tokens={spec['micro_batch'] * (spec['max_prompt'] + spec['response_length'])}",
         "rl.critic_optimizer=shared", "rl.critic_init=rm", f"rl.actor_lr={spec['lr']}", "rl.lr_schedule=linear",
         "rl.warmup_ratio=0", "rl.min_lr_ratio=0", f"rl.kl_coef={spec['kl_coef']}", "rl.eval_prompts=0",
-        "rl.temperature=1.0", f"rl.generation_cache={spec['generation_cache']}",
+        "rl.temperature=1.0", *GENERATION[spec["generation"]],
         f"runtime.device={spec['device']}", f"runtime.output_dir={output}",
         "runtime.progress_bar=false", "runtime.checkpoint_every=0", "runtime.resume=never",
         f"runtime.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}",
@@ -268,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=4, help="the first one is a warm-up")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per side on CPU")
-    parser.add_argument("--generation-cache", choices=("dynamic", "static"), default="dynamic",
-                        help="rto_fast's rl.generation_cache (TRL always uses its dynamic cache)")
+    parser.add_argument("--generation", choices=tuple(GENERATION), default="rto_fast",
+                        help="rto_fast's generation engine: its own decode loop, or model.generate with the dynamic "
+                             "or the static (compiled on CUDA) KV cache. TRL always runs model.generate with the "
+                             "dynamic cache")
     parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 "response_length": args.response_length or (256 if gpu else 64), "micro_batch": args.micro_batch,
                 "ppo_epochs": args.ppo_epochs, "iterations": args.iterations, "lr": 1e-5, "kl_coef": 0.05,
                 "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path,
-                "generation_cache": args.generation_cache}
+                "generation": args.generation}
         if spec["rollout_batch"] % spec["micro_batch"]:
             raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
         spec["paths"] = build_models(workdir, model, spec["seed"])
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        else ""), "",
              f"Model {model} (random weights), rollout batch {spec['rollout_batch']} prompts, responses of exactly "
              f"{spec['response_length']} tokens, {spec['ppo_epochs']} PPO epochs with one optimizer step each, "
-             f"micro-batches of {spec['micro_batch']} responses; rto_fast's KV cache {spec['generation_cache']}; "
+             f"micro-batches of {spec['micro_batch']} responses; rto_fast's generation: {spec['generation']}; "
              f"mean of {ours['timed_iterations']} timed iterations "
              "after one warm-up. Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
              "| | generate s | score s | train s | iteration s | tokens/s | score+train tokens/s | peak memory MiB |",

@@ -49,9 +49,11 @@ trl_args=()
 step bench_rl_step 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 "${trl_args[@]}"
 step bench_gae_ppo 40 python3 bench/bench_gae_ppo.py --device cuda --skip-compile
-# Last: the static KV cache (shapes repeat, so transformers can compile the decode step) against the dynamic run.
+# Last: model.generate with the static KV cache (shapes repeat, so transformers compiles the decode step) against
+# the run above (rto_fast's own decode loop).
 step bench_rl_step_static 150 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
-    --response-length 256 --iterations 3 --generation-cache static --output bench/results/rl_step_cuda_static.md \
+    --response-length 256 --iterations 3 --generation transformers-static \
+    --output bench/results/rl_step_cuda_static.md \
     "${trl_args[@]}"
 
 cat "$out/summary.log"

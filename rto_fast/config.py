@@ -154,11 +154,14 @@ class RLConfig:
     temperature: float = option(1.0, "sampling temperature of rollouts (log-probs are always the models' own)")
     top_p: float = option(1.0, "nucleus sampling of rollouts; 1: off")
     top_k: int = option(0, "top-k sampling of rollouts; 0: off")
-    generation_batch_size: int = option(64, "prompts per generate call")
-    generation_cache: str = option("dynamic", "KV cache of generate: dynamic (grows per step) or static "
-                                              "(preallocated; prompts are left-padded to data.max_prompt_length "
-                                              "so every call has the same shapes, which lets transformers compile "
-                                              "the decode step on CUDA)", ("dynamic", "static"))
+    generation_batch_size: int = option(64, "prompts per decode batch")
+    generation_engine: str = option("rto_fast", "rto_fast: our decode loop (preallocated KV cache, finished rows "
+                                                "leave the batch); transformers: model.generate",
+                                    ("rto_fast", "transformers"))
+    generation_cache: str = option("dynamic", "KV cache of the transformers engine: dynamic (grows per step) or "
+                                              "static (preallocated; prompts are left-padded to "
+                                              "data.max_prompt_length so every call has the same shapes, which lets "
+                                              "transformers compile the decode step on CUDA)", ("dynamic", "static"))
     ban_eos: bool = option(False, "never sample eos: every response has max_new_tokens tokens (for benchmarks)")
     prompts: str | None = option(None, "prompt-only data for RL (any data.source form, format 'prompt'); null: the "
                                        "prompts of data.source ('synthetic': its fresh prompt split)")
@@ -227,7 +230,9 @@ class EvalConfig:
     temperature: float = option(0.9, "sampling temperature")
     top_p: float = option(0.99, "nucleus sampling")
     max_new_tokens: int | None = option(None, "response tokens at most; null: data.max_response_length")
-    batch_size: int = option(64, "prompts per generate call")
+    batch_size: int = option(64, "prompts per decode batch")
+    generation_engine: str = option("rto_fast", "rto_fast: our decode loop; transformers: model.generate",
+                                    ("rto_fast", "transformers"))
     micro_batch_tokens: int = option(8192, "token budget of a scoring micro-batch")
     seed: int = option(1234, "sampling seed (the same for every model)")
 
@@ -551,6 +556,9 @@ def _validate_rl(config: Config, longest: int) -> None:
     if any(mode in config.stages for mode in RL_MODES) and rl.micro_batch_tokens < needed:
         raise ConfigError(f"rl.micro_batch_tokens={rl.micro_batch_tokens} is below data.max_prompt_length + "
                           f"max new tokens = {needed}: the longest rollout would not fit")
+    if rl.generation_cache == "static" and rl.generation_engine != "transformers":
+        raise ConfigError("rl.generation_cache: static is transformers' static cache: set rl.generation_engine: "
+                          "transformers too (the rto_fast engine always preallocates its cache)")
     if rl.reward_model is False and "ppo" in config.stages:
         raise ConfigError("rl.reward_model: false, but stage 'ppo' needs the reward model's score")
 

@@ -6,22 +6,34 @@ Usage:
     rollouts[0].response_ids    # generated tokens up to and including the first eos (when one was generated)
     rollouts[0].finished        # True when the response ended with eos; False when cut at max_new_tokens
 
-Generation runs `model.generate` (KV cache on, whatever the model's config says) on left-padded batches of prompts
-of similar length (sorted by length, so little padding is computed), in eval mode, without autograd; the model's
-train/eval mode is restored afterwards. Sampling draws from torch's global generator, so a seeded run (and a run
-resumed with its RNG state) samples the same responses. `temperature=0` is greedy decoding. `ban_eos=True` masks the
-eos token so every response has exactly `max_new_tokens` tokens (benchmarks use it to make two trainers do the same
-work). `kv_cache="static"` preallocates the cache (transformers' static cache, which it compiles on CUDA); with
-`prompt_width` every batch is left-padded to the same width so that the shapes, and any compiled graph, repeat.
+Prompts are grouped into left-padded batches of similar length (sorted by length, so little padding is computed) and
+sampled in eval mode without autograd; the model's train/eval mode is restored afterwards. Two engines:
+- "rto_fast" (default): our own decode loop over the model's forward. The KV cache is preallocated for the whole
+  batch (prompt + max_new_tokens) and written in place (transformers' dynamic cache concatenates the whole cache
+  every step), decode steps get a ready (B, 1, 1, L) padding mask under sdpa (no per-step mask building), only the
+  last position's logits are computed, and finished rows leave the batch (the cache rows too) once they are half of
+  it, so a batch whose responses end early stops paying for them. Sampling: temperature, then top-k, then top-p (the
+  order of transformers' warpers), then one uniform draw per row mapped through the cumulative distribution.
+- "transformers": `model.generate` (dynamic cache), or with `kv_cache="static"` transformers' static cache, which it
+  compiles on CUDA; `prompt_width` then left-pads every batch to the same width so the shapes, and the compiled
+  graph, repeat.
+Both draw from torch's global generator, so a seeded run (and a run resumed with its RNG state) samples the same
+responses; they are not the same draws as each other. `temperature=0` is greedy decoding (argmax; the two engines
+then agree token for token). `ban_eos=True` masks the eos token so every response has exactly `max_new_tokens`
+tokens (benchmarks use it to make two trainers do the same work).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from .attention import generation_attention
+
+ENGINES = ("rto_fast", "transformers")
 
 
 @dataclass
@@ -32,9 +44,10 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    batch_size: int = 64  # prompts per generate call
+    batch_size: int = 64  # prompts per decode batch
     ban_eos: bool = False
-    kv_cache: str = "dynamic"  # or "static": a preallocated cache
+    engine: str = "rto_fast"  # or "transformers": model.generate
+    kv_cache: str = "dynamic"  # transformers engine only: "static" is its preallocated, compilable cache
     prompt_width: int = 0  # left-pad every batch's prompts to at least this many tokens (fixed shapes)
 
     def __post_init__(self):
@@ -48,8 +61,13 @@ class SamplingSettings:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.kv_cache not in ("dynamic", "static"):
             raise ValueError(f"kv_cache must be dynamic or static, got {self.kv_cache!r}")
+        if self.kv_cache == "static" and self.engine != "transformers":
+            raise ValueError("kv_cache='static' is transformers' static cache: it needs engine='transformers' (the "
+                             "rto_fast engine always preallocates its cache)")
         if self.prompt_width < 0:
             raise ValueError(f"prompt_width must be >= 0, got {self.prompt_width}")
 
@@ -61,22 +79,6 @@ class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]
     finished: bool
-
-
-def _generate_kwargs(settings: SamplingSettings, eos_token_id: int, pad_token_id: int) -> dict:
-    kwargs = dict(max_new_tokens=settings.max_new_tokens, use_cache=True, pad_token_id=pad_token_id,
-                  eos_token_id=eos_token_id, return_dict_in_generate=False)
-    if settings.temperature == 0:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                      top_k=settings.top_k if settings.top_k > 0 else None)
-    if settings.ban_eos:
-        # Never sample eos and never stop early: every response is exactly max_new_tokens long.
-        kwargs.update(suppress_tokens=[eos_token_id], eos_token_id=None)
-    if settings.kv_cache == "static":
-        kwargs.update(cache_implementation="static")
-    return kwargs
 
 
 def cut_at_eos(tokens: list[int], eos_token_id: int | None) -> tuple[list[int], bool]:
@@ -97,7 +99,6 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, *, eos
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty")
     device = next(model.parameters()).device
-    kwargs = _generate_kwargs(settings, eos_token_id, pad_token_id)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Rollout | None] = [None] * len(prompts)
     was_training = model.training
@@ -113,13 +114,237 @@ def generate(model, prompts: list[list[int]], settings: SamplingSettings, *, eos
                     prompt = prompts[index]
                     input_ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
                     attention_mask[row, width - len(prompt):] = 1
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        **kwargs)
-                new_tokens = output[:, width:].tolist()
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                if settings.engine == "transformers":
+                    output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                            **_generate_kwargs(settings, eos_token_id, pad_token_id))
+                    new_tokens = output[:, width:].tolist()
+                else:
+                    new_tokens = decode(model, input_ids, attention_mask, settings, eos_token_id=eos_token_id,
+                                        pad_token_id=pad_token_id).tolist()
                 for row, index in enumerate(chunk):
-                    # generate pads a row only after its eos, so the cut removes all padding.
+                    # Rows are padded only after their eos, so the cut removes all padding.
                     tokens, finished = cut_at_eos(new_tokens[row], None if settings.ban_eos else eos_token_id)
                     results[index] = Rollout(list(prompts[index]), tokens, finished)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ transformers engine
+
+def _generate_kwargs(settings: SamplingSettings, eos_token_id: int, pad_token_id: int) -> dict:
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, use_cache=True, pad_token_id=pad_token_id,
+                  eos_token_id=eos_token_id, return_dict_in_generate=False)
+    if settings.temperature == 0:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                      top_k=settings.top_k if settings.top_k > 0 else None)
+    if settings.ban_eos:
+        # Never sample eos and never stop early: every response is exactly max_new_tokens long.
+        kwargs.update(suppress_tokens=[eos_token_id], eos_token_id=None)
+    if settings.kv_cache == "static":
+        kwargs.update(cache_implementation="static")
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) float logits -> logits with the tokens that may not be drawn at -inf, in transformers' order:
+    temperature, top-k (ties at the k-th value stay), top-p (the smallest set of most likely tokens whose
+    probability reaches top_p; at least one token). temperature must be > 0. Returns a new tensor."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
+        # Probability of everything ranked above each token: a token stays while that is still below top_p (the
+        # most likely token has exactly 0 above it, so it always stays).
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = torch.empty_like(drop_sorted).scatter_(-1, sorted_index, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of (B, V) logits, drawn from their softmax by inverse transform sampling: one uniform
+    number per row against the cumulative distribution (torch.multinomial costs ~10x more on CPU at small B)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    cumulative = probs.cumsum(dim=-1)
+    uniform = torch.rand((logits.shape[0], 1), device=logits.device, generator=generator)
+    # right=True: the first token whose cumulative probability exceeds u, so a zero-probability token (equal to its
+    # predecessor's cumulative sum) is never drawn; scaling by the last entry absorbs rounding of the sum.
+    tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return tokens.clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+
+
+def next_tokens(logits: torch.Tensor, settings: SamplingSettings, eos_token_id: int) -> torch.Tensor:
+    """(B, V) last-position logits -> (B,) tokens under `settings` (banned eos, temperature, top-k/p; greedy at 0)."""
+    logits = logits.float()
+    if settings.ban_eos:
+        logits[:, eos_token_id] = float("-inf")
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    return draw_tokens(filter_logits(logits, settings.temperature, settings.top_k, settings.top_p))
+
+
+# ------------------------------------------------------------------------------------------------ rto_fast engine
+
+@functools.cache
+def _preallocated_layer_class():
+    """A transformers cache layer that writes into a buffer sized for the whole generation and hands out views of
+    the filled part (None when this transformers has no per-layer cache API)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        # A DynamicLayer whose keys/values are views [:, :, :length] of fixed buffers: every inherited query
+        # (sequence length, mask sizes) reads the views and stays right.
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.device = key_states.device
+            batch, heads, _, key_dim = key_states.shape
+            self.key_buffer = key_states.new_empty((batch, heads, self.capacity, key_dim))
+            self.value_buffer = value_states.new_empty((batch, value_states.shape[1], self.capacity,
+                                                        value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"KV cache of {self.capacity} positions is full (asked for {end})")
+            self.key_buffer[:, :, self.length:end] = key_states
+            self.value_buffer[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys = self.key_buffer[:, :, :end]
+            self.values = self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized:
+                self.key_buffer = self.key_buffer[indices]
+                self.value_buffer = self.value_buffer[indices]
+                self.keys = self.key_buffer[:, :, :self.length]
+                self.values = self.value_buffer[:, :, :self.length]
+
+    return PreallocatedLayer
+
+
+def _new_cache(model, capacity: int):
+    """transformers' DynamicCache for `model` with every plain full-attention layer swapped for a preallocated one
+    (sliding-window and other special layers keep their own class)."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # an older transformers without per-config layers
+        return DynamicCache()
+    layer_class = _preallocated_layer_class()
+    layers = getattr(cache, "layers", None)
+    if layer_class is not None and layers:
+        from transformers.cache_utils import DynamicLayer
+
+        cache.layers = [layer_class(capacity) if type(layer) is DynamicLayer else layer for layer in layers]
+    return cache
+
+
+def _can_drop_rows(cache) -> bool:
+    """Whether every layer of `cache` can keep a subset of its batch rows (dynamic layers can; linear-attention
+    states and the like may not)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # an older transformers: one DynamicCache object
+        return hasattr(cache, "batch_select_indices")
+    from transformers.cache_utils import DynamicLayer
+
+    return all(isinstance(layer, DynamicLayer) for layer in layers)
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _ready_masks(model, cache) -> bool:
+    """Whether decode steps may pass a prepared (B, 1, 1, L) boolean mask: transformers >= 5 returns a 4D mask as
+    is, sdpa reads booleans (True = attend), and every layer attends to the whole cache (a sliding-window layer
+    holds fewer positions). Otherwise decode steps pass the 2D mask and transformers builds each layer's."""
+    import transformers
+
+    layer_class = _preallocated_layer_class()
+    return (int(transformers.__version__.split(".")[0]) >= 5
+            and getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and not getattr(model.config, "is_encoder_decoder", False)
+            and bool(getattr(cache, "layers", None))
+            and all(type(layer) is layer_class for layer in cache.layers))
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings, *,
+           eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """The rto_fast decode loop for one left-padded batch: (B, W) prompt ids and their 0/1 mask -> (B, n) new
+    tokens, n <= max_new_tokens (the longest response), rows padded with pad_token_id after their eos."""
+    batch, width = input_ids.shape
+    device = input_ids.device
+    steps = settings.max_new_tokens
+    parameters = _forward_parameters(type(model))
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else (
+        {"num_logits_to_keep": 1} if "num_logits_to_keep" in parameters else {})
+    cache = _new_cache(model, width + steps)
+    cache_keyword = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.2x
+    # Positions count real tokens only (a left-padded row starts at 0), as transformers' generate does.
+    positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   **{cache_keyword: cache}, **keep_last)
+    logits = output.logits[:, -1]
+    next_position = positions[:, -1:] + 1
+
+    # The mask over the whole cache, filled as steps go; decode steps read its first `length` columns.
+    full_mask = torch.ones((batch, width + steps), dtype=attention_mask.dtype, device=device)
+    full_mask[:, :width] = attention_mask
+    ready = full_mask.bool()[:, None, None, :] if _ready_masks(model, cache) else None
+
+    tokens = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)  # original row of each active row
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop_on_eos = not settings.ban_eos
+    drop_rows = stop_on_eos and _can_drop_rows(cache)
+    produced = steps
+    for step in range(steps):
+        chosen = next_tokens(logits, settings, eos_token_id)
+        if stop_on_eos:
+            chosen = chosen.masked_fill(finished, pad_token_id)
+        tokens[rows, step] = chosen
+        if stop_on_eos:
+            finished |= chosen == eos_token_id
+        if step == steps - 1:
+            break
+        if stop_on_eos:
+            done = int(finished.sum())
+            if done == finished.numel():
+                produced = step + 1
+                break
+            if drop_rows and done * 2 >= finished.numel():  # drop finished rows once they are half the batch
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, finished, chosen = rows[keep], finished[keep], chosen[keep]
+                next_position, full_mask = next_position[keep], full_mask[keep]
+                ready = ready[keep] if ready is not None else None
+        length = width + step + 1
+        mask = ready[..., :length] if ready is not None else full_mask[:, :length]
+        output = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
+                       **{cache_keyword: cache}, **keep_last)
+        logits = output.logits[:, -1]
+        next_position = next_position + 1
+    return tokens[:, :produced]

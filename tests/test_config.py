@@ -121,6 +121,9 @@ def test_wrong_type_in_yaml(tmp_path):
     (["model=tiny"], "'model' is a section"),
     (["sft.lr.x=1"], "'sft.lr' is not a section"),
     (["sft.lr"], "not of the form key=value"),
+    (["rl.generation_engine=vllm"], r"rl.generation_engine: must be one of \['rto_fast', 'transformers'\]"),
+    (["rl.generation_cache=static"], "rl.generation_cache: static .* set rl.generation_engine: transformers"),
+    (["eval.generation_engine=hf"], "eval.generation_engine: must be one of"),
 ])
 def test_bad_values(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -514,17 +514,19 @@ def test_generate_runs_under_sdpa_and_restores_the_packed_implementation():
 
 
 def test_static_kv_cache_and_fixed_prompt_width_sample_the_same_tokens():
-    """rl.generation_cache=static: a preallocated cache and prompts left-padded to a fixed width give the greedy
-    tokens of the default dynamic cache."""
+    """rl.generation_cache=static (transformers engine): its preallocated cache and prompts left-padded to a fixed
+    width give the greedy tokens of its dynamic cache."""
     from rto_fast.generation import SamplingSettings, generate
 
     tokenizer = build_tokenizer()
     model = tiny_llama("sdpa")
     prompts = [tokenizer(text)["input_ids"] for text in ("Hello there, how", "Hi", "a b c d e f g")]
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    dynamic = generate(model, prompts, SamplingSettings(max_new_tokens=7, temperature=0.0, batch_size=2), **ids)
+    dynamic = generate(model, prompts, SamplingSettings(max_new_tokens=7, temperature=0.0, batch_size=2,
+                                                        engine="transformers"), **ids)
     static = generate(model, prompts, SamplingSettings(max_new_tokens=7, temperature=0.0, batch_size=2,
-                                                       kv_cache="static", prompt_width=24), **ids)
+                                                       engine="transformers", kv_cache="static", prompt_width=24),
+                      **ids)
     assert static == dynamic
     with pytest.raises(ValueError, match="kv_cache"):
         SamplingSettings(kv_cache="paged")

@@ -1,0 +1,226 @@
+"""The rto_fast decode loop (rto_fast.generation.decode) and its sampler.
+
+- greedy: token for token what transformers' `generate` produces, for Llama, GPT-NeoX, GPT-2 (absolute
+  positions, so a left-padded row's positions matter) and a sliding-window Mistral
+  (whose layers keep transformers' own cache class), with eos ending rows at different steps (rows leave the batch)
+  and prompts of different lengths in one left-padded batch; a prompt alone gives what it gives inside a batch;
+- sampling: `filter_logits` removes exactly the tokens transformers' temperature / top-k / top-p warpers remove;
+  `draw_tokens` draws each token with its probability (frequencies over many draws), never a zero-probability one,
+  also at the extreme uniform numbers; seeded runs repeat, other seeds differ;
+- the cache: preallocated layers hand out views of the filled part, refuse to overflow, keep a subset of rows;
+- settings: unknown engine, static cache without the transformers engine.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig
+
+from rto_fast import generation
+from rto_fast.generation import SamplingSettings, decode, draw_tokens, filter_logits, generate
+
+VOCAB = 97
+PAD = 0
+
+
+def tiny_model(kind: str):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if kind == "llama":
+        config = LlamaConfig(num_key_value_heads=2, **common)
+    elif kind == "neox":
+        config = GPTNeoXConfig(rotary_pct=0.5, **common)
+    elif kind == "gpt2":  # learned absolute positions: a left-padded row's positions must start at 0
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                            tie_word_embeddings=False)
+    else:  # a window shorter than the sequences, so the sliding layers matter
+        config = MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # a sharper distribution: greedy choices far from ties, so both engines agree exactly
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def random_prompts(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (length,), generator=generator).tolist() for length in lengths]
+
+
+def frequent_token(model, prompts, steps):
+    """A token that greedy decoding emits in some rows but not all, at different steps: as eos it ends rows at
+    different times."""
+    rollouts = generate(model, prompts, SamplingSettings(max_new_tokens=steps, temperature=0.0, ban_eos=True,
+                                                         engine="transformers"), eos_token_id=VOCAB - 1,
+                        pad_token_id=PAD)
+    counts = {}
+    for rollout in rollouts:
+        for token in set(rollout.response_ids):
+            counts[token] = counts.get(token, 0) + 1
+    candidates = [token for token, count in counts.items() if 1 < count < len(prompts) and token != PAD]
+    assert candidates, "no token appears in some rows but not all"
+    return max(candidates, key=lambda token: counts[token])
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2", "mistral"])
+def test_greedy_decode_equals_transformers_generate(kind):
+    model = tiny_model(kind)
+    prompts = random_prompts([5, 13, 1, 9, 9, 20, 3, 11])
+    eos = frequent_token(model, prompts, steps=12)
+    seen_batches = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen_batches.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    for batch_size in (8, 3):
+        settings = dict(max_new_tokens=12, temperature=0.0, batch_size=batch_size)
+        ours = generate(model, prompts, SamplingSettings(**settings), eos_token_id=eos, pad_token_id=PAD)
+        theirs = generate(model, prompts, SamplingSettings(engine="transformers", **settings), eos_token_id=eos,
+                          pad_token_id=PAD)
+        assert ours == theirs
+        assert any(r.finished for r in ours) and not all(r.finished for r in ours)
+    # Finished rows left the batch: some of our decode steps ran on fewer rows than the batch started with.
+    assert any(0 < size < 8 for size in seen_batches)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_prompt_alone_gives_what_it_gives_in_a_left_padded_batch(kind):
+    model = tiny_model(kind)
+    prompts = random_prompts([2, 17, 7, 30])
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.0, ban_eos=True, batch_size=4)
+    batched = generate(model, prompts, settings, eos_token_id=VOCAB - 1, pad_token_id=PAD)
+    for prompt, rollout in zip(prompts, batched):
+        alone = generate(model, [prompt], settings, eos_token_id=VOCAB - 1, pad_token_id=PAD)[0]
+        assert alone == rollout
+        assert len(rollout.response_ids) == 10 and VOCAB - 1 not in rollout.response_ids
+
+
+def test_sampling_is_seeded_and_ban_eos_holds():
+    model = tiny_model("neox")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.div_(8.0)  # a flat distribution: many different samples
+    prompts = random_prompts([4, 8, 6])
+    settings = SamplingSettings(max_new_tokens=15, temperature=1.3, top_k=40, top_p=0.95, ban_eos=True)
+    eos = 5
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return generate(model, prompts, settings, eos_token_id=eos, pad_token_id=PAD)
+
+    first, again, other = run(3), run(3), run(4)
+    assert first == again and first != other
+    for rollout in first + other:
+        assert len(rollout.response_ids) == 15 and eos not in rollout.response_ids and not rollout.finished
+    assert len({tuple(r.response_ids) for r in first + other}) == 6
+    assert model.training is False
+
+
+def test_train_mode_is_restored():
+    model = tiny_model("llama").train()
+    generate(model, random_prompts([3]), SamplingSettings(max_new_tokens=2), eos_token_id=1, pad_token_id=PAD)
+    assert model.training
+
+
+# ------------------------------------------------------------------------------------------------ the sampler
+
+def transformers_filter(logits, temperature, top_k, top_p):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.9), (1.4, 50, 0.5),
+                                                     (0.3, 1, 0.99), (1.0, 0, 1e-6), (2.0, 1000, 0.8)])
+def test_filter_logits_removes_what_transformers_warpers_remove(temperature, top_k, top_p):
+    generator = torch.Generator().manual_seed(hash((temperature, top_k, top_p)) % 2**31)
+    logits = torch.randn(37, 211, generator=generator) * 3
+    ours = filter_logits(logits, temperature, top_k, top_p)
+    theirs = transformers_filter(logits, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    kept = ~torch.isinf(ours)
+    torch.testing.assert_close(ours[kept], theirs[kept])
+    assert kept.any(dim=-1).all()  # at least one token per row
+    if top_k:
+        assert (kept.sum(-1) <= top_k).all()
+
+
+def test_filter_logits_keeps_ties_at_the_kth_value_and_does_not_write_its_input():
+    logits = torch.tensor([[3.0, 1.0, 3.0, 2.0, 3.0, -1.0]])
+    before = logits.clone()
+    kept = ~torch.isinf(filter_logits(logits, 1.0, top_k=2))
+    assert kept.tolist() == [[True, False, True, False, True, False]]
+    assert torch.equal(logits, before)
+
+
+def test_draw_tokens_follows_the_distribution():
+    probabilities = torch.tensor([0.0, 0.05, 0.0, 0.4, 0.15, 0.3, 0.1, 0.0])
+    logits = probabilities.log().expand(40_000, -1).contiguous()
+    counts = torch.zeros(8)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        counts += torch.bincount(draw_tokens(logits, generator), minlength=8)
+    total = counts.sum()
+    frequencies = counts / total
+    for p, f in zip(probabilities.tolist(), frequencies.tolist()):
+        if p == 0.0:
+            assert f == 0.0
+        else:  # within 5 standard deviations of the binomial
+            assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / total), (p, f)
+
+
+def test_draw_tokens_at_the_extreme_uniform_numbers(monkeypatch):
+    # Zero-probability tokens first, last and in between: neither u = 0 nor u -> 1 may pick one.
+    logits = torch.tensor([[-math.inf, 0.5, -math.inf, 1.0, -math.inf]] * 3)
+    for value in (0.0, 1.0 - 2.0**-24, 0.5):
+        monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.full(size, value))
+        tokens = draw_tokens(logits)
+        assert set(tokens.tolist()) <= {1, 3}, value
+    monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.zeros(size))
+    assert draw_tokens(logits).tolist() == [1, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------------ cache and settings
+
+def test_preallocated_layer_hands_out_views_refuses_overflow_and_keeps_rows():
+    layer_class = generation._preallocated_layer_class()
+    assert layer_class is not None
+    layer = layer_class(capacity=5)
+    keys, values = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4)
+    out_keys, out_values = layer.update(keys, values)
+    assert out_keys.shape == (3, 2, 3, 4) and torch.equal(out_keys, keys) and torch.equal(out_values, values)
+    step = torch.randn(3, 2, 1, 4)
+    out_keys, _ = layer.update(step, step)
+    assert layer.get_seq_length() == 4 and torch.equal(out_keys[:, :, 3:], step)
+    assert out_keys.data_ptr() == layer.key_buffer.data_ptr()  # a view, not a copy
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys[:, :, :3], keys[[2, 0]]) and layer.get_seq_length() == 4
+    layer.update(step[:2], step[:2])
+    with pytest.raises(RuntimeError, match="full"):
+        layer.update(step[:2], step[:2])
+
+
+def test_decode_returns_only_the_steps_it_ran():
+    model = tiny_model("llama")
+    prompts = random_prompts([4, 6])
+    eos = frequent_token(model, prompts + random_prompts([5, 7], seed=1), steps=6)
+    input_ids = torch.tensor([[PAD, PAD, *prompts[0]], prompts[1]])
+    mask = (torch.arange(6) >= torch.tensor([[2], [0]])).long()
+    tokens = decode(model, input_ids, mask, SamplingSettings(max_new_tokens=40, temperature=0.0), eos_token_id=eos,
+                    pad_token_id=PAD)
+    assert tokens.shape[0] == 2 and tokens.shape[1] <= 40
+    for row in tokens.tolist():
+        if eos in row:
+            assert all(token == PAD for token in row[row.index(eos) + 1:])
+
+
+def test_settings_reject_an_unknown_engine_and_a_static_cache_without_transformers():
+    with pytest.raises(ValueError, match="engine"):
+        SamplingSettings(engine="vllm")
+    with pytest.raises(ValueError, match="engine='transformers'"):
+        SamplingSettings(kv_cache="static")
+    SamplingSettings(kv_cache="static", engine="transformers")
