@@ -18,6 +18,9 @@ functions take (with `cu_seqlens = batch.cu_seqlens`). A reward model reads its 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from .attention import packed_forward
@@ -33,12 +36,45 @@ def response_sequence(prompt_ids, response_ids) -> TokenizedSequence:
 def packed_logprobs(model, batch: PackedBatch, *, return_entropy: bool = False, inplace_backward: bool = False):
     """(1, N) float32 log-prob of each response token under `model` (0 off the response), or (logprobs, entropy).
 
-    Goes through the fused `rto_fast.ops.token_logprobs`, so no float32 log-softmax of the logits is built."""
+    Logits are computed only where a label is (`batch.response_mask`): the model's output layer never runs on prompt
+    positions when its forward takes a `logits_to_keep` index (transformers' causal LMs do), which saves that share
+    of the (N, V) logits, their memory and the output matmul forward and backward. They go through the fused
+    `rto_fast.ops.token_logprobs`, so no float32 log-softmax is built either; `inplace_backward` lets its backward
+    overwrite the logits with their gradient when they require one."""
     from .ops import token_logprobs
 
-    logits = packed_forward(model, batch).logits
-    return token_logprobs(logits, batch.labels, return_entropy=return_entropy,
-                          inplace_backward=inplace_backward and logits.requires_grad)
+    positions = _label_positions(model, batch)
+    if positions is None:
+        logits = packed_forward(model, batch).logits
+        labels = batch.labels
+    else:
+        logits = packed_forward(model, batch, logits_to_keep=positions).logits  # (1, K, V)
+        labels = batch.labels[:, positions]
+    result = token_logprobs(logits, labels, return_entropy=return_entropy,
+                            inplace_backward=inplace_backward and logits.requires_grad)
+    if positions is None:
+        return result
+    # Back onto the stream: (1, K) -> (1, N), zeros off the labels (index_copy keeps the gradient).
+    spread = [value.new_zeros(batch.labels.shape).index_copy(1, positions, value)
+              for value in (result if return_entropy else (result,))]
+    return tuple(spread) if return_entropy else spread[0]
+
+
+def _label_positions(model, batch: PackedBatch) -> torch.Tensor | None:
+    """Indices of the stream positions that carry a label, or None when the whole stream's logits are needed (the
+    model cannot select positions, or every position has a label)."""
+    if not _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+        return None
+    mask = batch.response_mask[0]
+    positions = mask.nonzero().squeeze(1)
+    if positions.numel() in (0, mask.numel()):
+        return None
+    return positions.to(batch.input_ids.device)
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def packed_values(value_model, batch: PackedBatch) -> torch.Tensor:

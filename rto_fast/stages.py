@@ -51,6 +51,7 @@ from .distributed import Distributed, EngineTrainer
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .run_log import MetricsLog, ProgressBar
+from .scoring import packed_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,6 @@ STAGE_SEED_OFFSET = {name: 1000 * (index + 1) for index, name in enumerate(STAGE
 STAGE_SEED_OFFSET.update({mode: STAGE_SEED_OFFSET[RL_MODES[0]] for mode in RL_MODES})
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
-    """(1, N) float32 log-prob of each label (0 where the label is -100): the only place the stages get log-probs.
-
-    Goes through the fused op; in training its backward overwrites the logits with their gradient (nothing else
-    reads them), which saves one (N, V) tensor."""
-    from .ops import token_logprobs as fused_token_logprobs
-
-    return fused_token_logprobs(logits, labels, inplace_backward=training and logits.requires_grad)
 
 
 # ------------------------------------------------------------------------------------------------ run context
@@ -262,8 +253,7 @@ class SFTStage(Stage):
         return float(sum(int(batch.response_mask.sum()) for batch in micro_batches))
 
     def loss(self, batch, extra, denominator):
-        logits = packed_forward(self.model, batch).logits
-        logprobs = token_logprobs(logits, batch.labels, torch.is_grad_enabled())
+        logprobs = packed_logprobs(self.model, batch, inplace_backward=torch.is_grad_enabled())
         nll_sum = -logprobs.sum()
         return nll_sum / denominator, {"loss": nll_sum.detach(), "count": batch.response_mask.sum()}
 
@@ -287,8 +277,8 @@ class DPOStage(Stage):
         self.reference.to(self.context.device)
 
     def _sequence_logprobs(self, model, batch, training: bool) -> torch.Tensor:
-        logits = packed_forward(model, batch).logits
-        return sequence_sums(token_logprobs(logits, batch.labels, training), batch)  # (S,), packed order
+        logprobs = packed_logprobs(model, batch, inplace_backward=training)
+        return sequence_sums(logprobs, batch)  # (S,), packed order
 
     def prepare(self, micro_batches):
         # Once per batch, before the policy passes; no autograd graph, no saved activations.

@@ -243,6 +243,35 @@ def test_packed_gradients_equal_per_sequence_gradients(attention_backend):
 
 
 @pytest.mark.parametrize("kind", ["llama", "neox"])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_packed_logprobs_compute_logits_only_at_labels(kind, inplace_backward):
+    """scoring.packed_logprobs runs the output layer on the labelled positions only (logits_to_keep) and spreads the
+    log-probs and entropy back onto the stream: equal, with gradients, to the whole stream's logits."""
+    from rto_fast import ops
+    from rto_fast.scoring import packed_logprobs
+
+    model = model_for(kind, "packed-sdpa")
+    batch = pack(random_sequences([9, 14, 5, 20]))
+    rows_seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows_seen.append(out.shape[1]))
+    logprobs, entropy = packed_logprobs(model, batch, return_entropy=True, inplace_backward=inplace_backward)
+    assert rows_seen == [int(batch.response_mask.sum())] and rows_seen[0] < batch.input_ids.shape[1]
+    (logprobs.sum() + 0.5 * entropy.sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    logits = attention.packed_forward(model, batch).logits
+    full_logprobs, full_entropy = ops.token_logprobs(logits, batch.labels, return_entropy=True)
+    full_entropy = torch.where(batch.response_mask, full_entropy, torch.zeros(()))
+    torch.testing.assert_close(logprobs, full_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, full_entropy, atol=1e-5, rtol=1e-5)
+    assert (logprobs[~batch.response_mask] == 0).all() and (entropy[~batch.response_mask] == 0).all()
+    (full_logprobs.sum() + 0.5 * full_entropy.sum()).backward()
+    for grad, parameter in zip(grads, model.parameters()):
+        torch.testing.assert_close(grad, parameter.grad, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox"])
 def test_kv_cache_contaminates_and_packed_forward_avoids_it(kind, monkeypatch):
     """The trap: with the default cache, sdpa sees one long sequence. packed_forward must never go there."""
     model = BUILDERS[kind]("sdpa")
