@@ -158,6 +158,9 @@ class RLConfig:
     generation_engine: str = option("rto_fast", "rto_fast: our decode loop (preallocated KV cache, finished rows "
                                                 "leave the batch); transformers: model.generate",
                                     ("rto_fast", "transformers"))
+    generation_cuda_graph: bool = option(True, "rto_fast engine on CUDA: capture the decode step as a CUDA graph "
+                                               "once per batch and replay it (rows then stay until all finish); "
+                                               "false: eager steps, finished rows leave the batch")
     generation_cache: str = option("dynamic", "KV cache of the transformers engine: dynamic (grows per step) or "
                                               "static (preallocated; prompts are left-padded to "
                                               "data.max_prompt_length so every call has the same shapes, which lets "
@@ -233,6 +236,7 @@ class EvalConfig:
     batch_size: int = option(64, "prompts per decode batch")
     generation_engine: str = option("rto_fast", "rto_fast: our decode loop; transformers: model.generate",
                                     ("rto_fast", "transformers"))
+    generation_cuda_graph: bool = option(True, "rto_fast engine on CUDA: replay the decode step as a CUDA graph")
     micro_batch_tokens: int = option(8192, "token budget of a scoring micro-batch")
     seed: int = option(1234, "sampling seed (the same for every model)")
 

@@ -317,7 +317,8 @@ def run_eval(context: RunContext) -> Path:
     judge = choose_judge(settings.judge, judge_paths(context), synthetic)
     sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens or config.data.max_response_length,
                                 temperature=settings.temperature, top_p=settings.top_p,
-                                batch_size=settings.batch_size, engine=settings.generation_engine)
+                                batch_size=settings.batch_size, engine=settings.generation_engine,
+                                cuda_graph=settings.generation_cuda_graph)
     longest = max(len(prompt.prompt_ids) for prompt in prompts) + sampling.max_new_tokens
     if longest > settings.micro_batch_tokens:
         raise ValueError(f"eval.micro_batch_tokens={settings.micro_batch_tokens} is below the longest prompt + "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ import torch
 from .attention import generation_attention
 
 ENGINES = ("rto_fast", "transformers")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class SamplingSettings:
     batch_size: int = 64  # prompts per decode batch
     ban_eos: bool = False
     engine: str = "rto_fast"  # or "transformers": model.generate
+    cuda_graph: bool = True  # rto_fast engine on CUDA: capture the decode step once, replay it every step
     kv_cache: str = "dynamic"  # transformers engine only: "static" is its preallocated, compilable cache
     prompt_width: int = 0  # left-pad every batch's prompts to at least this many tokens (fixed shapes)
 
@@ -206,22 +209,31 @@ def _preallocated_layer_class():
     class PreallocatedLayer(DynamicLayer):
         # A DynamicLayer whose keys/values are views [:, :, :length] of fixed buffers: every inherited query
         # (sequence length, mask sizes) reads the views and stays right.
-        def __init__(self, capacity: int):
+        def __init__(self, capacity: int, zeroed: bool = False):
             super().__init__()
             self.capacity = capacity
+            self.zeroed = zeroed
             self.length = 0
+            # Fixed-shape decoding sets this (1,) device tensor: single-token updates then go to that column and
+            # the whole buffers are returned (the mask hides the columns not written yet, which hold zeros).
+            self.write_column: torch.Tensor | None = None
 
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
             batch, heads, _, key_dim = key_states.shape
-            self.key_buffer = key_states.new_empty((batch, heads, self.capacity, key_dim))
-            self.value_buffer = value_states.new_empty((batch, value_states.shape[1], self.capacity,
-                                                        value_states.shape[-1]))
+            allocate = key_states.new_zeros if self.zeroed else key_states.new_empty
+            self.key_buffer = allocate((batch, heads, self.capacity, key_dim))
+            self.value_buffer = allocate((batch, value_states.shape[1], self.capacity, value_states.shape[-1]))
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            if self.write_column is not None and key_states.shape[-2] == 1:
+                self.key_buffer.index_copy_(2, self.write_column, key_states)
+                self.value_buffer.index_copy_(2, self.write_column, value_states)
+                self.keys, self.values = self.key_buffer, self.value_buffer
+                return self.keys, self.values
             end = self.length + key_states.shape[-2]
             if end > self.capacity:
                 raise RuntimeError(f"KV cache of {self.capacity} positions is full (asked for {end})")
@@ -242,9 +254,9 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
-def _new_cache(model, capacity: int):
+def _new_cache(model, capacity: int, zeroed: bool = False):
     """transformers' DynamicCache for `model` with every plain full-attention layer swapped for a preallocated one
-    (sliding-window and other special layers keep their own class)."""
+    (sliding-window and other special layers keep their own class); `zeroed` buffers start at 0, not garbage."""
     from transformers import DynamicCache
 
     try:
@@ -256,7 +268,7 @@ def _new_cache(model, capacity: int):
     if layer_class is not None and layers:
         from transformers.cache_utils import DynamicLayer
 
-        cache.layers = [layer_class(capacity) if type(layer) is DynamicLayer else layer for layer in layers]
+        cache.layers = [layer_class(capacity, zeroed) if type(layer) is DynamicLayer else layer for layer in layers]
     return cache
 
 
@@ -292,34 +304,43 @@ def _ready_masks(model, cache) -> bool:
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings, *,
-           eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+           eos_token_id: int, pad_token_id: int, fixed_shapes: bool | None = None) -> torch.Tensor:
     """The rto_fast decode loop for one left-padded batch: (B, W) prompt ids and their 0/1 mask -> (B, n) new
-    tokens, n <= max_new_tokens (the longest response), rows padded with pad_token_id after their eos."""
+    tokens, n <= max_new_tokens (the longest response), rows padded with pad_token_id after their eos.
+
+    fixed_shapes (None: on CUDA when settings.cuda_graph and the model allows it) runs every decode step on the whole
+    preallocated cache with the same tensors, so that the step is captured once as a CUDA graph and replayed (one
+    launch per step instead of a few hundred); rows then stay in the batch until all are done. False: steps attend to
+    the filled part of the cache only and finished rows leave the batch."""
     batch, width = input_ids.shape
     device = input_ids.device
     steps = settings.max_new_tokens
     parameters = _forward_parameters(type(model))
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else (
         {"num_logits_to_keep": 1} if "num_logits_to_keep" in parameters else {})
-    cache = _new_cache(model, width + steps)
     cache_keyword = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.2x
+
+    def forward(ids, mask, positions):
+        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{cache_keyword: cache}, **keep_last)
+        return output.logits[:, -1]
+
+    if fixed_shapes is None:
+        fixed_shapes = device.type == "cuda" and settings.cuda_graph
+    cache = _new_cache(model, width + steps, zeroed=fixed_shapes)
+    ready = _ready_masks(model, cache)
+    fixed_shapes = fixed_shapes and ready  # needs the whole-cache mask to go to attention as it is
     # Positions count real tokens only (a left-padded row starts at 0), as transformers' generate does.
     positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                   **{cache_keyword: cache}, **keep_last)
-    logits = output.logits[:, -1]
-    next_position = positions[:, -1:] + 1
-
-    # The mask over the whole cache, filled as steps go; decode steps read its first `length` columns.
-    full_mask = torch.ones((batch, width + steps), dtype=attention_mask.dtype, device=device)
-    full_mask[:, :width] = attention_mask
-    ready = full_mask.bool()[:, None, None, :] if _ready_masks(model, cache) else None
+    logits = forward(input_ids, attention_mask, positions)
+    stepper = (_FixedShapeSteps if fixed_shapes else _GrowingSteps)(
+        forward, cache, attention_mask, positions[:, -1:] + 1, steps, ready=ready,
+        use_graph=fixed_shapes and device.type == "cuda")
 
     tokens = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # original row of each active row
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stop_on_eos = not settings.ban_eos
-    drop_rows = stop_on_eos and _can_drop_rows(cache)
     produced = steps
     for step in range(steps):
         chosen = next_tokens(logits, settings, eos_token_id)
@@ -335,16 +356,105 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
             if done == finished.numel():
                 produced = step + 1
                 break
-            if drop_rows and done * 2 >= finished.numel():  # drop finished rows once they are half the batch
+            if stepper.can_drop_rows and done * 2 >= finished.numel():  # once finished rows are half the batch
                 keep = (~finished).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
+                stepper.keep_rows(keep)
                 rows, finished, chosen = rows[keep], finished[keep], chosen[keep]
-                next_position, full_mask = next_position[keep], full_mask[keep]
-                ready = ready[keep] if ready is not None else None
-        length = width + step + 1
-        mask = ready[..., :length] if ready is not None else full_mask[:, :length]
-        output = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
-                       **{cache_keyword: cache}, **keep_last)
-        logits = output.logits[:, -1]
-        next_position = next_position + 1
+        logits = stepper.step(chosen, column=width + step)
     return tokens[:, :produced]
+
+
+class _GrowingSteps:
+    """Decode steps on the filled part of the cache: the mask grows by one column per step; rows can leave."""
+
+    def __init__(self, forward, cache, prompt_mask, next_position, steps, ready, use_graph=False):
+        self.forward, self.cache, self.next_position = forward, cache, next_position
+        width = prompt_mask.shape[1]
+        self.full_mask = torch.ones((prompt_mask.shape[0], width + steps), dtype=prompt_mask.dtype,
+                                    device=prompt_mask.device)
+        self.full_mask[:, :width] = prompt_mask
+        self.ready = self.full_mask.bool()[:, None, None, :] if ready else None
+        self.can_drop_rows = _can_drop_rows(cache)
+
+    def keep_rows(self, keep):
+        self.cache.batch_select_indices(keep)
+        self.next_position, self.full_mask = self.next_position[keep], self.full_mask[keep]
+        self.ready = self.ready[keep] if self.ready is not None else None
+
+    def step(self, chosen, column):
+        length = column + 1
+        mask = self.ready[..., :length] if self.ready is not None else self.full_mask[:, :length]
+        logits = self.forward(chosen[:, None], mask, self.next_position)
+        self.next_position = self.next_position + 1
+        return logits
+
+
+class _FixedShapeSteps:
+    """Decode steps with the same input tensors every time (token, position, a (B, 1, 1, C) mask over the whole
+    cache, the cache column to write), updated in place: the step is then one CUDA graph, captured at the first
+    step and replayed after. The capture is checked once against an eager step; a capture that fails or disagrees
+    is dropped (logged once) and the steps run eagerly on the same tensors."""
+
+    can_drop_rows = False
+    _warned = False
+
+    def __init__(self, forward, cache, prompt_mask, next_position, steps, ready=True, use_graph=False):
+        self.forward = forward
+        batch, width = prompt_mask.shape
+        device = prompt_mask.device
+        self.mask = torch.zeros((batch, 1, 1, width + steps), dtype=torch.bool, device=device)
+        self.mask[:, 0, 0, :width] = prompt_mask.bool()  # later columns turn on as their tokens are written
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.positions = next_position.clone()
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        for layer in cache.layers:
+            layer.write_column = self.column
+        self.use_graph = use_graph
+        self.graph = None
+        self.graph_logits = None
+        self.check_next = False
+
+    def _eager(self):
+        return self.forward(self.tokens, self.mask, self.positions)
+
+    def step(self, chosen, column):
+        self.tokens.copy_(chosen[:, None])
+        self.mask[:, 0, 0, column] = True
+        self.column.fill_(column)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.graph_logits
+            if self.check_next:  # the first replay on new inputs against the eager step (same column, same values)
+                self.check_next = False
+                if not torch.allclose(logits.float(), self._eager().float(), rtol=1e-2, atol=1e-2):
+                    self._give_up("the replayed decode step disagrees with the eager one")
+                    logits = self._eager()
+        elif self.use_graph:
+            logits = self._capture()
+        else:
+            logits = self._eager()
+        self.positions.add_(1)
+        return logits
+
+    def _capture(self):
+        device = self.tokens.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs need; also this step's logits
+            eager = self._eager().clone()
+        torch.cuda.current_stream(device).wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.graph_logits = self._eager()
+        except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
+            self._give_up(f"capturing the decode step failed ({type(error).__name__}: {error})")
+            return eager
+        self.graph, self.check_next = graph, True
+        return eager
+
+    def _give_up(self, reason: str):
+        self.use_graph, self.graph, self.graph_logits = False, None, None
+        if not _FixedShapeSteps._warned:
+            _FixedShapeSteps._warned = True
+            logger.warning("decode runs without a CUDA graph: %s", reason)

@@ -193,7 +193,8 @@ class RLTrainer:
             max_new_tokens=settings.max_new_tokens or self.config.data.max_response_length,
             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
             batch_size=settings.generation_batch_size, ban_eos=settings.ban_eos,
-            engine=settings.generation_engine, kv_cache=settings.generation_cache,
+            engine=settings.generation_engine, cuda_graph=settings.generation_cuda_graph,
+            kv_cache=settings.generation_cache,
             # A static cache pays off only when shapes repeat: pad every batch's prompts to one width.
             prompt_width=self.config.data.max_prompt_length if settings.generation_cache == "static" else 0)
         self.synthetic = self.config.data.source == "synthetic" and settings.prompts in (None, "synthetic")
@@ -556,7 +557,8 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
     config = trainer.config
     sampling = SamplingSettings(max_new_tokens=trainer.sampling.max_new_tokens, temperature=config.eval.temperature,
                                 top_p=config.eval.top_p, batch_size=config.eval.batch_size,
-                                engine=config.eval.generation_engine)
+                                engine=config.eval.generation_engine,
+                                cuda_graph=config.eval.generation_cuda_graph)
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.eval.seed)

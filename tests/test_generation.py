@@ -7,6 +7,8 @@
 - sampling: `filter_logits` removes exactly the tokens transformers' temperature / top-k / top-p warpers remove;
   `draw_tokens` draws each token with its probability (frequencies over many draws), never a zero-probability one,
   also at the extreme uniform numbers; seeded runs repeat, other seeds differ;
+- fixed-shape steps (the CUDA-graph path, run eagerly on CPU) decode what the growing steps decode; on a GPU, the
+  replayed graph decodes what eager steps decode;
 - the cache: preallocated layers hand out views of the filled part, refuse to overflow, keep a subset of rows;
 - settings: unknown engine, static cache without the transformers engine.
 """
@@ -80,6 +82,54 @@ def test_greedy_decode_equals_transformers_generate(kind):
         assert any(r.finished for r in ours) and not all(r.finished for r in ours)
     # Finished rows left the batch: some of our decode steps ran on fewer rows than the batch started with.
     assert any(0 < size < 8 for size in seen_batches)
+
+
+def left_padded(prompts):
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[PAD] * (width - len(prompt)) + prompt for prompt in prompts])
+    mask = (torch.arange(width) >= torch.tensor([[width - len(prompt)] for prompt in prompts])).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2", "mistral"])
+def test_fixed_shape_steps_decode_what_growing_steps_decode(kind):
+    """The fixed-shape steps (what CUDA graphs replay: whole-cache attention, in-place inputs, rows kept to the
+    end) give the growing steps' tokens: greedy with eos, and sampled under one seed (no rows dropped). Mistral's
+    sliding layers cannot attend to the whole cache: it falls back to growing steps."""
+    model = tiny_model(kind)
+    prompts = random_prompts([5, 13, 1, 9, 20, 3])
+    ids, mask = left_padded(prompts)
+    eos = frequent_token(model, prompts, steps=12)
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0.0)
+    kwargs = dict(eos_token_id=eos, pad_token_id=PAD)
+    fixed = decode(model, ids, mask, greedy, fixed_shapes=True, **kwargs)
+    assert torch.equal(fixed, decode(model, ids, mask, greedy, fixed_shapes=False, **kwargs))
+    assert (fixed == eos).any()
+    sampled = SamplingSettings(max_new_tokens=12, temperature=1.0, top_k=30, ban_eos=True)
+    runs = []
+    for fixed_shapes in (True, False):
+        torch.manual_seed(7)
+        runs.append(decode(model, ids, mask, sampled, fixed_shapes=fixed_shapes, **kwargs))
+    assert torch.equal(*runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_equals_eager_decode(caplog):
+    model = tiny_model("llama").cuda()
+    prompts = random_prompts([5, 13, 1, 9, 20, 3])
+    ids, mask = (tensor.cuda() for tensor in left_padded(prompts))
+    settings = SamplingSettings(max_new_tokens=20, temperature=0.0, ban_eos=True)
+    replays = []
+    original = torch.cuda.CUDAGraph.replay
+    torch.cuda.CUDAGraph.replay = lambda graph: (replays.append(1), original(graph))[1]
+    try:
+        graphed = decode(model, ids, mask, settings, eos_token_id=VOCAB - 1, pad_token_id=PAD)
+    finally:
+        torch.cuda.CUDAGraph.replay = original
+    eager = decode(model, ids, mask, SamplingSettings(max_new_tokens=20, temperature=0.0, ban_eos=True,
+                                                      cuda_graph=False), eos_token_id=VOCAB - 1, pad_token_id=PAD)
+    assert torch.equal(graphed, eager)
+    assert len(replays) == 18 and "without a CUDA graph" not in caplog.text  # every step after the captured one
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -208,8 +258,7 @@ def test_decode_returns_only_the_steps_it_ran():
     model = tiny_model("llama")
     prompts = random_prompts([4, 6])
     eos = frequent_token(model, prompts + random_prompts([5, 7], seed=1), steps=6)
-    input_ids = torch.tensor([[PAD, PAD, *prompts[0]], prompts[1]])
-    mask = (torch.arange(6) >= torch.tensor([[2], [0]])).long()
+    input_ids, mask = left_padded(prompts)
     tokens = decode(model, input_ids, mask, SamplingSettings(max_new_tokens=40, temperature=0.0), eos_token_id=eos,
                     pad_token_id=PAD)
     assert tokens.shape[0] == 2 and tokens.shape[1] <= 40
