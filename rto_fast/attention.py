@@ -355,14 +355,14 @@ def _per_sequence_sdpa(query, key, value, cu_seqlens, scaling, padded: bool | No
     """Exact per-document causal sdpa: one batched call over the sequences padded to the longest, or one call per
     sequence when padding would waste too much (`padded` forces a choice). The CPU path of the packed
     implementation."""
-    num_heads = query.shape[1]
-    key, value = _repeat_kv_heads(key, num_heads), _repeat_kv_heads(value, num_heads)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     if padded is None:
         longest = int(lengths.max())
         padded = lengths.numel() * longest**2 <= PADDED_WASTE_LIMIT * float((lengths.float() ** 2).sum())
     if padded:
         return _padded_sdpa(query, key, value, cu_seqlens.long(), lengths, scaling)
+    num_heads = query.shape[1]
+    key, value = _repeat_kv_heads(key, num_heads), _repeat_kv_heads(value, num_heads)
     outputs = []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
         outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end],
@@ -370,21 +370,39 @@ def _per_sequence_sdpa(query, key, value, cu_seqlens, scaling, padded: bool | No
     return torch.cat(outputs, dim=2)[0].transpose(0, 1)
 
 
+# sdpa takes fewer key/value heads than query heads itself from torch 2.5 (no repeated copies to gather).
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def _padded_sdpa(query, key, value, cu_seqlens, lengths, scaling):
-    """(N, H, D) causal attention of each sequence of a (1, H, N, D) stream, as one sdpa call on (S, H, L, D)."""
-    longest = int(lengths.max())
+    """(N, H, D) causal attention of each sequence of a (1, H, N, D) stream, as one sdpa call on (S, H, L, D).
+
+    Rows are gathered with index_select on the (N, H, D) token-major view (what the projections wrote; one row copy
+    per token, and its backward is an index_add) into a (S, L, H, D) buffer that sdpa reads through a transposed
+    view, and the valid rows are selected back the same way: ~1.5x faster forward + backward than advanced indexing
+    over the head-major view plus a boolean-mask select (tiny Llama, 23 sequences of 80-100 tokens)."""
+    sequences, longest = lengths.numel(), int(lengths.max())
     positions = torch.arange(longest, device=query.device)
     valid = positions[None, :] < lengths[:, None]  # (S, L)
-    index = (cu_seqlens[:-1, None] + positions[None, :]).clamp(max=query.shape[2] - 1)
+    index = (cu_seqlens[:-1, None] + positions[None, :]).clamp(max=query.shape[2] - 1).reshape(-1)
 
-    def gather(tensor):  # (1, H, N, D) -> (S, H, L, D)
-        return tensor[0][:, index].permute(1, 0, 2, 3)
+    def gather(tensor):  # (1, h, N, D) -> (S, h, L, D)
+        rows = tensor[0].transpose(0, 1)  # (N, h, D)
+        return rows.index_select(0, index).view(sequences, longest, *rows.shape[1:]).transpose(1, 2)
 
+    gqa = {}
+    if key.shape[1] != query.shape[1]:
+        if _SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            key, value = _repeat_kv_heads(key, query.shape[1]), _repeat_kv_heads(value, query.shape[1])
     causal = torch.ones(longest, longest, dtype=torch.bool, device=query.device).tril()
     # Padded keys are masked out; padded query rows still see their causal prefix (never an empty row).
     mask = causal[None, None] & valid[:, None, None, :]
-    output = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), attn_mask=mask, scale=scaling)
-    return output.permute(0, 2, 1, 3)[valid]
+    output = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), attn_mask=mask, scale=scaling,
+                                            **gqa)
+    rows = output.transpose(1, 2).reshape(sequences * longest, query.shape[1], query.shape[3])
+    return rows.index_select(0, valid.reshape(-1).nonzero().squeeze(1))
 
 
 def _masked_sdpa(query, key, value, attention_mask, scaling):
