@@ -64,9 +64,12 @@ def run_seeds(config: str, root: Path, seeds: list[int], jobs: int, overrides: l
 
 def load_seed(folder: Path) -> dict:
     result = json.loads((folder / "eval" / "win_rates.json").read_text())
-    samples = [json.loads(line) for line in (folder / "eval" / "samples.jsonl").read_text().splitlines() if line]
+    samples = [json.loads(line) for line in (folder / "eval" / "samples.jsonl").read_text(encoding="utf-8").split("\n")
+               if line]
     curves = {}
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
+    for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").split("\n"):
+        if not line:
+            continue
         record = json.loads(line)
         if record.get("stage") in RL_MODES and "eval_true_reward" in record:
             curves.setdefault(record["stage"], []).append((record["prompts_seen"], record["eval_true_reward"]))

@@ -320,8 +320,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
         {"num_logits_to_keep": 1} if "num_logits_to_keep" in parameters else {})
     cache_keyword = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.2x
 
+    takes_positions = "position_ids" in parameters  # models without it place tokens by the cache length
+
     def forward(ids, mask, positions):
-        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        position_kwargs = {"position_ids": positions} if takes_positions else {}
+        output = model(input_ids=ids, attention_mask=mask, use_cache=True, **position_kwargs,
                        **{cache_keyword: cache}, **keep_last)
         return output.logits[:, -1]
 

@@ -175,12 +175,12 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().split("\n") if line]
 
 
 def _eval_samples(run: Path) -> list[tuple]:
-    lines = (run / "eval" / "samples.jsonl").read_text().splitlines()
-    return [(r["model"], r["prompt_index"], r["response"]) for r in map(json.loads, lines)]
+    lines = (run / "eval" / "samples.jsonl").read_text(encoding="utf-8").split("\n")
+    return [(r["model"], r["prompt_index"], r["response"]) for r in map(json.loads, filter(None, lines))]
 
 
 @pytest.fixture(scope="module")

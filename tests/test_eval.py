@@ -65,7 +65,8 @@ def make_context(assets, run_dir, *overrides, judges=("sft", "dpo", "rm")):
 
 def read_outputs(eval_dir):
     result = json.loads((eval_dir / evaluation.WIN_RATES_JSON).read_text())
-    samples = [json.loads(line) for line in (eval_dir / evaluation.SAMPLES_FILE).read_text().splitlines()]
+    samples = [json.loads(line) for line in (eval_dir / evaluation.SAMPLES_FILE).read_text(encoding="utf-8").split("\n")
+               if line]
     return result, samples
 
 
