@@ -462,35 +462,42 @@ class RLTrainer:
 
     def _micro_batch_step(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
                           vf_coef: float, boundary: bool = True) -> dict:
+        """Forward and backward of one micro-batch: the policy's, then the critic's. The clipped surrogate (and the
+        entropy bonus) reads only the policy and the value loss only the critic, so two backward passes give exactly
+        the gradients of the joint loss, and only one model's activations are alive at a time (the peak holds one
+        model's, not both)."""
         settings = self.settings
         old_logprobs = _scatter_to_stream(rollout.old_logprobs, batch, chosen)
         old_values = _scatter_to_stream(rollout.values, batch, chosen)
         advantages = _scatter_to_stream(rollout.advantages, batch, chosen)
         returns = _scatter_to_stream(rollout.returns, batch, chosen)
+        clipping = dict(clip_eps=settings.clip_eps, clip_eps_high=settings.clip_eps_high,
+                        value_clip=settings.value_clip, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
+
         with _autocast(self.context):
             logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True)
-            values = packed_values(self.critic, batch)
-        def ppo_loss(logprobs, values):
-            return ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, values=values.float(),
-                                old_values=old_values, returns=returns, clip_eps=settings.clip_eps,
-                                clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip,
-                                vf_coef=vf_coef, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
-
+        policy_loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, **clipping)
         mean_entropy = self._aggregate(entropy, batch)
-        if self.actor_engine is not None:
-            # Two engines, one backward each: pg + vf split by detaching the other model's output (the terms are
-            # disjoint, so each model gets exactly its gradient of the joint loss).
-            loss, stats = ppo_loss(logprobs, values.detach())
-            if settings.entropy_coef:
-                loss = loss - settings.entropy_coef * mean_entropy
-            self.actor_engine.backward(loss * share, boundary)
-            self.critic_engine.backward(ppo_loss(logprobs.detach(), values)[0] * share, boundary)
-            return {**{name: float(value) for name, value in stats.items()}, "entropy": float(mean_entropy.detach())}
-        loss, stats = ppo_loss(logprobs, values)
         if settings.entropy_coef:
-            loss = loss - settings.entropy_coef * mean_entropy
-        (loss * share).backward()
+            policy_loss = policy_loss - settings.entropy_coef * mean_entropy
+        self._backward(self.actor_engine, policy_loss * share, boundary)
+
+        with _autocast(self.context):
+            values = packed_values(self.critic, batch)
+        # The joint loss with the policy's log-probs detached: its gradient reaches the critic only.
+        critic_loss, value_stats = ops.ppo_loss(logprobs.detach(), old_logprobs, advantages, batch.response_mask,
+                                                values=values.float(), old_values=old_values, returns=returns,
+                                                vf_coef=vf_coef, **clipping)
+        self._backward(self.critic_engine, critic_loss * share, boundary)
+        stats.update(vf_loss=value_stats["vf_loss"], vf_clipfrac=value_stats["vf_clipfrac"])
         return {**{name: float(value) for name, value in stats.items()}, "entropy": float(mean_entropy.detach())}
+
+    @staticmethod
+    def _backward(engine, loss: torch.Tensor, boundary: bool) -> None:
+        if engine is not None:
+            engine.backward(loss, boundary)
+        else:
+            loss.backward()
 
     def _aggregate(self, per_token: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Mean of a (1, N) per-token tensor over the response tokens, aggregated like the loss (rl.agg)."""

@@ -229,6 +229,50 @@ def test_micro_batch_budget_does_not_change_the_update(tmp_path, assets):
     assert any(moved)
 
 
+@pytest.mark.parametrize("critic_optimizer", ["separate", "shared"])
+def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, assets, critic_optimizer):
+    """A PPO micro-batch runs the policy forward and backward before the critic's forward (one model's activations
+    alive at a time); the gradients are those of the joint loss (clipped surrogate - entropy bonus + value loss)
+    taken through both forwards at once, with the reference ppo_loss."""
+    from rto_fast.packing import pack
+    from rto_fast.scoring import packed_logprobs, packed_values
+
+    trainer = make_trainer(assets, tmp_path, "rto", f"rl.critic_optimizer={critic_optimizer}", "rl.entropy_coef=0.05")
+    settings = trainer.settings
+    prompts = trainer.context.train_prompts[:6]
+    torch.manual_seed(3)
+    rollout = trainer.gather(trainer.score(prompts, trainer.sample(prompts)))
+    sequences = rollout.sequences()
+    chosen = list(range(len(sequences)))
+    batch = pack(sequences, chosen)
+    vf_coef = 1.0 if critic_optimizer == "separate" else settings.vf_coef
+    events = []
+    for name, model in (("policy", trainer.policy), ("critic", trainer.critic)):
+        model.register_forward_hook(lambda module, args, output, name=name: events.append(("forward", name)))
+        first = next(model.parameters())
+        first.register_hook(lambda grad, name=name: events.append(("backward", name)))
+    trainer._micro_batch_step(batch, rollout, chosen, share=1.0, vf_coef=vf_coef)
+    assert events == [("forward", "policy"), ("backward", "policy"), ("forward", "critic"), ("backward", "critic")]
+    models_ = (trainer.policy, trainer.critic)
+    split = [[parameter.grad.clone() for parameter in model.parameters()] for model in models_]
+    for model in models_:
+        model.zero_grad(set_to_none=True)
+
+    logprobs, entropy = packed_logprobs(trainer.policy, batch, return_entropy=True)
+    values = packed_values(trainer.critic, batch)
+    stream = [rl._scatter_to_stream(tensors, batch, chosen)
+              for tensors in (rollout.old_logprobs, rollout.advantages, rollout.values, rollout.returns)]
+    loss, _ = reference.ppo_loss(logprobs, stream[0], stream[1], batch.response_mask, values=values,
+                                 old_values=stream[2], returns=stream[3], clip_eps=settings.clip_eps,
+                                 clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip, vf_coef=vf_coef,
+                                 agg=settings.agg, cu_seqlens=batch.cu_seqlens)
+    (loss - settings.entropy_coef * trainer._aggregate(entropy, batch)).backward()
+    for model, grads in zip(models_, split):
+        assert any(grad.abs().sum() > 0 for grad in grads)
+        for parameter, grad in zip(model.parameters(), grads):
+            torch.testing.assert_close(grad, parameter.grad, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 def test_resume_in_the_middle_matches_an_uninterrupted_run(tmp_path, assets):
