@@ -441,18 +441,19 @@ class _FixedShapeSteps:
 
     def _capture(self):
         device = self.tokens.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs need; also this step's logits
-            eager = self._eager().clone()
-        torch.cuda.current_stream(device).wait_stream(side)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.graph_logits = self._eager()
-        except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
-            self._give_up(f"capturing the decode step failed ({type(error).__name__}: {error})")
-            return eager
+        with torch.cuda.device(device):  # graphs and streams belong to the current device: make it the model's
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as graphs need; also this step's logits
+                eager = self._eager().clone()
+            torch.cuda.current_stream(device).wait_stream(side)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.graph_logits = self._eager()
+            except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
+                self._give_up(f"capturing the decode step failed ({type(error).__name__}: {error})")
+                return eager
         self.graph, self.check_next = graph, True
         return eager
 
