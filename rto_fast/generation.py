@@ -17,7 +17,9 @@ sampled in eval mode without autograd; the model's train/eval mode is restored a
 - "transformers": `model.generate` (dynamic cache), or with `kv_cache="static"` transformers' static cache, which it
   compiles on CUDA; `prompt_width` then left-pads every batch to the same width so the shapes, and the compiled
   graph, repeat.
-Both draw from torch's global generator, so a seeded run (and a run resumed with its RNG state) samples the same
+The rto_fast engine samples exactly the distribution the settings describe (a checkpoint's generation_config,
+e.g. a repetition penalty, is not consulted); the transformers engine passes temperature, top-k and top-p explicitly
+but would apply other generation_config entries. Both draw from torch's global generator, so a seeded run (and a run resumed with its RNG state) samples the same
 responses; they are not the same draws as each other. `temperature=0` is greedy decoding (argmax; the two engines
 then agree token for token). `ban_eos=True` masks the eos token so every response has exactly `max_new_tokens`
 tokens (benchmarks use it to make two trainers do the same work).
@@ -142,8 +144,8 @@ def _generate_kwargs(settings: SamplingSettings, eos_token_id: int, pad_token_id
     if settings.temperature == 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                      top_k=settings.top_k if settings.top_k > 0 else None)
+        # top_k 0 explicitly: None would let a checkpoint's generation_config.json (top_k 20 or 50 in some) apply.
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     if settings.ban_eos:
         # Never sample eos and never stop early: every response is exactly max_new_tokens long.
         kwargs.update(suppress_tokens=[eos_token_id], eos_token_id=None)
@@ -344,6 +346,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
     rows = torch.arange(batch, device=device)  # original row of each active row
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stop_on_eos = not settings.ban_eos
+    # Counting finished rows reads a number back from the device: on CUDA every 8 steps only, so the host keeps
+    # queueing steps ahead of the GPU (rows that finish in between just produce padding a few steps longer).
+    check_every = 1 if device.type == "cpu" else 8
     produced = steps
     for step in range(steps):
         chosen = next_tokens(logits, settings, eos_token_id)
@@ -354,7 +359,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
             finished |= chosen == eos_token_id
         if step == steps - 1:
             break
-        if stop_on_eos:
+        if stop_on_eos and step % check_every == 0:
             done = int(finished.sum())
             if done == finished.numel():
                 produced = step + 1
