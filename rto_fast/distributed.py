@@ -16,7 +16,8 @@ settings decide, and fills them per stage (`deepspeed_config`):
   boundary itself). Setting any of these in the DeepSpeed config is an error that names the key.
 Everything else (zero_optimization: stage 0-3, offload_optimizer / offload_param, overlap_comm, bucket sizes; bf16;
 communication settings) passes through. Under ZeRO-3 the trained models load straight into partitions
-(`partitioned_loading`); frozen models (reference, DPO, reward) are replicated on every rank in inference mode.
+(`partitioned_loading`); under ZeRO-3 the frozen models (reference, DPO, reward) are partitioned too
+(`frozen_engine`), otherwise they are replicated on every rank.
 
 Per optimizer step: every rank knows the whole step (the data plan is a function of the seed), takes its share of the
 examples balanced by tokens (`shard_by_tokens`: longest first onto the rank with the fewest tokens), and packs it
@@ -259,12 +260,43 @@ def deepspeed_config(user: dict, settings, world_size: int, device_type: str) ->
     return config
 
 
+def zero_stage(dist: Distributed) -> int:
+    """The ZeRO stage of this launch (0 without DeepSpeed)."""
+    if not dist.engine:
+        return 0
+    return int(dist.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+
+def frozen_engine(model: torch.nn.Module, dist: Distributed, name: str = "frozen model"):
+    """Under ZeRO-3, a model that is never trained (reference, DPO model, reward model) as a DeepSpeed engine with no
+    optimizer: its parameters are partitioned over the ranks (each holds 1/world of them) and every forward gathers
+    them layer by layer. Forwards are then collective: every rank must run the same number of them, in the same
+    order across models (see `Distributed.max`). Other stages: the model itself, whole on every rank."""
+    if zero_stage(dist) != 3:
+        return model
+    import deepspeed
+
+    config = {key: value for key, value in dist.deepspeed.items() if key not in _OWNED_KEYS}
+    # No optimizer states to offload; offload_param (frozen weights kept in CPU memory) still applies.
+    config["zero_optimization"] = {key: value for key, value in config["zero_optimization"].items()
+                                   if key != "offload_optimizer"}
+    config.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                   "train_batch_size": dist.world_size, "steps_per_print": 2**62, "wall_clock_breakdown": False})
+    engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None
+    parameters = list(engine.module.parameters())
+    held = sum(parameter.ds_tensor.numel() for parameter in parameters)
+    logger.info("%s partitioned over %d ranks (ZeRO-3): %d of its %d parameters on this rank", name, dist.world_size,
+                held, sum(parameter.ds_numel for parameter in parameters))
+    return engine
+
+
 @contextlib.contextmanager
 def partitioned_loading(dist: Distributed, settings, device_type: str, enabled: bool = True):
     """While a model that will be trained under ZeRO-3 loads: transformers builds it straight into ZeRO-3 partitions
     (deepspeed.zero.Init through HfDeepSpeedConfig), so no rank ever holds the whole model. Off for other stages and
     for frozen models, which must load whole: the switch is transformers-global, so it is on only inside the block."""
-    if not enabled or not dist.engine or int(dist.deepspeed.get("zero_optimization", {}).get("stage", 0)) != 3:
+    if not enabled or zero_stage(dist) != 3:
         yield False
         return
     from transformers.integrations import HfDeepSpeedConfig

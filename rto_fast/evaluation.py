@@ -165,11 +165,13 @@ def response_text(rollout: Rollout, tokenizer) -> str:
 
 
 def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], tokenizer,
-                   micro_batch_tokens: int) -> dict[str, np.ndarray]:
+                   micro_batch_tokens: int, dist=None) -> dict[str, np.ndarray]:
     """Per response (float64 arrays in the order of `rollouts`): 'rm' (reward model at the last token), 'dpo'
     (implicit DPO reward), 'truth' (synthetic r*), each when that judge exists, plus 'length' (response tokens, eos
     included) and 'finished' (1.0 when the response ends with eos). `prompts[i]` (a PromptExample) is the prompt
-    of `rollouts[i]`; its text is what r* reads."""
+    of `rollouts[i]`; its text is what r* reads. `dist` (judges partitioned under ZeRO-3, whose forwards are
+    collective): every rank runs as many micro-batches, a repeat of the last one where it has fewer (the repeat
+    writes the same scores again)."""
     if len(prompts) != len(rollouts):
         raise ValueError(f"{len(prompts)} prompts but {len(rollouts)} rollouts")
     count = len(rollouts)
@@ -180,6 +182,8 @@ def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], token
         sequences = [response_sequence(rollout.prompt_ids, rollout.response_ids) for rollout in rollouts]
         device = judges.device()
         batches = [batch.to(device) for batch in build_micro_batches(sequences, micro_batch_tokens)]
+        if dist is not None:
+            batches += batches[-1:] * (dist.max(len(batches)) - len(batches))
         with torch.inference_mode():
             if "rm" in model_judges:
                 values = sequence_judge_scores(batches, reward_model=judges.reward_model, num_sequences=count)

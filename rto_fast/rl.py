@@ -292,6 +292,12 @@ class RLTrainer:
 
             self.actor_engine = engine(self.policy, settings.actor_lr)
             self.critic_engine = engine(self.critic, settings.critic_lr)
+            # Under ZeRO-3 the frozen models are partitioned too; their forwards are then collective.
+            self.reference = distributed.frozen_engine(self.reference, self.dist, "reference")
+            if self.dpo_model is not None:
+                self.dpo_model = distributed.frozen_engine(self.dpo_model, self.dist, "DPO model")
+            if self.reward_model is not None:
+                self.reward_model = distributed.frozen_engine(self.reward_model, self.dist, "reward model")
             self.policy, self.critic = self.actor_engine.engine, self.critic_engine.engine
             self.actor_optimizer = self.critic_optimizer = None
             self.actor_scheduler, self.critic_scheduler = self.actor_engine.scheduler, self.critic_engine.scheduler
@@ -362,8 +368,12 @@ class RLTrainer:
                                                       "advantages", "returns")}
         dpo_rewards = torch.zeros(count) if self.dpo_model is not None else None
         scores = torch.zeros(count) if self.reward_model is not None else None
-        for batch in build_micro_batches(sequences, settings.micro_batch_tokens):
-            batch = batch.to(self.device)
+        batches = build_micro_batches(sequences, settings.micro_batch_tokens)
+        # Partitioned frozen models (ZeRO-3) gather their weights in every forward: every rank runs as many passes;
+        # the extra ones repeat a batch and are dropped.
+        passes = self.dist.max(len(batches)) if distributed.zero_stage(self.dist) == 3 else len(batches)
+        for index in range(passes):
+            batch = batches[min(index, len(batches) - 1)].to(self.device)
             order = batch.sequence_index.tolist()
             with _autocast(self.context):
                 logprobs = packed_logprobs(policy, batch)
@@ -371,6 +381,8 @@ class RLTrainer:
                 dpo_logprobs = packed_logprobs(self.dpo_model, batch) if self.dpo_model is not None else None
                 values = packed_values(critic, batch)
                 batch_scores = last_token_scores(self.reward_model, batch) if self.reward_model is not None else None
+            if index >= len(batches):
+                continue
             rewards, advantages, returns = self.rewards_and_advantages(
                 batch, logprobs, ref_logprobs, dpo_logprobs, values, batch_scores,
                 finished=torch.tensor([rollouts[i].finished for i in order], device=self.device))
@@ -575,7 +587,8 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
                                 pad_token_id=trainer.tokenizer.pad_token_id)
     judges = Judges(reward_model=trainer.reward_model, dpo_model=trainer.dpo_model, ref_model=trainer.reference,
                     beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic)
-    scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens)
+    scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens,
+                            dist=trainer.dist if distributed.zero_stage(trainer.dist) == 3 else None)
     names = {"truth": "eval_true_reward", "dpo": "eval_dpo_reward", "rm": "eval_rm_score", "length": "eval_length",
              "finished": "eval_eos_fraction"}
     return {names.get(key, f"eval_{key}"): float(np.mean(values)) for key, values in scores.items()}

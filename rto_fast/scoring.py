@@ -63,7 +63,8 @@ def packed_logprobs(model, batch: PackedBatch, *, return_entropy: bool = False, 
 def _label_positions(model, batch: PackedBatch) -> torch.Tensor | None:
     """Indices of the stream positions that carry a label, or None when the whole stream's logits are needed (the
     model cannot select positions, or every position has a label)."""
-    if not _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+    inner = getattr(model, "module", None)  # a DeepSpeed engine (or DDP) wraps the model
+    if not _takes_logits_to_keep(type(inner if isinstance(inner, torch.nn.Module) else model)):
         return None
     mask = batch.response_mask[0]
     positions = mask.nonzero().squeeze(1)

@@ -274,7 +274,9 @@ class DPOStage(Stage):
             self.model = copy.deepcopy(self.reference).requires_grad_(True).train().to(self.context.device)
         else:
             self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
-        self.reference.to(self.context.device)
+        # Under ZeRO-3 the reference is partitioned too (its forwards are then collective; see run_stage's passes).
+        self.reference = distributed.frozen_engine(self.reference.to(self.context.device), self.context.dist,
+                                                   "reference")
 
     def _sequence_logprobs(self, model, batch, training: bool) -> torch.Tensor:
         logprobs = packed_logprobs(model, batch, inplace_backward=training)
@@ -523,9 +525,12 @@ def run_stage(name: str, context: RunContext) -> Path:
                       for group in split_even(indices, settings.grad_accumulation)]
             denominator = dist.sum([weight * stage.denominator([batch for group in groups for batch in group])])[0]
             passes = [[(batch, weight) for batch in group] for group in groups]
-            # Every rank runs as many passes (ZeRO collectives); missing ones repeat a batch with weight 0.
-            missing = dist.max(sum(map(len, passes))) - sum(map(len, passes))
-            passes[-1].extend([(passes[-1][-1][0], 0.0)] * missing)
+            # Every rank runs as many passes in every accumulation group (ZeRO collectives: the trained model's, and
+            # under ZeRO-3 a partitioned reference's, which runs once per group); missing ones repeat a batch with
+            # weight 0.
+            any_batch = next(batch for group in groups for batch in group)
+            for group in passes:
+                group.extend([(group[-1][0] if group else any_batch, 0.0)] * (dist.max(len(group)) - len(group)))
             last_pass = (len(passes) - 1, len(passes[-1]) - 1)
             lr = trainer.lr if trainer is not None else scheduler.get_last_lr()[0]
             if optimizer is not None:

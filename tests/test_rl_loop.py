@@ -273,6 +273,30 @@ def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, as
             torch.testing.assert_close(grad, parameter.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_extra_scoring_passes_for_partitioned_frozen_models_change_nothing(tmp_path, assets, monkeypatch):
+    """Under ZeRO-3 the frozen models' forwards are collective, so every rank runs as many scoring micro-batches
+    (and judge micro-batches in the in-training eval) as the busiest one: the extra passes repeat a batch and are
+    dropped. Faked here in one process: two extra passes leave every scored field and eval mean unchanged."""
+    trainer = make_trainer(assets, tmp_path, "rto", "rl.reward_model=true", "rl.micro_batch_tokens=128")
+    prompts = trainer.context.train_prompts[:6]
+    torch.manual_seed(1)
+    rollouts = trainer.sample(prompts)
+    plain = trainer.score(prompts, rollouts)
+    plain_eval = rl.evaluate_policy(trainer, trainer.context.eval_prompts[:5])
+    forwards = []
+    trainer.reference.register_forward_hook(lambda *args: forwards.append(1))
+    monkeypatch.setattr(rl.distributed, "zero_stage", lambda dist: 3)
+    monkeypatch.setattr(rl.distributed.Distributed, "max", lambda self, value: value + 2)
+    padded = trainer.score(prompts, rollouts)
+    batches = len(rl.build_micro_batches([rl.response_sequence(r.prompt_ids, r.response_ids) for r in rollouts], 128))
+    assert batches > 1 and len(forwards) == batches + 2
+    for name in ("old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
+        for a, b in zip(getattr(plain, name), getattr(padded, name)):
+            assert torch.equal(a, b), name
+    assert torch.equal(plain.scores, padded.scores) and torch.equal(plain.dpo_rewards, padded.dpo_rewards)
+    assert rl.evaluate_policy(trainer, trainer.context.eval_prompts[:5]) == plain_eval
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 def test_resume_in_the_middle_matches_an_uninterrupted_run(tmp_path, assets):
