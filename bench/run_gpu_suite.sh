@@ -2,8 +2,9 @@
 # Everything that needs a CUDA GPU, in one go, in the order of what matters most when time is short:
 #   1. the kernel tests with the Triton kernels compiled natively (the interpreter hides compile errors),
 #   2. the rest of the suite (trainer stages on the GPU), while the tiny pipeline trains on the GPU beside it,
-#   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped), bench_gae_ppo, and
-#      bench_rl_step again with the static KV cache (bench/results/rl_step_cuda_static.md).
+#   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped), bench_generation,
+#      bench_gae_ppo, and bench_rl_step again with transformers' static KV cache
+#      (bench/results/rl_step_cuda_static.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed.
 #
@@ -48,6 +49,9 @@ trl_args=()
 [ -n "$trl_path" ] && trl_args=(--trl-path "$trl_path")
 step bench_rl_step 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 "${trl_args[@]}"
+# Generation alone: model.generate vs rto_fast's decode loop, eager and as a CUDA graph (what caps the iteration).
+step bench_generation 90 python3 bench/bench_generation.py --device cuda --model pythia-410m --batch 64 \
+    --new-tokens 256 --repeats 3
 step bench_gae_ppo 40 python3 bench/bench_gae_ppo.py --device cuda --skip-compile
 # Last: model.generate with the static KV cache (shapes repeat, so transformers compiles the decode step) against
 # the run above (rto_fast's own decode loop).
