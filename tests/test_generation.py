@@ -1,7 +1,8 @@
 """The rto_fast decode loop (rto_fast.generation.decode) and its sampler.
 
-- greedy: token for token what transformers' `generate` produces, for Llama, GPT-NeoX, GPT-2 (absolute
-  positions, so a left-padded row's positions matter) and a sliding-window Mistral
+- greedy: token for token what transformers' `generate` produces, for Llama, GPT-NeoX, GPT-2 and OPT (absolute
+  positions, so a left-padded row's positions matter), a sliding-window Mistral and Gemma-2 (eager attention with
+  softcapping: the 2D-mask path)
   (whose layers keep transformers' own cache class), with eos ending rows at different steps (rows leave the batch)
   and prompts of different lengths in one left-padded batch; a prompt alone gives what it gives inside a batch;
 - sampling: `filter_logits` removes exactly the tokens transformers' temperature / top-k / top-p warpers remove;
@@ -17,7 +18,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig
+from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig,
+                          MistralConfig, OPTConfig)
 
 from rto_fast import generation
 from rto_fast.generation import SamplingSettings, decode, draw_tokens, filter_logits, generate
@@ -36,10 +38,16 @@ def tiny_model(kind: str):
     elif kind == "gpt2":  # learned absolute positions: a left-padded row's positions must start at 0
         config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
                             tie_word_embeddings=False)
+    elif kind == "opt":  # learned positions with an offset, computed by the model from the attention mask
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=256, word_embed_proj_dim=32, tie_word_embeddings=False)
+    elif kind == "gemma2":  # eager attention with logit softcapping, sliding and full layers alternating
+        config = Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=6, **common)
     else:  # a window shorter than the sequences, so the sliding layers matter
         config = MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    implementation = "eager" if kind == "gemma2" else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
     with torch.no_grad():  # a sharper distribution: greedy choices far from ties, so both engines agree exactly
         model.get_output_embeddings().weight.mul_(8.0)
     return model
@@ -65,7 +73,7 @@ def frequent_token(model, prompts, steps):
     return max(candidates, key=lambda token: counts[token])
 
 
-@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2", "opt", "mistral", "gemma2"])
 def test_greedy_decode_equals_transformers_generate(kind):
     model = tiny_model(kind)
     prompts = random_prompts([5, 13, 1, 9, 9, 20, 3, 11])
