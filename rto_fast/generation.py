@@ -12,17 +12,19 @@ sampled in eval mode without autograd; the model's train/eval mode is restored a
   batch (prompt + max_new_tokens) and written in place (transformers' dynamic cache concatenates the whole cache
   every step), decode steps get a ready (B, 1, 1, L) padding mask under sdpa (no per-step mask building), only the
   last position's logits are computed, and finished rows leave the batch (the cache rows too) once they are half of
-  it, so a batch whose responses end early stops paying for them. Sampling: temperature, then top-k, then top-p (the
-  order of transformers' warpers), then one uniform draw per row mapped through the cumulative distribution.
+  it, so a batch whose responses end early stops paying for them. On CUDA (`cuda_graph`, default on) the decode
+  step instead runs with fixed shapes over the whole cache and is captured once per batch as a CUDA graph and
+  replayed, one launch per step (rows then stay until all are done). Sampling: temperature, then top-k, then top-p
+  (the order of transformers' warpers), then one uniform draw per row mapped through the cumulative distribution.
+  It samples exactly the distribution the settings describe: a checkpoint's generation_config (a repetition
+  penalty, say) is not consulted.
 - "transformers": `model.generate` (dynamic cache), or with `kv_cache="static"` transformers' static cache, which it
   compiles on CUDA; `prompt_width` then left-pads every batch to the same width so the shapes, and the compiled
-  graph, repeat.
-The rto_fast engine samples exactly the distribution the settings describe (a checkpoint's generation_config,
-e.g. a repetition penalty, is not consulted); the transformers engine passes temperature, top-k and top-p explicitly
-but would apply other generation_config entries. Both draw from torch's global generator, so a seeded run (and a run resumed with its RNG state) samples the same
-responses; they are not the same draws as each other. `temperature=0` is greedy decoding (argmax; the two engines
-then agree token for token). `ban_eos=True` masks the eos token so every response has exactly `max_new_tokens`
-tokens (benchmarks use it to make two trainers do the same work).
+  graph, repeat. Temperature, top-k and top-p are passed explicitly; other generation_config entries would apply.
+Both draw from torch's global generator, so a seeded run (and a run resumed with its RNG state) samples the same
+responses; the two engines do not make the same draws. `temperature=0` is greedy decoding (argmax; the engines then
+agree token for token). `ban_eos=True` masks the eos token so every response has exactly `max_new_tokens` tokens
+(benchmarks use it to make two trainers do the same work).
 """
 
 from __future__ import annotations

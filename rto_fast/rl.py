@@ -66,7 +66,7 @@ from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
 from . import distributed
 from .distributed import EngineTrainer
-from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _accumulate, _autocast,
+from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _autocast,
                      lr_factor, resume_point, seed_everything, split_even, stage_init_path, stage_output)
 
 logger = logging.getLogger(__name__)
@@ -123,10 +123,12 @@ def _split_per_sequence(values: torch.Tensor, batch: PackedBatch) -> list[torch.
 
 
 def _scatter_to_stream(per_sequence: list[torch.Tensor], batch: PackedBatch, order: list[int]) -> torch.Tensor:
-    """(1, N) float32 stream holding per_sequence[order[s]] at the response positions of packed sequence s."""
-    out = torch.zeros(batch.num_tokens, dtype=torch.float32)
-    out[batch.response_mask.reshape(-1).cpu()] = torch.cat([per_sequence[index] for index in order])
-    return out[None].to(batch.input_ids.device)
+    """(1, N) float32 stream holding per_sequence[order[s]] at the response positions of packed sequence s, on the
+    batch's device (masked_scatter_ needs no host round trip of the mask, unlike boolean indexing)."""
+    mask = batch.response_mask.reshape(-1)
+    values = torch.cat([per_sequence[index] for index in order]).to(mask.device, non_blocking=True)
+    out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=mask.device)
+    return out.masked_scatter_(mask, values)[None]
 
 
 def whiten(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -425,7 +427,8 @@ class RLTrainer:
         lengths = [len(sequence.input_ids) for sequence in sequences]
         response_lengths = [len(r.response_ids) for r in rollout.rollouts]
         totals: dict = {}
-        norms: list[tuple[float, float]] = []
+        shares = 0.0  # sum of the micro-batch shares: 1 per mini-batch on one rank, split over ranks otherwise
+        norms: list[tuple] = []
         generator = torch.Generator().manual_seed(self.config.runtime.seed * 1_000_003 + 7919 * iteration)
         engines = self.actor_engine is not None
         separate = engines or self.critic_optimizer is not None
@@ -452,9 +455,10 @@ class RLTrainer:
                                            if settings.agg == "token-mean" else len(chosen) / len(members))
                     stats = self._micro_batch_step(batch, rollout, chosen, share, vf_coef,
                                                    boundary=index == len(passes) - 1)
-                    if pass_weight:
-                        _accumulate(totals, {key: value * share for key, value in stats.items()})
-                        totals["count"] = totals.get("count", 0.0) + share
+                    if pass_weight:  # device tensors: read back once, after the last pass
+                        for key, value in stats.items():
+                            totals[key] = totals.get(key, 0.0) + value * share
+                        shares += share
                 if engines:
                     norms.append((self.actor_engine.step(), self.critic_engine.step()))
                     continue
@@ -464,11 +468,13 @@ class RLTrainer:
                 if separate:
                     self.critic_optimizer.step()
                     self.critic_scheduler.step()
-        totals = dist.sum_dicts(totals)
+        keys = sorted(totals)
+        values = [float(value) for value in torch.stack([totals[key].double() for key in keys])] if keys else []
+        totals = dist.sum_dicts({**dict(zip(keys, values)), "count": shares})
         mini_batches = max(totals.pop("count", 1.0), 1e-9)  # the shares of each mini-batch add up to 1
         stats = {key: value / mini_batches for key, value in totals.items()}
-        stats["grad_norm_actor"] = float(np.mean([actor for actor, _ in norms]))
-        stats["grad_norm_critic"] = float(np.mean([critic for _, critic in norms]))
+        stats["grad_norm_actor"] = float(np.mean([float(actor) for actor, _ in norms]))
+        stats["grad_norm_critic"] = float(np.mean([float(critic) for _, critic in norms]))
         stats["optimizer_steps"] = len(norms)
         return stats
 
@@ -502,7 +508,7 @@ class RLTrainer:
                                                 vf_coef=vf_coef, **clipping)
         self._backward(self.critic_engine, critic_loss * share, boundary)
         stats.update(vf_loss=value_stats["vf_loss"], vf_clipfrac=value_stats["vf_clipfrac"])
-        return {**{name: float(value) for name, value in stats.items()}, "entropy": float(mean_entropy.detach())}
+        return {**{name: value.detach() for name, value in stats.items()}, "entropy": mean_entropy.detach()}
 
     @staticmethod
     def _backward(engine, loss: torch.Tensor, boundary: bool) -> None:
@@ -522,14 +528,14 @@ class RLTrainer:
         per_sequence = sequence_sums(masked, batch) / sequence_sums(mask.float(), batch).clamp_min(1)
         return per_sequence.mean()
 
-    def _clip_gradients(self, separate: bool) -> tuple[float, float]:
+    def _clip_gradients(self, separate: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip (actor, critic) gradients to rl.max_grad_norm, each model on its own unless they share an optimizer;
-        returns the norms before clipping."""
+        returns the norms before clipping (device tensors, read back at the end of train)."""
         clip = self.settings.max_grad_norm if self.settings.max_grad_norm is not None else float("inf")
         if separate:
-            return (float(torch.nn.utils.clip_grad_norm_(self.actor_parameters, clip)),
-                    float(torch.nn.utils.clip_grad_norm_(self.critic_parameters, clip)))
-        norm = float(torch.nn.utils.clip_grad_norm_(self.actor_parameters + self.critic_parameters, clip))
+            return (torch.nn.utils.clip_grad_norm_(self.actor_parameters, clip),
+                    torch.nn.utils.clip_grad_norm_(self.critic_parameters, clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.actor_parameters + self.critic_parameters, clip)
         return norm, norm
 
     # --- checkpoints
