@@ -267,6 +267,17 @@ def zero_stage(dist: Distributed) -> int:
     return int(dist.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
+def frozen_deepspeed_config(dist: Distributed) -> dict:
+    """The DeepSpeed config of a model that is never trained: the user's, without optimizer or its offload."""
+    config = {key: value for key, value in dist.deepspeed.items() if key not in _OWNED_KEYS}
+    # No optimizer states to offload; offload_param (frozen weights kept in CPU memory) still applies.
+    config["zero_optimization"] = {key: value for key, value in config.get("zero_optimization", {}).items()
+                                   if key != "offload_optimizer"}
+    config.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                   "train_batch_size": dist.world_size, "steps_per_print": 2**62, "wall_clock_breakdown": False})
+    return config
+
+
 def frozen_engine(model: torch.nn.Module, dist: Distributed, name: str = "frozen model"):
     """Under ZeRO-3, a model that is never trained (reference, DPO model, reward model) as a DeepSpeed engine with no
     optimizer: its parameters are partitioned over the ranks (each holds 1/world of them) and every forward gathers
@@ -276,13 +287,7 @@ def frozen_engine(model: torch.nn.Module, dist: Distributed, name: str = "frozen
         return model
     import deepspeed
 
-    config = {key: value for key, value in dist.deepspeed.items() if key not in _OWNED_KEYS}
-    # No optimizer states to offload; offload_param (frozen weights kept in CPU memory) still applies.
-    config["zero_optimization"] = {key: value for key, value in config["zero_optimization"].items()
-                                   if key != "offload_optimizer"}
-    config.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                   "train_batch_size": dist.world_size, "steps_per_print": 2**62, "wall_clock_breakdown": False})
-    engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=config)
+    engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=frozen_deepspeed_config(dist))
     engine.eval()  # DeepSpeedEngine.eval returns None
     parameters = list(engine.module.parameters())
     held = sum(parameter.ds_tensor.numel() for parameter in parameters)
@@ -293,17 +298,21 @@ def frozen_engine(model: torch.nn.Module, dist: Distributed, name: str = "frozen
 
 @contextlib.contextmanager
 def partitioned_loading(dist: Distributed, settings, device_type: str, enabled: bool = True):
-    """While a model that will be trained under ZeRO-3 loads: transformers builds it straight into ZeRO-3 partitions
-    (deepspeed.zero.Init through HfDeepSpeedConfig), so no rank ever holds the whole model. Off for other stages and
-    for frozen models, which must load whole: the switch is transformers-global, so it is on only inside the block."""
+    """While a model loads under ZeRO-3: transformers builds it straight into ZeRO-3 partitions (deepspeed.zero.Init
+    through HfDeepSpeedConfig), so no rank ever holds the whole model. `settings` are the optimizer settings of a
+    model that will be trained, None for a frozen one (see frozen_engine). Off under other stages: the switch is
+    transformers-global, so it is on only inside the block."""
     if not enabled or zero_stage(dist) != 3:
         yield False
         return
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    switch = HfDeepSpeedConfig(deepspeed_config(dist.deepspeed, settings, dist.world_size, device_type))
-    logger.info("loading straight into ZeRO-3 partitions (deepspeed.zero.Init)")
+    config = (frozen_deepspeed_config(dist) if settings is None
+              else deepspeed_config(dist.deepspeed, settings, dist.world_size, device_type))
+    switch = HfDeepSpeedConfig(config)
+    logger.info("loading a %s model straight into ZeRO-3 partitions (deepspeed.zero.Init)",
+                "frozen" if settings is None else "trained")
     try:
         yield True
     finally:

@@ -239,13 +239,13 @@ class RLTrainer:
         # Frozen models first, in a fixed order, so a fresh and a resumed run draw the same random numbers.
         if paths["reference"] == TINY:
             torch.manual_seed(seed)
-        self.reference = load_causal_lm(paths["reference"], dtype=dtype, trainable=False)
-        self.dpo_model = load_causal_lm(paths["dpo"], dtype=dtype, trainable=False) if paths["dpo"] else None
-        self.reward_model = (ValueHeadModel.from_pretrained(paths["reward"], dtype=dtype, trainable=False)
-                             if paths["reward"] else None)
-        for model in (self.reference, self.dpo_model, self.reward_model):
-            if model is not None:
-                model.to(self.device)
+        self.reference = self._load_frozen(paths["reference"], lambda path: load_causal_lm(path, dtype=dtype,
+                                                                                          trainable=False))
+        self.dpo_model = (self._load_frozen(paths["dpo"], lambda path: load_causal_lm(path, dtype=dtype,
+                                                                                     trainable=False))
+                          if paths["dpo"] else None)
+        self.reward_model = (self._load_frozen(paths["reward"], lambda path: ValueHeadModel.from_pretrained(
+            path, dtype=dtype, trainable=False)) if paths["reward"] else None)
         settings = self.settings
         policy_source = str(resume_from / MODEL_DIR) if resume_from is not None else paths["policy"]
         if resume_from is None and policy_source == paths["reference"] == TINY:
@@ -268,6 +268,13 @@ class RLTrainer:
         settings = self.settings
         return SimpleNamespace(lr=lr, weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
                                adam_beta2=settings.adam_beta2, max_grad_norm=settings.max_grad_norm)
+
+    def _load_frozen(self, path: str, load):
+        """A frozen model: straight into ZeRO-3 partitions under ZeRO-3 (build_optimizers then wraps it in an engine;
+        not the random tiny model, which the policy copies whole), else whole on the device."""
+        with distributed.partitioned_loading(self.dist, None, self.device.type, enabled=path != TINY) as split:
+            model = load(path)
+        return model if split else model.to(self.device)
 
     def _load_trained(self, path: str, lr: float, load):
         """A model this stage trains: straight into ZeRO-3 partitions under ZeRO-3 (not the random tiny model, see

@@ -266,7 +266,9 @@ class DPOStage(Stage):
         # Reference first, then the policy: the same order in a fresh and in a resumed run.
         seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
         ref_path = self.config.model.ref_path or init_path
-        self.reference = _load_lm(ref_path, self.config, False, seed)
+        with distributed.partitioned_loading(self.context.dist, None, self.context.device.type,
+                                             enabled=ref_path != TINY) as split:
+            self.reference = _load_lm(ref_path, self.config, False, seed)
         if resume_model is not None:
             self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.config, True))
         elif init_path == ref_path == TINY:
@@ -275,8 +277,8 @@ class DPOStage(Stage):
         else:
             self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
         # Under ZeRO-3 the reference is partitioned too (its forwards are then collective; see run_stage's passes).
-        self.reference = distributed.frozen_engine(self.reference.to(self.context.device), self.context.dist,
-                                                   "reference")
+        self.reference = distributed.frozen_engine(self.reference if split else self.reference.to(self.context.device),
+                                                   self.context.dist, "reference")
 
     def _sequence_logprobs(self, model, batch, training: bool) -> torch.Tensor:
         logprobs = packed_logprobs(model, batch, inplace_backward=training)

@@ -208,6 +208,9 @@ def test_two_ranks_match_one_process(single_process_run, tmp_path, zero_stage):
             if "partitioned over 2 ranks (ZeRO-3)" in line:
                 held, total = (int(word) for word in line.split(": ")[-1].split() if word.isdigit())
                 assert held <= total // 2 + 64, line  # half of each parameter, rounded up per tensor
+        # ... and load straight into partitions (all but the random tiny model, which SFT starts from).
+        assert result.stderr.count("loading a frozen model straight into ZeRO-3 partitions") == 4
+        assert result.stderr.count("loading a trained model straight into ZeRO-3 partitions") == 4
     for model in ("sft/model", "dpo/model", "rm/model", "rto/model", "rto/critic"):
         difference = _max_difference(_weights(single_process_run / model), _weights(run / model))
         assert difference < WEIGHT_TOLERANCE, f"ZeRO-{zero_stage} {model}: weights differ by {difference:.2e}"
