@@ -23,7 +23,9 @@ Every judge that exists scores every response, so the per-model table also shows
 
 Data parallel (several processes): each rank samples and scores its slice of the prompts (the same seed for every
 model on a rank, eval.seed + rank: common random numbers still hold per prompt), the slices are gathered, and rank 0
-writes the outputs. With greedy sampling (eval.temperature 0) the result equals the one-process one.
+writes the outputs. With greedy sampling (eval.temperature 0) the result equals the one-process one. Under ZeRO-3
+the judges are partitioned over the ranks (optimizer-less DeepSpeed engines, loaded straight into partitions), so
+every rank runs every judge pass; the sampled models stay whole on each rank, as generation needs.
 
 Models are loaded one at a time (frozen), next to the judges, and freed before the next one. The stage's outputs
 are written atomically; win_rates.json is written last and marks the stage finished: a rerun with the same models
@@ -46,7 +48,8 @@ import torch
 
 from .config import RL_MODES
 from .generation import Rollout, SamplingSettings, generate
-from .models import ValueHeadModel, load_causal_lm
+from . import distributed
+from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import build_micro_batches
 from .scoring import response_sequence, sequence_judge_scores
 from .stages import RunContext, _autocast, split_even, stage_output
@@ -141,16 +144,23 @@ def load_judges(context: RunContext) -> Judges:
     config = context.config
     paths = judge_paths(context)
     dtype = config.model.dtype
+    dist = context.dist
+
+    def load(path, loader, name):
+        # Under ZeRO-3 straight into partitions and into an optimizer-less engine (forwards are then collective).
+        with distributed.partitioned_loading(dist, None, context.device.type, enabled=str(path) != TINY) as split:
+            model = loader(str(path), dtype=dtype, trainable=False)
+        return distributed.frozen_engine(model if split else model.to(context.device), dist, name)
+
     reward_model = dpo_model = ref_model = None
     if paths["rm"] is not None:
-        reward_model = ValueHeadModel.from_pretrained(str(paths["rm"]), dtype=dtype, trainable=False)
-        reward_model.to(context.device)
+        reward_model = load(paths["rm"], ValueHeadModel.from_pretrained, "reward model")
     if paths["dpo"] is not None:
         if paths["ref"] is None:
             logger.warning("eval: a DPO model but no reference (sft stage or model.ref_path): no DPO reward")
         else:
-            dpo_model = load_causal_lm(str(paths["dpo"]), dtype=dtype, trainable=False).to(context.device)
-            ref_model = load_causal_lm(str(paths["ref"]), dtype=dtype, trainable=False).to(context.device)
+            dpo_model = load(paths["dpo"], load_causal_lm, "DPO model")
+            ref_model = load(paths["ref"], load_causal_lm, "reference")
     judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model, beta=config.dpo.beta,
                     synthetic=is_synthetic(context))
     logger.info("eval: judges %s (reward model %s, DPO model %s, reference %s)",
@@ -171,27 +181,29 @@ def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], token
     included) and 'finished' (1.0 when the response ends with eos). `prompts[i]` (a PromptExample) is the prompt
     of `rollouts[i]`; its text is what r* reads. `dist` (judges partitioned under ZeRO-3, whose forwards are
     collective): every rank runs as many micro-batches, a repeat of the last one where it has fewer (the repeat
-    writes the same scores again)."""
+    writes the same scores again), or of a two-token placeholder where it has none."""
     if len(prompts) != len(rollouts):
         raise ValueError(f"{len(prompts)} prompts but {len(rollouts)} rollouts")
     count = len(rollouts)
     scores: dict[str, np.ndarray] = {}
     available = judges.available()
     model_judges = [name for name in ("rm", "dpo") if name in available]
-    if model_judges and count:
-        sequences = [response_sequence(rollout.prompt_ids, rollout.response_ids) for rollout in rollouts]
+    if model_judges and (count or dist is not None):
+        sequences = ([response_sequence(rollout.prompt_ids, rollout.response_ids) for rollout in rollouts]
+                     or [response_sequence([0], [0])])  # nothing to judge here, but the passes are collective
         device = judges.device()
         batches = [batch.to(device) for batch in build_micro_batches(sequences, micro_batch_tokens)]
         if dist is not None:
             batches += batches[-1:] * (dist.max(len(batches)) - len(batches))
         with torch.inference_mode():
             if "rm" in model_judges:
-                values = sequence_judge_scores(batches, reward_model=judges.reward_model, num_sequences=count)
-                scores["rm"] = values.double().numpy()
+                values = sequence_judge_scores(batches, reward_model=judges.reward_model,
+                                               num_sequences=len(sequences))
+                scores["rm"] = values[:count].double().numpy()
             if "dpo" in model_judges:
                 values = sequence_judge_scores(batches, dpo_model=judges.dpo_model, ref_model=judges.ref_model,
-                                               beta=judges.beta, num_sequences=count)
-                scores["dpo"] = values.double().numpy()
+                                               beta=judges.beta, num_sequences=len(sequences))
+                scores["dpo"] = values[:count].double().numpy()
     if judges.synthetic:
         from .synthetic import true_reward
 
@@ -345,6 +357,7 @@ def run_eval(context: RunContext) -> Path:
     started = time.perf_counter()
     dist = context.dist
     judges = load_judges(context)
+    collective = distributed.zero_stage(dist) == 3  # partitioned judges: every rank runs every judge pass
     tokenizer = context.tokenizer
     scores: dict[str, dict[str, np.ndarray]] = {}
     samples: list[dict] = []
@@ -362,9 +375,10 @@ def run_eval(context: RunContext) -> Path:
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         _free(model)
         my_scores = {}
-        if my_prompts:
+        if my_prompts or collective:
             with _autocast(context):
-                my_scores = score_rollouts(judges, my_prompts, rollouts, tokenizer, settings.micro_batch_tokens)
+                my_scores = score_rollouts(judges, my_prompts, rollouts, tokenizer, settings.micro_batch_tokens,
+                                           dist=dist if collective else None)
         my_samples = [{"model": name, "prompt_index": index, "row": prompt.row, "prompt": prompt.prompt,
                        "response": response_text(rollout, tokenizer), "finished": rollout.finished,
                        "scores": {key: float(values[position]) for key, values in my_scores.items()}}

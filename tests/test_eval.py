@@ -300,6 +300,32 @@ def test_judges_match_plain_forwards(assets, tmp_path):
     assert np.abs(np.asarray(dpo_ref)).min() > 1e-3  # the two models differ: a real check, not 0 == 0
 
 
+def test_collective_judging_pads_passes_and_judges_an_empty_slice(assets, tmp_path):
+    """Partitioned judges (ZeRO-3) need every rank to run as many judge passes: with `dist`, score_rollouts runs
+    repeats of its last micro-batch up to the busiest rank's count (same scores), and a rank with no responses still
+    runs its passes on a placeholder and returns empty arrays. Faked in one process with dist.max."""
+    judges = evaluation.load_judges(make_context(assets, tmp_path / "run"))
+    rollouts = _random_rollouts(torch.Generator().manual_seed(5), assets["tokenizer"].eos_token_id)
+    prompts = [data.PromptExample(r.prompt_ids, "\n\nHuman: abc\n\nAssistant:") for r in rollouts]
+    passes = []
+    judges.reward_model.register_forward_hook(lambda *args: passes.append(1))
+
+    class Busier:  # another rank runs three more micro-batches than this one
+        @staticmethod
+        def max(value):
+            return value + 3
+
+    plain = evaluation.score_rollouts(judges, prompts, rollouts, assets["tokenizer"], micro_batch_tokens=40)
+    plain_passes = len(passes)
+    padded = evaluation.score_rollouts(judges, prompts, rollouts, assets["tokenizer"], micro_batch_tokens=40,
+                                       dist=Busier())
+    assert len(passes) - plain_passes == plain_passes + 3
+    assert plain.keys() == padded.keys() and all(np.array_equal(plain[key], padded[key]) for key in plain)
+    empty = evaluation.score_rollouts(judges, [], [], assets["tokenizer"], micro_batch_tokens=40, dist=Busier())
+    assert len(passes) == plain_passes + (plain_passes + 3) + (1 + 3)  # the placeholder batch, then 3 repeats
+    assert {key: len(values) for key, values in empty.items()} == {key: 0 for key in plain}
+
+
 def _double(model):
     import copy
 
