@@ -8,9 +8,9 @@ One model (random weights, built from a config: nothing is downloaded), one left
 lengths, `--new-tokens` tokens per response with eos banned (every engine does the same work), sampling at
 temperature 1. Engines, each through `rto_fast.generation.generate` with the same settings:
 - transformers: `model.generate` with its dynamic cache (what TRL and most trainers call);
-- transformers-static: `model.generate` with its static cache (compiled by transformers on CUDA);
 - rto_fast: the decode loop with eager steps (preallocated cache, ready masks, finished rows leave the batch);
-- rto_fast-graph (CUDA): the same loop with the decode step captured once per batch as a CUDA graph.
+- rto_fast-graph (CUDA): the same loop with the decode step captured once per batch as a CUDA graph;
+- transformers-static: `model.generate` with its static cache (compiled by transformers on CUDA).
 Per engine: median (and best) wall time of a generate call after a warm-up call, milliseconds per decode step,
 generated tokens per second, the speed-up over `transformers`, peak memory of the call on CUDA, and whether its
 greedy tokens (temperature 0, a separate call) equal `transformers`' token for token.
@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 from _env import hardware  # noqa: E402
 from bench_rl_step import PYTHIA  # noqa: E402
 
-ENGINES = {  # name -> SamplingSettings keywords
+ENGINES = {  # name -> SamplingSettings keywords; the static cache last: on CUDA its warm-up call compiles
     "transformers": dict(engine="transformers"),
-    "transformers-static": dict(engine="transformers", kv_cache="static"),
     "rto_fast": dict(engine="rto_fast", cuda_graph=False),
     "rto_fast-graph": dict(engine="rto_fast", cuda_graph=True),
+    "transformers-static": dict(engine="transformers", kv_cache="static"),
 }
 
 

@@ -50,7 +50,7 @@ trl_args=()
 step bench_rl_step 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 "${trl_args[@]}"
 # Generation alone: model.generate vs rto_fast's decode loop, eager and as a CUDA graph (what caps the iteration).
-step bench_generation 90 python3 bench/bench_generation.py --device cuda --model pythia-410m --batch 64 \
+step bench_generation 150 python3 bench/bench_generation.py --device cuda --model pythia-410m --batch 64 \
     --new-tokens 256 --repeats 3
 step bench_gae_ppo 40 python3 bench/bench_gae_ppo.py --device cuda --skip-compile
 # Last: model.generate with the static KV cache (shapes repeat, so transformers compiles the decode step) against
