@@ -179,10 +179,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
 
 def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of (B, V) logits, drawn from their softmax by inverse transform sampling: one uniform
-    number per row against the cumulative distribution (torch.multinomial costs ~10x more on CPU at small B)."""
+    number per row against the cumulative distribution (torch.multinomial costs ~10x more on CPU at small B).
+
+    The running sum and the uniform number are float64: in float32 a sum near 1 moves in steps of 6e-8, so over a
+    150k vocabulary the rare tokens' chances would be rounded to 0 or to a step (up to ~0.5% of the mass moved)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    cumulative = probs.cumsum(dim=-1)
-    uniform = torch.rand((logits.shape[0], 1), device=logits.device, generator=generator)
+    cumulative = probs.double().cumsum(dim=-1)
+    uniform = torch.rand((logits.shape[0], 1), device=logits.device, generator=generator, dtype=torch.float64)
     # right=True: the first token whose cumulative probability exceeds u, so a zero-probability token (equal to its
     # predecessor's cumulative sum) is never drawn; scaling by the last entry absorbs rounding of the sum.
     tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)

@@ -231,14 +231,23 @@ def test_draw_tokens_follows_the_distribution():
             assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / total), (p, f)
 
 
+def test_draw_tokens_keeps_the_chances_of_tokens_below_float32_resolution(monkeypatch):
+    """Two tokens of probability 1e-9 after one of nearly 1: in float32 their slices of the running sum vanish
+    (1 + 1e-9 == 1) and they could never be drawn; the float64 sum and uniform number keep them."""
+    logits = torch.tensor([[0.0, math.log(1e-9), math.log(1e-9)]])
+    for value, expected in ((0.5, 0), (1.0 - 1.5e-9, 1), (1.0 - 0.5e-9, 2)):
+        monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.full(size, value, dtype=kwargs["dtype"]))
+        assert draw_tokens(logits).tolist() == [expected], value
+
+
 def test_draw_tokens_at_the_extreme_uniform_numbers(monkeypatch):
     # Zero-probability tokens first, last and in between: neither u = 0 nor u -> 1 may pick one.
     logits = torch.tensor([[-math.inf, 0.5, -math.inf, 1.0, -math.inf]] * 3)
-    for value in (0.0, 1.0 - 2.0**-24, 0.5):
-        monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.full(size, value))
+    for value in (0.0, 1.0 - 2.0**-53, 0.5):
+        monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.full(size, value, dtype=kwargs["dtype"]))
         tokens = draw_tokens(logits)
         assert set(tokens.tolist()) <= {1, 3}, value
-    monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.zeros(size))
+    monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.zeros(size, dtype=kwargs["dtype"]))
     assert draw_tokens(logits).tolist() == [1, 1, 1]
 
 
