@@ -639,6 +639,13 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
     trainer.build(resume_from)
     logger.info("%s: models %s; kl_coef %.4g, reward model score %s", mode, trainer.paths, trainer.kl_coef,
                 "on" if trainer.use_reward_model else "off")
+    sampling = trainer.sampling
+    if sampling.engine == "transformers":
+        sampler = "model.generate" + (" (static cache)" if sampling.kv_cache == "static" else "")
+    else:
+        graph = sampling.cuda_graph and trainer.device.type == "cuda"
+        sampler = "rto_fast's decode loop" + (" (the decode step as a CUDA graph)" if graph else "")
+    logger.info("%s: sampling with %s", mode, sampler)
     trainer.build_optimizers(total_steps)
     dist = context.dist
     if dist.parallel:  # ranks sample different prompts: they must not draw the same random numbers
