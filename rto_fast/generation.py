@@ -11,8 +11,8 @@ sampled in eval mode without autograd; the model's train/eval mode is restored a
 - "rto_fast" (default): our own decode loop over the model's forward. The KV cache is preallocated for the whole
   batch (prompt + max_new_tokens) and written in place (transformers' dynamic cache concatenates the whole cache
   every step), decode steps get a ready (B, 1, 1, L) padding mask under sdpa (no per-step mask building), only the
-  last position's logits are computed, and finished rows leave the batch (the cache rows too) once they are half of
-  it, so a batch whose responses end early stops paying for them. On CUDA (`cuda_graph`, default on) the decode
+  last position's logits are computed, rows with the same prompt share one prefill, and finished rows leave the
+  batch (the cache rows too) once they are half of it, so a batch whose responses end early stops paying for them. On CUDA (`cuda_graph`, default on) the decode
   step instead runs with fixed shapes over the whole cache and is captured once per batch as a CUDA graph and
   replayed, one launch per step (rows then stay until all are done). Sampling: temperature, then top-k, then top-p
   (the order of transformers' warpers), then one uniform draw per row mapped through the cumulative distribution.
@@ -311,14 +311,16 @@ def _ready_masks(model, cache) -> bool:
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings, *,
-           eos_token_id: int, pad_token_id: int, fixed_shapes: bool | None = None) -> torch.Tensor:
+           eos_token_id: int, pad_token_id: int, fixed_shapes: bool | None = None,
+           share_prefill: bool = True) -> torch.Tensor:
     """The rto_fast decode loop for one left-padded batch: (B, W) prompt ids and their 0/1 mask -> (B, n) new
     tokens, n <= max_new_tokens (the longest response), rows padded with pad_token_id after their eos.
 
     fixed_shapes (None: on CUDA when settings.cuda_graph and the model allows it) runs every decode step on the whole
     preallocated cache with the same tensors, so that the step is captured once as a CUDA graph and replayed (one
     launch per step instead of a few hundred); rows then stay in the batch until all are done. False: steps attend to
-    the filled part of the cache only and finished rows leave the batch."""
+    the filled part of the cache only and finished rows leave the batch. share_prefill: rows with the same prompt
+    share one prefill forward (off only to compare in tests)."""
     batch, width = input_ids.shape
     device = input_ids.device
     steps = settings.max_new_tokens
@@ -342,7 +344,15 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
     fixed_shapes = fixed_shapes and ready  # needs the whole-cache mask to go to attention as it is
     # Positions count real tokens only (a left-padded row starts at 0), as transformers' generate does.
     positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
-    logits = forward(input_ids, attention_mask, positions)
+    # Rows with the same prompt (rl.samples_per_prompt > 1 repeats each one) share one prefill: the distinct
+    # prompts run, then their cache rows and last logits are repeated for every row that has them.
+    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+    if share_prefill and distinct.shape[0] < batch and _can_drop_rows(cache):
+        ids, mask = distinct[:, :width], distinct[:, width:]
+        logits = forward(ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0))[row_of]
+        cache.batch_select_indices(row_of)
+    else:
+        logits = forward(input_ids, attention_mask, positions)
     stepper = (_FixedShapeSteps if fixed_shapes else _GrowingSteps)(
         forward, cache, attention_mask, positions[:, -1:] + 1, steps, ready=ready,
         use_graph=fixed_shapes and device.type == "cuda")

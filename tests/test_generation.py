@@ -140,6 +140,31 @@ def test_cuda_graph_decode_equals_eager_decode(caplog):
     assert len(replays) == 18 and "without a CUDA graph" not in caplog.text  # every step after the captured one
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_repeated_prompts_share_one_prefill(kind):
+    """Prompts sampled several times (rl.samples_per_prompt) prefill once: the first forward sees the distinct
+    prompts only, and every copy decodes what it decodes without sharing (and what model.generate decodes)."""
+    model = tiny_model(kind)
+    distinct = random_prompts([5, 13, 9, 2])
+    prompts = [distinct[i] for i in (0, 1, 1, 2, 0, 3, 1, 0)]
+    eos = frequent_token(model, distinct + random_prompts([7, 11], seed=2), steps=10)
+    ids, mask = left_padded(prompts)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.0)
+    shared = decode(model, ids, mask, settings, eos_token_id=eos, pad_token_id=PAD, fixed_shapes=False)
+    assert seen[0] == (4, ids.shape[1]) and seen[1][0] == 8
+    hook.remove()
+    alone = decode(model, ids, mask, settings, eos_token_id=eos, pad_token_id=PAD, share_prefill=False)
+    assert torch.equal(shared, alone)
+    fixed = decode(model, ids, mask, settings, eos_token_id=eos, pad_token_id=PAD, fixed_shapes=True)
+    assert torch.equal(shared, fixed)
+    expected = generate(model, prompts, SamplingSettings(max_new_tokens=10, temperature=0.0, engine="transformers"),
+                        eos_token_id=eos, pad_token_id=PAD)
+    assert generate(model, prompts, settings, eos_token_id=eos, pad_token_id=PAD) == expected
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_a_prompt_alone_gives_what_it_gives_in_a_left_padded_batch(kind):
     model = tiny_model(kind)
