@@ -168,7 +168,7 @@ def _forward_torch(logits, labels, temperature, ignore_index, return_entropy, ne
             # Below the floor p is exactly 0: the clamp changes no value and keeps 0 * -inf (masked logits) out.
             p = torch.exp(log_p, out=scaled_buffer[:count])
             p_log_p = p.mul_(log_p.clamp_(min=_LOG_P_FLOOR[dtype]))
-            entropy[start:stop] = p_log_p.sum(-1).neg_()
+            entropy[start:stop] = p_log_p.sum(-1, dtype=torch.float64).neg_()  # float64 sum, as the C++ rows
     logprobs.masked_fill_(~valid, 0.0)
     row_stats.masked_fill_(~valid.unsqueeze(-1), 0.0)
     if return_entropy:
