@@ -1,4 +1,4 @@
-"""What the benchmark reports say about the machine they ran on."""
+"""What the benchmark reports say about the machine they ran on, and how they are written."""
 
 from __future__ import annotations
 
@@ -25,3 +25,14 @@ def hardware(device: str) -> str:
 
         return f"GPU: {torch.cuda.get_device_name()}"
     return f"CPU: {cpu_model()}, {os.cpu_count()} cores visible"
+
+
+def write_report(lines: list[str], output) -> None:
+    """Write a Markdown report (creating its folder) and print it."""
+    from pathlib import Path
+
+    text = "\n".join(lines)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    print(text)

@@ -31,8 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from _env import hardware  # noqa: E402
-from bench_rl_step import PYTHIA  # noqa: E402
+from _env import hardware, write_report  # noqa: E402
+from bench_rl_step import PYTHIA, model_config  # noqa: E402
 
 ENGINES = {  # name -> SamplingSettings keywords; the static cache last: on CUDA its warm-up call compiles
     "transformers": dict(engine="transformers"),
@@ -43,19 +43,12 @@ ENGINES = {  # name -> SamplingSettings keywords; the static cache last: on CUDA
 
 
 def build_model(name: str, device: str):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+    from transformers import AutoModelForCausalLM
 
-    from rto_fast.models import build_tokenizer, tiny_model_config
+    from rto_fast.models import build_tokenizer
 
     tokenizer = build_tokenizer()
-    if name == "tiny":
-        config = tiny_model_config()
-    else:
-        hidden, layers, heads = PYTHIA[name]
-        config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                               num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=2048,
-                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = model_config(name, tokenizer)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
@@ -156,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{baseline / row['median']:.2f}x | {peak} | {'yes' if row['equal'] else 'NO'} |")
     lines += ["", "vs transformers: its time / the engine's time (> 1: faster). Peak MiB: CUDA memory allocated "
               "during a call above what was allocated before it (n/a on CPU).", ""]
-    text = "\n".join(lines)
-    output = Path(args.output) if args.output else ROOT / "results" / f"generation_{args.device}.md"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(lines, args.output or ROOT / "results" / f"generation_{args.device}.md")
     return 0
 
 

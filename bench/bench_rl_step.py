@@ -52,24 +52,31 @@ GENERATION = {"rto_fast": ["rl.generation_engine=rto_fast"],
 
 # ------------------------------------------------------------------------------------------------ shared setup
 
+def model_config(model: str, tokenizer):
+    """The transformers config of a benchmark model: the tiny Llama, or a Pythia shape (GPT-NeoX) sized to the
+    shipped tokenizer."""
+    if model == "tiny":
+        from rto_fast.models import tiny_model_config
+
+        return tiny_model_config()
+    from transformers import GPTNeoXConfig
+
+    hidden, layers, heads = PYTHIA[model]
+    return GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+
+
 def build_models(folder: Path, model: str, seed: int) -> dict:
     """Save the initial causal LM and reward model (both layouts) under `folder`; returns the paths."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rto_fast.models import ValueHeadModel, build_tokenizer, tiny_model_config
+    from rto_fast.models import ValueHeadModel, build_tokenizer
 
     tokenizer = build_tokenizer()
-    if model == "tiny":
-        config = tiny_model_config()
-    else:
-        from transformers import GPTNeoXConfig
-
-        hidden, layers, heads = PYTHIA[model]
-        config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                               num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=2048,
-                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = model_config(model, tokenizer)
     torch.manual_seed(seed)
     policy = AutoModelForCausalLM.from_config(config)
     config.num_labels = 1
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from _env import hardware
+    from _env import hardware, write_report
 
     command = "python bench/bench_rl_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# A whole RL iteration: rto_fast vs TRL {results['trl'].get('trl_version', '?')} PPOTrainer "
@@ -341,11 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Time columns in the ratio row are TRL time / rto_fast time (> 1: rto_fast is faster). Peak memory "
               "on CPU is each side's whole-process peak RSS (libraries included)." if not gpu else
               "Peak memory is torch.cuda.max_memory_allocated of each side's process.", ""]
-    text = "\n".join(lines)
-    output = Path(args.output) if args.output else RESULTS / f"rl_step_{args.device}.md"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(lines, args.output or RESULTS / f"rl_step_{args.device}.md")
     return 0
 
 
