@@ -320,6 +320,14 @@ def partitioned_loading(dist: Distributed, settings, device_type: str, enabled: 
         del switch
 
 
+def load_model(load, dist: Distributed, device: torch.device, settings=None, enabled: bool = True):
+    """`load()` straight into ZeRO-3 partitions under ZeRO-3 (see partitioned_loading; `settings` None for a frozen
+    model), else whole and moved to `device`. `enabled=False` always loads whole (the random tiny model)."""
+    with partitioned_loading(dist, settings, device.type, enabled=enabled) as split:
+        model = load()
+    return model if split else model.to(device)
+
+
 class EngineTrainer:
     """A trained model under a DeepSpeed engine: what the stage loop needs from it.
 

@@ -148,9 +148,9 @@ def load_judges(context: RunContext) -> Judges:
 
     def load(path, loader, name):
         # Under ZeRO-3 straight into partitions and into an optimizer-less engine (forwards are then collective).
-        with distributed.partitioned_loading(dist, None, context.device.type, enabled=str(path) != TINY) as split:
-            model = loader(str(path), dtype=dtype, trainable=False)
-        return distributed.frozen_engine(model if split else model.to(context.device), dist, name)
+        model = distributed.load_model(lambda: loader(str(path), dtype=dtype, trainable=False), dist, context.device,
+                                       enabled=str(path) != TINY)
+        return distributed.frozen_engine(model, dist, name)
 
     reward_model = dpo_model = ref_model = None
     if paths["rm"] is not None:

@@ -12,10 +12,11 @@ sampled in eval mode without autograd; the model's train/eval mode is restored a
   batch (prompt + max_new_tokens) and written in place (transformers' dynamic cache concatenates the whole cache
   every step), decode steps get a ready (B, 1, 1, L) padding mask under sdpa (no per-step mask building), only the
   last position's logits are computed, rows with the same prompt share one prefill, and finished rows leave the
-  batch (the cache rows too) once they are half of it, so a batch whose responses end early stops paying for them. On CUDA (`cuda_graph`, default on) the decode
-  step instead runs with fixed shapes over the whole cache and is captured once per batch as a CUDA graph and
-  replayed, one launch per step (rows then stay until all are done). Sampling: temperature, then top-k, then top-p
-  (the order of transformers' warpers), then one uniform draw per row mapped through the cumulative distribution.
+  batch (the cache rows too) once they are half of it, so a batch whose responses end early stops paying for them.
+  On CUDA (`cuda_graph`, default on) the decode step instead runs with fixed shapes over the whole cache and is
+  captured once per batch as a CUDA graph and replayed, one launch per step (rows then stay until all are done).
+  Sampling: temperature, then top-k, then top-p (the order of transformers' warpers), then one uniform draw per row
+  mapped through the cumulative distribution.
   It samples exactly the distribution the settings describe: a checkpoint's generation_config (a repetition
   penalty, say) is not consulted.
 - "transformers": `model.generate` (dynamic cache), or with `kv_cache="static"` transformers' static cache, which it
@@ -30,13 +31,13 @@ agree token for token). `ban_eos=True` masks the eos token so every response has
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from .attention import generation_attention
+from .models import forward_parameters
 
 ENGINES = ("rto_fast", "transformers")
 logger = logging.getLogger(__name__)
@@ -290,11 +291,6 @@ def _can_drop_rows(cache) -> bool:
     return all(isinstance(layer, DynamicLayer) for layer in layers)
 
 
-@functools.cache
-def _forward_parameters(model_class: type) -> frozenset:
-    return frozenset(inspect.signature(model_class.forward).parameters)
-
-
 def _ready_masks(model, cache) -> bool:
     """Whether decode steps may pass a prepared (B, 1, 1, L) boolean mask: transformers >= 5 returns a 4D mask as
     is, sdpa reads booleans (True = attend), and every layer attends to the whole cache (a sliding-window layer
@@ -324,7 +320,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
     batch, width = input_ids.shape
     device = input_ids.device
     steps = settings.max_new_tokens
-    parameters = _forward_parameters(type(model))
+    parameters = forward_parameters(model)
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else (
         {"num_logits_to_keep": 1} if "num_logits_to_keep" in parameters else {})
     cache_keyword = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.2x

@@ -14,6 +14,8 @@ Packed micro-batches go through `rto_fast.attention.packed_forward`, which works
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -280,3 +282,14 @@ class ValueHeadModel(nn.Module):
             state = load_file(str(head_file))
             model.value_head.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()})
         return _prepare(model, gradient_checkpointing, trainable)
+
+
+def forward_parameters(model: nn.Module) -> frozenset:
+    """Names of the keyword arguments `model`'s forward takes (of the model a DeepSpeed engine or DDP wraps)."""
+    inner = getattr(model, "module", None)
+    return _forward_parameters(type(inner if isinstance(inner, nn.Module) else model))
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset:
+    return frozenset(inspect.signature(model_class.forward).parameters)

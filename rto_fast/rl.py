@@ -272,17 +272,13 @@ class RLTrainer:
     def _load_frozen(self, path: str, load):
         """A frozen model: straight into ZeRO-3 partitions under ZeRO-3 (build_optimizers then wraps it in an engine;
         not the random tiny model, which the policy copies whole), else whole on the device."""
-        with distributed.partitioned_loading(self.dist, None, self.device.type, enabled=path != TINY) as split:
-            model = load(path)
-        return model if split else model.to(self.device)
+        return distributed.load_model(lambda: load(path), self.dist, self.device, enabled=path != TINY)
 
     def _load_trained(self, path: str, lr: float, load):
         """A model this stage trains: straight into ZeRO-3 partitions under ZeRO-3 (not the random tiny model, see
         Stage.load_trained), else whole on the device."""
-        with distributed.partitioned_loading(self.dist, self._optimizer_settings(lr), self.device.type,
-                                             enabled=path != TINY) as split:
-            model = load()
-        return model if split else model.to(self.device)
+        return distributed.load_model(load, self.dist, self.device, self._optimizer_settings(lr),
+                                      enabled=path != TINY)
 
     def build_optimizers(self, total_steps: int) -> None:
         settings = self.settings
@@ -379,18 +375,19 @@ class RLTrainer:
         scores = torch.zeros(count) if self.reward_model is not None else None
         batches = build_micro_batches(sequences, settings.micro_batch_tokens)
         # Partitioned frozen models (ZeRO-3) gather their weights in every forward: every rank runs as many passes;
-        # the extra ones repeat a batch and are dropped.
+        # the extra ones repeat a batch through the frozen models only, and are dropped.
         passes = self.dist.max(len(batches)) if distributed.zero_stage(self.dist) == 3 else len(batches)
         for index in range(passes):
             batch = batches[min(index, len(batches) - 1)].to(self.device)
+            padding = index >= len(batches)  # only the frozen models' (collective) forwards run
             order = batch.sequence_index.tolist()
             with _autocast(self.context):
-                logprobs = packed_logprobs(policy, batch)
+                logprobs = packed_logprobs(policy, batch) if not padding else None
                 ref_logprobs = packed_logprobs(self.reference, batch)
                 dpo_logprobs = packed_logprobs(self.dpo_model, batch) if self.dpo_model is not None else None
-                values = packed_values(critic, batch)
+                values = packed_values(critic, batch) if not padding else None
                 batch_scores = last_token_scores(self.reward_model, batch) if self.reward_model is not None else None
-            if index >= len(batches):
+            if padding:
                 continue
             rewards, advantages, returns = self.rewards_and_advantages(
                 batch, logprobs, ref_logprobs, dpo_logprobs, values, batch_scores,

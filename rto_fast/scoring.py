@@ -18,12 +18,10 @@ functions take (with `cu_seqlens = batch.cu_seqlens`). A reward model reads its 
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
 from .attention import packed_forward
+from .models import forward_parameters
 from .packing import PackedBatch, TokenizedSequence, sequence_sums, to_input_order
 
 
@@ -63,19 +61,13 @@ def packed_logprobs(model, batch: PackedBatch, *, return_entropy: bool = False, 
 def _label_positions(model, batch: PackedBatch) -> torch.Tensor | None:
     """Indices of the stream positions that carry a label, or None when the whole stream's logits are needed (the
     model cannot select positions, or every position has a label)."""
-    inner = getattr(model, "module", None)  # a DeepSpeed engine (or DDP) wraps the model
-    if not _takes_logits_to_keep(type(inner if isinstance(inner, torch.nn.Module) else model)):
+    if "logits_to_keep" not in forward_parameters(model):
         return None
     mask = batch.response_mask[0]
     positions = mask.nonzero().squeeze(1)
     if positions.numel() in (0, mask.numel()):
         return None
     return positions.to(batch.input_ids.device)
-
-
-@functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def packed_values(value_model, batch: PackedBatch) -> torch.Tensor:

@@ -209,10 +209,8 @@ class Stage:
         """`load()` of the model this stage trains from `path`: straight into ZeRO-3 partitions when the run uses
         ZeRO-3, else whole and moved to the device. The tiny model always loads whole: its random weights are drawn
         differently when built in partitions, and every launch mode must start from the same weights."""
-        with distributed.partitioned_loading(self.context.dist, self.settings, self.context.device.type,
-                                             enabled=path != TINY) as split:
-            model = load()
-        return model if split else model.to(self.context.device)
+        return distributed.load_model(load, self.context.dist, self.context.device, self.settings,
+                                      enabled=path != TINY)
 
     def trainable_parameters(self):
         return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
@@ -266,9 +264,8 @@ class DPOStage(Stage):
         # Reference first, then the policy: the same order in a fresh and in a resumed run.
         seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
         ref_path = self.config.model.ref_path or init_path
-        with distributed.partitioned_loading(self.context.dist, None, self.context.device.type,
-                                             enabled=ref_path != TINY) as split:
-            self.reference = _load_lm(ref_path, self.config, False, seed)
+        self.reference = distributed.load_model(lambda: _load_lm(ref_path, self.config, False, seed),
+                                                self.context.dist, self.context.device, enabled=ref_path != TINY)
         if resume_model is not None:
             self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.config, True))
         elif init_path == ref_path == TINY:
@@ -277,8 +274,7 @@ class DPOStage(Stage):
         else:
             self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
         # Under ZeRO-3 the reference is partitioned too (its forwards are then collective; see run_stage's passes).
-        self.reference = distributed.frozen_engine(self.reference if split else self.reference.to(self.context.device),
-                                                   self.context.dist, "reference")
+        self.reference = distributed.frozen_engine(self.reference, self.context.dist, "reference")
 
     def _sequence_logprobs(self, model, batch, training: bool) -> torch.Tensor:
         logprobs = packed_logprobs(model, batch, inplace_backward=training)
