@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import hardware, write_report  # noqa: E402
-from bench_rl_step import PYTHIA, model_config  # noqa: E402
+from bench_rl_step import PYTHIA, PYTHIA_VOCAB, model_config, sized_tokenizer  # noqa: E402
 
 ENGINES = {  # name -> SamplingSettings keywords; the static cache last: on CUDA its warm-up call compiles
     "transformers": dict(engine="transformers"),
@@ -42,12 +42,12 @@ ENGINES = {  # name -> SamplingSettings keywords; the static cache last: on CUDA
 }
 
 
-def build_model(name: str, device: str):
+def build_model(name: str, device: str, vocab_size: int | None):
     from transformers import AutoModelForCausalLM
 
     from rto_fast.models import build_tokenizer
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer() if vocab_size is None else sized_tokenizer(vocab_size)
     config = model_config(name, tokenizer)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("tiny", *PYTHIA), default=None,
                         help="default: tiny on cpu, pythia-410m on cuda")
     parser.add_argument("--batch", type=int, default=64, help="prompts per generate call")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="vocabulary size; default: 259 (the shipped tokenizer) for tiny, 50304 for Pythia shapes")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 64 (cpu), 256 (cuda)")
     parser.add_argument("--prompt-length", type=int, nargs=2, default=(16, 48), metavar=("SHORTEST", "LONGEST"))
     parser.add_argument("--repeats", type=int, default=5)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     model_name = args.model or ("pythia-410m" if gpu else "tiny")
     new_tokens = args.new_tokens or (256 if gpu else 64)
     engines = args.engines or [name for name in ENGINES if gpu or name != "rto_fast-graph"]
-    model, tokenizer = build_model(model_name, args.device)
+    vocab_size = args.vocab or (None if model_name == "tiny" else PYTHIA_VOCAB)
+    model, tokenizer = build_model(model_name, args.device, vocab_size)
     prompts = prompts_of_mixed_length(args.batch, *args.prompt_length, model.config.vocab_size)
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `{command.strip()}`  ",
              f"Hardware: {hardware(args.device)}; torch {torch.__version__}, transformers {transformers.__version__}, "
              f"Python {platform.python_version()}" + ("" if gpu else f", {args.threads} intra-op thread(s)"), "",
-             f"Model {model_name} (random weights, {'bf16' if gpu else 'fp32'}, sdpa), one batch of {args.batch} "
+             f"Model {model_name} (random weights, vocabulary {model.config.vocab_size}, {'bf16' if gpu else 'fp32'}, "
+             f"sdpa), one batch of {args.batch} "
              f"prompts of {args.prompt_length[0]}-{args.prompt_length[1]} tokens (left-padded), {new_tokens} new "
              f"tokens each (eos banned), temperature 1; median (best) of {args.repeats} calls after a warm-up call. "
              "'greedy equal': temperature-0 tokens identical to the first engine's.", "",

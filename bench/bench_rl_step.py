@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # Published Pythia shapes (GPT-NeoX): hidden, layers, heads; vocabulary 50304.
 PYTHIA = {"pythia-410m": (1024, 24, 16), "pythia-1.4b": (2048, 24, 16)}
+PYTHIA_VOCAB = 50304
 # --generation: rto_fast's config overrides for each way of sampling.
 GENERATION = {"rto_fast": ["rl.generation_engine=rto_fast"],
               "transformers": ["rl.generation_engine=transformers", "rl.generation_cache=dynamic"],
@@ -52,13 +53,45 @@ GENERATION = {"rto_fast": ["rl.generation_engine=rto_fast"],
 
 # ------------------------------------------------------------------------------------------------ shared setup
 
+def sized_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens, built offline: the shipped tokenizer's 256 byte
+    tokens, merges of printable ASCII pairs and then triples (in a fixed order) up to the size, and its <pad>, <bos>,
+    <eos> last. A benchmark model needs a real vocabulary size (Pythia's is 50304): the output layer, the logits and
+    everything of size (tokens, vocabulary) scale with it, and every id it samples must decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rto_fast.models import CHAT_TEMPLATE, SPECIAL_TOKENS, _byte_to_char
+
+    chars = _byte_to_char()
+    vocab = {char: byte for byte, char in chars.items()}
+    merges_needed = vocab_size - len(vocab) - len(SPECIAL_TOKENS)
+    if merges_needed < 0:
+        raise SystemExit(f"--vocab must be at least {len(vocab) + len(SPECIAL_TOKENS)}")
+    printable = [chars[byte] for byte in range(32, 127)]
+    pairs = [a + b for a in printable for b in printable]
+    merges = [(a, b) for a in printable for b in printable]
+    merges += [(pair, c) for pair in pairs for c in printable][:max(0, merges_needed - len(merges))]
+    merges = merges[:merges_needed]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    assert tokenizer.get_vocab_size() == vocab_size
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", model_max_length=4096, clean_up_tokenization_spaces=False,
+                                   chat_template=CHAT_TEMPLATE)
+
+
 def model_config(model: str, tokenizer):
-    """The transformers config of a benchmark model: the tiny Llama, or a Pythia shape (GPT-NeoX) sized to the
-    shipped tokenizer."""
+    """The transformers config of a benchmark model: the tiny Llama, or a Pythia shape (GPT-NeoX), sized to the
+    tokenizer."""
     if model == "tiny":
         from rto_fast.models import tiny_model_config
 
-        return tiny_model_config()
+        return tiny_model_config(vocab_size=len(tokenizer))
     from transformers import GPTNeoXConfig
 
     hidden, layers, heads = PYTHIA[model]
@@ -68,14 +101,15 @@ def model_config(model: str, tokenizer):
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
 
 
-def build_models(folder: Path, model: str, seed: int) -> dict:
-    """Save the initial causal LM and reward model (both layouts) under `folder`; returns the paths."""
+def build_models(folder: Path, model: str, seed: int, vocab_size: int | None) -> dict:
+    """Save the initial causal LM and reward model (both layouts) under `folder`, each with the tokenizer (the
+    shipped one, or one of `vocab_size` tokens); returns the paths."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rto_fast.models import ValueHeadModel, build_tokenizer
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer() if vocab_size is None else sized_tokenizer(vocab_size)
     config = model_config(model, tokenizer)
     torch.manual_seed(seed)
     policy = AutoModelForCausalLM.from_config(config)
@@ -135,7 +169,9 @@ def run_ours(spec: dict) -> dict:
         f"runtime.device={spec['device']}", f"runtime.output_dir={output}",
         "runtime.progress_bar=false", "runtime.checkpoint_every=0", "runtime.resume=never",
         f"runtime.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}",
-        f"model.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}"]
+        f"model.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}", f"model.tokenizer={spec['paths']['policy']}",
+        f"model.fused_output_layer={str(spec['fused_output_layer']).lower()}",
+        f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}"]
     if main(overrides) != 0:
         raise SystemExit("the rto_fast run failed")
     records = [record for record in read_metrics(output / "metrics.jsonl") if record.get("stage") == "ppo"]
@@ -162,7 +198,7 @@ def run_trl(spec: dict) -> dict:
                          "--trl-path to a folder where it is installed)") from None
     from rto_fast.models import build_tokenizer
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(spec["paths"]["policy"])
     tokenizer.padding_side = "left"
     prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"], encoding="utf-8")]
     ids = [[tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]] for prompt in prompts]  # as our data layer
@@ -174,6 +210,11 @@ def run_trl(spec: dict) -> dict:
     ref = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["paths"]["reward_hf"], dtype=dtype)
     value = AutoModelForSequenceClassification.from_pretrained(spec["paths"]["reward_hf"], dtype=dtype)
+    if spec["gradient_checkpointing"]:  # TRL's PPOTrainer never enables it itself (its args flag is not read)
+        from rto_fast.models import enable_gradient_checkpointing
+
+        for model in (policy, value):
+            enable_gradient_checkpointing(model)
     micro = spec["micro_batch"]
     args = PPOConfig(
         output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=micro,
@@ -283,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="rto_fast's generation engine: its own decode loop, or model.generate with the dynamic "
                              "or the static (compiled on CUDA) KV cache. TRL always runs model.generate with the "
                              "dynamic cache")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="vocabulary size (a byte-level BPE tokenizer of that size is built); default: the "
+                             "shipped tokenizer's 259 for tiny, Pythia's 50304 for the Pythia shapes")
+    parser.add_argument("--fused-output-layer", action="store_true",
+                        help="rto_fast computes log-probs from the output layer's input (model.fused_output_layer)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="activation checkpointing in the trained models, on both sides")
     parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -305,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
                 "response_length": args.response_length or (256 if gpu else 64), "micro_batch": args.micro_batch,
                 "ppo_epochs": args.ppo_epochs, "iterations": args.iterations, "lr": 1e-5, "kl_coef": 0.05,
                 "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path,
-                "generation": args.generation}
+                "generation": args.generation, "fused_output_layer": args.fused_output_layer,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "vocab": args.vocab or (None if model == "tiny" else PYTHIA_VOCAB)}
         if spec["rollout_batch"] % spec["micro_batch"]:
             raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
-        spec["paths"] = build_models(workdir, model, spec["seed"])
+        spec["paths"] = build_models(workdir, model, spec["seed"], spec["vocab"])
         spec["prompts"] = str(workdir / "prompts.jsonl")
         write_prompts(Path(spec["prompts"]), spec["rollout_batch"] * (args.iterations + 1), spec["seed"])
         results = {}
@@ -322,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from _env import hardware, write_report
 
+    from rto_fast.models import build_tokenizer
+
+    vocab_size = spec["vocab"] or len(build_tokenizer())
+
     command = "python bench/bench_rl_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# A whole RL iteration: rto_fast vs TRL {results['trl'].get('trl_version', '?')} PPOTrainer "
              f"({args.device})", "",
@@ -329,9 +383,12 @@ def main(argv: list[str] | None = None) -> int:
              f"Hardware: {hardware(args.device)}; torch {torch.__version__}, transformers {transformers.__version__}, "
              f"Python {platform.python_version()}" + (f", {args.threads} intra-op thread(s) per side" if not gpu
                                                        else ""), "",
-             f"Model {model} (random weights), rollout batch {spec['rollout_batch']} prompts, responses of exactly "
+             f"Model {model} (random weights, vocabulary {vocab_size}), rollout batch {spec['rollout_batch']} prompts, "
+             f"responses of exactly "
              f"{spec['response_length']} tokens, {spec['ppo_epochs']} PPO epochs with one optimizer step each, "
-             f"micro-batches of {spec['micro_batch']} responses; rto_fast's generation: {spec['generation']}; "
+             f"micro-batches of {spec['micro_batch']} responses; rto_fast's generation: {spec['generation']}"
+             f"{'; fused output layer' if spec['fused_output_layer'] else ''}"
+             f"{'; gradient checkpointing on both sides' if spec['gradient_checkpointing'] else ''}; "
              f"mean of {ours['timed_iterations']} timed iterations "
              "after one warm-up. Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
              "| | generate s | score s | train s | iteration s | tokens/s | score+train tokens/s | peak memory MiB |",

@@ -2,13 +2,14 @@
 # Everything that needs a CUDA GPU, in one go, in the order of what matters most when time is short:
 #   1. the kernel tests with the Triton kernels compiled natively (the interpreter hides compile errors),
 #   2. the rest of the suite (trainer stages on the GPU), while the tiny pipeline trains on the GPU beside it,
-#   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped), bench_generation,
-#      bench_gae_ppo, and bench_rl_step again with transformers' static KV cache
-#      (bench/results/rl_step_cuda_static.md).
+#   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped with Pythia's vocabulary),
+#      the same with the fused output layer (bench/results/rl_step_cuda_fused.md), bench_generation, bench_gae_ppo.
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
-# (SIGINT) at its limit so that it still prints what failed.
+# (SIGINT) at its limit so that it still prints what failed. The limits add up to more than one 600 s call: ONLY
+# names the steps to run (the rest are skipped), so the suite can be split over calls.
 #
 #   bash bench/run_gpu_suite.sh OUT_DIR [TRL_1_12_PATH]
+#   ONLY="bench_rl_step bench_rl_step_fused" bash bench/run_gpu_suite.sh OUT_DIR [TRL_1_12_PATH]
 #
 # Results land in bench/results/*_cuda.md, each step's log and a summary in OUT_DIR.
 set -u
@@ -19,6 +20,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, report the exit status
     local name=$1 limit=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     local start=$SECONDS
     timeout --signal=INT --kill-after=15 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
@@ -53,11 +55,10 @@ step bench_rl_step 130 python3 bench/bench_rl_step.py --device cuda --model pyth
 step bench_generation 150 python3 bench/bench_generation.py --device cuda --model pythia-410m --batch 64 \
     --new-tokens 256 --repeats 3
 step bench_gae_ppo 40 python3 bench/bench_gae_ppo.py --device cuda --skip-compile
-# Last: model.generate with the static KV cache (shapes repeat, so transformers compiles the decode step) against
-# the run above (rto_fast's own decode loop).
-step bench_rl_step_static 150 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
-    --response-length 256 --iterations 3 --generation transformers-static \
-    --output bench/results/rl_step_cuda_static.md \
+# The same iteration with log-probs from the output layer's input (model.fused_output_layer: no (tokens, vocabulary)
+# logits held), against the run above.
+step bench_rl_step_fused 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
+    --response-length 256 --iterations 3 --fused-output-layer --output bench/results/rl_step_cuda_fused.md \
     "${trl_args[@]}"
 
 cat "$out/summary.log"

@@ -65,6 +65,10 @@ class ModelConfig:
                                           "shipped byte-level tokenizer)")
     dtype: str = option("fp32", "dtype the weights are loaded and trained in", DTYPE_CHOICES)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    fused_output_layer: bool = option(False, "log-probs straight from the output layer's input "
+                                             "(ops.linear_token_logprobs): the (tokens, vocabulary) logits are never "
+                                             "held, which saves their memory at large vocabularies; a trained "
+                                             "model's backward recomputes them (one more output-layer matmul)")
     sft_path: str | None = option(None, "start after SFT from this model (skips needing the sft stage's output)")
     dpo_path: str | None = option(None, "the DPO model (RTO's token reward); null: the dpo stage's output")
     ref_path: str | None = option(None, "the frozen reference model; null: the SFT model")

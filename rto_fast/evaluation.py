@@ -74,13 +74,15 @@ METRIC_NAMES = {"rm": "rm_score", "dpo": "dpo_reward", "truth": "true_reward", "
 @dataclass
 class Judges:
     """The models that score responses; any may be missing. `beta` scales the DPO implicit reward; `synthetic`: the
-    prompts are the synthetic task's, so its true reward r* is known."""
+    prompts are the synthetic task's, so its true reward r* is known; `fused_output_layer`: the DPO reward's
+    log-probs come from the output layer's input (`model.fused_output_layer`)."""
 
     reward_model: ValueHeadModel | None = None
     dpo_model: torch.nn.Module | None = None
     ref_model: torch.nn.Module | None = None
     beta: float = 0.1
     synthetic: bool = False
+    fused_output_layer: bool = False
 
     def available(self) -> list[str]:
         """Judge names that can score: a subset of ('rm', 'dpo', 'truth'), in that order."""
@@ -162,7 +164,7 @@ def load_judges(context: RunContext) -> Judges:
             dpo_model = load(paths["dpo"], load_causal_lm, "DPO model")
             ref_model = load(paths["ref"], load_causal_lm, "reference")
     judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model, beta=config.dpo.beta,
-                    synthetic=is_synthetic(context))
+                    synthetic=is_synthetic(context), fused_output_layer=config.model.fused_output_layer)
     logger.info("eval: judges %s (reward model %s, DPO model %s, reference %s)",
                 ", ".join(judges.available()) or "none", paths["rm"], paths["dpo"], paths["ref"])
     return judges
@@ -202,7 +204,8 @@ def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], token
                 scores["rm"] = values[:count].double().numpy()
             if "dpo" in model_judges:
                 values = sequence_judge_scores(batches, dpo_model=judges.dpo_model, ref_model=judges.ref_model,
-                                               beta=judges.beta, num_sequences=len(sequences))
+                                               beta=judges.beta, num_sequences=len(sequences),
+                                               fused_output_layer=judges.fused_output_layer)
                 scores["dpo"] = values[:count].double().numpy()
     if judges.synthetic:
         from .synthetic import true_reward

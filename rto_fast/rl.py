@@ -377,14 +377,16 @@ class RLTrainer:
         # Partitioned frozen models (ZeRO-3) gather their weights in every forward: every rank runs as many passes;
         # the extra ones repeat a batch through the frozen models only, and are dropped.
         passes = self.dist.max(len(batches)) if distributed.zero_stage(self.dist) == 3 else len(batches)
+        fused = self.config.model.fused_output_layer
         for index in range(passes):
             batch = batches[min(index, len(batches) - 1)].to(self.device)
             padding = index >= len(batches)  # only the frozen models' (collective) forwards run
             order = batch.sequence_index.tolist()
             with _autocast(self.context):
-                logprobs = packed_logprobs(policy, batch) if not padding else None
-                ref_logprobs = packed_logprobs(self.reference, batch)
-                dpo_logprobs = packed_logprobs(self.dpo_model, batch) if self.dpo_model is not None else None
+                logprobs = packed_logprobs(policy, batch, fused_output_layer=fused) if not padding else None
+                ref_logprobs = packed_logprobs(self.reference, batch, fused_output_layer=fused)
+                dpo_logprobs = (packed_logprobs(self.dpo_model, batch, fused_output_layer=fused)
+                                if self.dpo_model is not None else None)
                 values = packed_values(critic, batch) if not padding else None
                 batch_scores = last_token_scores(self.reward_model, batch) if self.reward_model is not None else None
             if padding:
@@ -497,7 +499,8 @@ class RLTrainer:
                         value_clip=settings.value_clip, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
 
         with _autocast(self.context):
-            logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True)
+            logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True,
+                                                fused_output_layer=self.config.model.fused_output_layer)
         policy_loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, **clipping)
         mean_entropy = self._aggregate(entropy, batch)
         if settings.entropy_coef:
@@ -596,7 +599,8 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
                                 eos_token_id=trainer.tokenizer.eos_token_id,
                                 pad_token_id=trainer.tokenizer.pad_token_id)
     judges = Judges(reward_model=trainer.reward_model, dpo_model=trainer.dpo_model, ref_model=trainer.reference,
-                    beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic)
+                    beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic,
+                    fused_output_layer=trainer.config.model.fused_output_layer)
     scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens,
                             dist=trainer.dist if distributed.zero_stage(trainer.dist) == 3 else None)
     names = {"truth": "eval_true_reward", "dpo": "eval_dpo_reward", "rm": "eval_rm_score", "length": "eval_length",

@@ -4,6 +4,7 @@ Usage:
     sequences = [response_sequence(prompt_ids, response_ids), ...]
     batches = build_micro_batches(sequences, max_tokens=4096)            # rto_fast.packing
     logprobs = packed_logprobs(policy, batch)          # (1, N) float32 log-prob of each response token, 0 elsewhere
+    logprobs = packed_logprobs(policy, batch, fused_output_layer=True)   # the same, the (N, V) logits never held
     values = packed_values(critic, batch)              # (1, N) float32 value at each position (ValueHeadModel)
     scores = last_token_scores(reward_model, batch)    # (S,) float32 reward read at each sequence's last token
     judged = sequence_judge_scores(batches, reward_model=rm)   # (len(sequences),) in input order
@@ -18,11 +19,16 @@ functions take (with `cu_seqlens = batch.cu_seqlens`). A reward model reads its 
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
 
 from .attention import packed_forward
 from .models import forward_parameters
 from .packing import PackedBatch, TokenizedSequence, sequence_sums, to_input_order
+
+logger = logging.getLogger(__name__)
 
 
 def response_sequence(prompt_ids, response_ids) -> TokenizedSequence:
@@ -31,31 +37,115 @@ def response_sequence(prompt_ids, response_ids) -> TokenizedSequence:
     return TokenizedSequence(prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids))
 
 
-def packed_logprobs(model, batch: PackedBatch, *, return_entropy: bool = False, inplace_backward: bool = False):
+def packed_logprobs(model, batch: PackedBatch, *, return_entropy: bool = False, inplace_backward: bool = False,
+                    fused_output_layer: bool = False):
     """(1, N) float32 log-prob of each response token under `model` (0 off the response), or (logprobs, entropy).
 
     Logits are computed only where a label is (`batch.response_mask`): the model's output layer never runs on prompt
     positions when its forward takes a `logits_to_keep` index (transformers' causal LMs do), which saves that share
     of the (N, V) logits, their memory and the output matmul forward and backward. They go through the fused
     `rto_fast.ops.token_logprobs`, so no float32 log-softmax is built either; `inplace_backward` lets its backward
-    overwrite the logits with their gradient when they require one."""
+    overwrite the logits with their gradient when they require one.
+
+    `fused_output_layer`: the output layer's input goes straight into `rto_fast.ops.linear_token_logprobs`, so the
+    (K, V) logits are never held at all (see `fused_output_logprobs`); models it cannot serve take the logits path."""
     from .ops import token_logprobs
 
     positions = _label_positions(model, batch)
-    if positions is None:
-        logits = packed_forward(model, batch).logits
-        labels = batch.labels
-    else:
-        logits = packed_forward(model, batch, logits_to_keep=positions).logits  # (1, K, V)
-        labels = batch.labels[:, positions]
-    result = token_logprobs(logits, labels, return_entropy=return_entropy,
-                            inplace_backward=inplace_backward and logits.requires_grad)
+    labels = batch.labels if positions is None else batch.labels[:, positions]
+    keep = {} if positions is None else {"logits_to_keep": positions}
+    result = fused_output_logprobs(model, batch, labels, return_entropy, **keep) if fused_output_layer else None
+    if result is None:
+        logits = packed_forward(model, batch, **keep).logits  # (1, K, V)
+        result = token_logprobs(logits, labels, return_entropy=return_entropy,
+                                inplace_backward=inplace_backward and logits.requires_grad)
     if positions is None:
         return result
     # Back onto the stream: (1, K) -> (1, N), zeros off the labels (index_copy keeps the gradient).
     spread = [value.new_zeros(batch.labels.shape).index_copy(1, positions, value)
               for value in (result if return_entropy else (result,))]
     return tuple(spread) if return_entropy else spread[0]
+
+
+# Output layers the fused path cannot serve, with the reason (logged once per layer).
+_UNFUSABLE: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def fused_output_logprobs(model, batch: PackedBatch, labels: torch.Tensor, return_entropy: bool = False,
+                          **model_kwargs):
+    """Log-probs of `labels` (shaped like the positions the model's output layer sees) computed by
+    `ops.linear_token_logprobs` from the output layer's input, or None when `model` cannot be served this way.
+
+    For the length of one forward the output layer (`get_output_embeddings()`, an `nn.Linear`) is given a forward
+    that computes the log-probs from its input, weight and bias and returns a stand-in for the logits: a (.., V)
+    broadcast view of one row of small integers, no memory. The model must return that stand-in untouched (or only
+    cast): a model that scales, soft-caps or offsets its logits after the output layer (Gemma-2's final
+    soft-capping, Cohere's logit scale, ...) changes it, is found out on its first call, and is served from its
+    logits from then on (one warning). Running inside the model's own forward keeps every wrapper's hooks: a ZeRO-3
+    engine gathers the layer's weight for it. Not served: a layer whose forward is already replaced (offloading
+    hooks), and a ZeRO-3 partitioned layer that is being trained (its weight is gathered again for the backward
+    only through the layer's own output, which the loss does not use here)."""
+    layer = _fusable_output_layer(model)
+    if layer is None:
+        return None
+    from .ops import linear_token_logprobs
+
+    call = {}
+
+    def forward(hidden):
+        weight, bias = layer.weight, layer.bias
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # what autocast would run the layer's matmul in
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):  # the op's own precision, in forward and backward alike
+            call["result"] = linear_token_logprobs(hidden, weight, labels.to(hidden.device).reshape(hidden.shape[:-1]),
+                                                   bias=bias, return_entropy=return_entropy)
+        row = torch.arange(weight.shape[0], device=hidden.device).remainder_(251).to(hidden.dtype)
+        call["row"], call["stand_in"] = row, row.expand(*hidden.shape[:-1], weight.shape[0])
+        return call["stand_in"]
+
+    layer.forward = forward
+    try:
+        logits = packed_forward(model, batch, **model_kwargs).logits
+    finally:
+        del layer.forward  # back to the class's forward
+    if "result" not in call:
+        return _unfusable(layer, "its forward never called the output layer")
+    stand_in = call["stand_in"]
+    untouched = logits is stand_in or (
+        logits.shape == stand_in.shape and torch.equal(logits.reshape(-1, logits.shape[-1])[0].to(stand_in.dtype),
+                                                       call["row"]))
+    if not untouched:
+        return _unfusable(layer, "its forward changes the output layer's logits (scaling, soft-capping or an offset)")
+    result = call["result"]
+    if return_entropy:
+        return tuple(value.reshape(labels.shape) for value in result)
+    return result.reshape(labels.shape)
+
+
+def _fusable_output_layer(model) -> torch.nn.Module | None:
+    inner = getattr(model, "module", None)  # a DeepSpeed engine or DDP wraps the model
+    inner = inner if isinstance(inner, torch.nn.Module) else model
+    get_output_embeddings = getattr(inner, "get_output_embeddings", None)
+    layer = get_output_embeddings() if callable(get_output_embeddings) else None
+    if layer is None or layer in _UNFUSABLE:
+        return None
+    if type(layer) is not torch.nn.Linear:
+        return _unfusable(layer, f"its output layer is a {type(layer).__name__}, not a torch.nn.Linear")
+    if "forward" in vars(layer):
+        return _unfusable(layer, "its output layer's forward is already replaced (offloading or adapter hooks)")
+    if hasattr(layer.weight, "ds_status") and layer.weight.requires_grad and torch.is_grad_enabled():
+        return None  # trained under ZeRO-3: the logits path this time (the frozen copies still fuse)
+    return layer
+
+
+def _unfusable(layer: torch.nn.Module, reason: str) -> None:
+    if layer not in _UNFUSABLE:
+        logger.warning("fused output layer: %s; log-probs come from the logits for this model", reason)
+        _UNFUSABLE[layer] = reason
+    return None
 
 
 def _label_positions(model, batch: PackedBatch) -> torch.Tensor | None:
@@ -90,7 +180,8 @@ def implicit_dpo_rewards(dpo_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 @torch.inference_mode()
 def sequence_judge_scores(batches: list[PackedBatch], *, reward_model=None, dpo_model=None, ref_model=None,
-                          beta: float = 0.1, num_sequences: int | None = None) -> torch.Tensor:
+                          beta: float = 0.1, num_sequences: int | None = None,
+                          fused_output_layer: bool = False) -> torch.Tensor:
     """One judge score per sequence, in the input order of the sequences that were packed into `batches`: the reward
     model's last-token score when `reward_model` is given, else the DPO implicit reward of (dpo_model, ref_model)."""
     if reward_model is None and (dpo_model is None or ref_model is None):
@@ -100,7 +191,7 @@ def sequence_judge_scores(batches: list[PackedBatch], *, reward_model=None, dpo_
         if reward_model is not None:
             per_batch.append(last_token_scores(reward_model, batch).float().cpu())
         else:
-            dpo = packed_logprobs(dpo_model, batch)
-            ref = packed_logprobs(ref_model, batch)
+            dpo = packed_logprobs(dpo_model, batch, fused_output_layer=fused_output_layer)
+            ref = packed_logprobs(ref_model, batch, fused_output_layer=fused_output_layer)
             per_batch.append(implicit_dpo_rewards(dpo, ref, batch, beta).cpu())
     return to_input_order([batch.to("cpu") for batch in batches], per_batch, num_sequences)

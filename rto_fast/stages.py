@@ -251,7 +251,8 @@ class SFTStage(Stage):
         return float(sum(int(batch.response_mask.sum()) for batch in micro_batches))
 
     def loss(self, batch, extra, denominator):
-        logprobs = packed_logprobs(self.model, batch, inplace_backward=torch.is_grad_enabled())
+        logprobs = packed_logprobs(self.model, batch, inplace_backward=torch.is_grad_enabled(),
+                                   fused_output_layer=self.config.model.fused_output_layer)
         nll_sum = -logprobs.sum()
         return nll_sum / denominator, {"loss": nll_sum.detach(), "count": batch.response_mask.sum()}
 
@@ -277,7 +278,8 @@ class DPOStage(Stage):
         self.reference = distributed.frozen_engine(self.reference, self.context.dist, "reference")
 
     def _sequence_logprobs(self, model, batch, training: bool) -> torch.Tensor:
-        logprobs = packed_logprobs(model, batch, inplace_backward=training)
+        logprobs = packed_logprobs(model, batch, inplace_backward=training,
+                                   fused_output_layer=self.config.model.fused_output_layer)
         return sequence_sums(logprobs, batch)  # (S,), packed order
 
     def prepare(self, micro_batches):

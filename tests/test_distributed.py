@@ -199,7 +199,11 @@ WEIGHT_TOLERANCE = 1e-4
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_two_ranks_match_one_process(single_process_run, tmp_path, zero_stage):
     run = tmp_path / "run"
-    result = _run(run, f"runtime.deepspeed={{zero_optimization: {{stage: {zero_stage}}}}}", processes=2)
+    # ZeRO-2 and -3 also take the fused output layer (log-probs from the output layer's input; the single process
+    # computes them from the logits): trained under ZeRO-2, frozen and partitioned under ZeRO-3.
+    fused = [f"model.fused_output_layer={'true' if zero_stage > 1 else 'false'}"]
+    result = _run(run, f"runtime.deepspeed={{zero_optimization: {{stage: {zero_stage}}}}}", *fused, processes=2)
+    assert "fused output layer:" not in result.stderr  # every model took the fused path (or was trained by ZeRO-3)
     if zero_stage == 3:  # frozen models are partitioned too (rank 0 logs)
         partitioned = [line.split("rto_fast.distributed: ")[1].split(" partitioned")[0]
                        for line in result.stderr.splitlines() if "partitioned over 2 ranks (ZeRO-3)" in line]

@@ -559,3 +559,102 @@ def test_static_kv_cache_and_fixed_prompt_width_sample_the_same_tokens():
     assert static == dynamic
     with pytest.raises(ValueError, match="kv_cache"):
         SamplingSettings(kv_cache="paged")
+
+
+def fused_output_model(kind: str):
+    """A tiny causal LM of `kind` for the fused output layer tests: its output layer is a plain nn.Linear (Phi's
+    has a bias; GPT-2's is tied to the input embedding), or the model changes its logits after it (Gemma-2
+    soft-caps them, Cohere scales them)."""
+    from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, LlamaConfig,
+                              OPTConfig, PhiConfig)
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    configs = {
+        "llama": lambda: LlamaConfig(num_key_value_heads=2, **common),
+        "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                   bos_token_id=1, eos_token_id=2),
+        "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32),
+        "phi": lambda: PhiConfig(**common),
+        "gemma2": lambda: Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=4.0, **common),
+        "cohere": lambda: CohereConfig(num_key_value_heads=2, logit_scale=0.5, **common),
+    }
+    torch.manual_seed(3)
+    # eval(): no dropout, so both paths see the same network (gradients flow all the same)
+    model = AutoModelForCausalLM.from_config(configs[kind](), attn_implementation="eager").eval()
+    with torch.no_grad():  # logits of a few units, so that soft-capping and scaling matter
+        model.get_output_embeddings().weight.mul_(4.0)
+    return model
+
+
+def logits_path_logprobs(model, batch):
+    """Log-probs, entropy and parameter gradients of the logits path (the reference for the fused path)."""
+    from rto_fast.scoring import packed_logprobs
+
+    model.zero_grad()
+    logprobs, entropy = packed_logprobs(model, batch, return_entropy=True)
+    (logprobs.sum() + 0.5 * entropy.sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return logprobs.detach(), entropy.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "phi"])
+def test_fused_output_layer_never_builds_the_logits(kind):
+    """fused_output_layer=True: ops.linear_token_logprobs on the output layer's input gives the logits path's
+    log-probs, entropy and gradients of every parameter (tied weights and a bias included), and the output layer
+    hands the model a zero-memory stand-in, never (K, V) logits."""
+    from rto_fast.scoring import packed_logprobs
+
+    model = fused_output_model(kind)
+    batch = pack(random_sequences([9, 14, 5, 20]))
+    expected_logprobs, expected_entropy, expected_grads = logits_path_logprobs(model, batch)
+    layer_outputs = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: layer_outputs.append(out))
+    logprobs, entropy = packed_logprobs(model, batch, return_entropy=True, fused_output_layer=True)
+    (logprobs.sum() + 0.5 * entropy.sum()).backward()
+    (stand_in,) = layer_outputs
+    assert stand_in.shape[-1] == VOCAB and stand_in.stride()[:-1] == (0, 0)  # one row, broadcast
+    torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=1e-5)
+    assert (logprobs[~batch.response_mask] == 0).all() and (entropy[~batch.response_mask] == 0).all()
+    for (name, parameter), expected in zip(model.named_parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, expected, atol=2e-5, rtol=1e-4, msg=name)
+    assert "forward" not in vars(model.get_output_embeddings())  # the layer's own forward is back
+
+
+def test_fused_output_layer_under_bf16_autocast_matches_the_logits_path():
+    """Under bf16 autocast the fused path runs the output matmul in bf16, as autocast runs the layer."""
+    from rto_fast.scoring import packed_logprobs
+
+    model = fused_output_model("llama")
+    batch = pack(random_sequences([12, 7, 16]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = packed_logprobs(model, batch)
+        fused = packed_logprobs(model, batch, fused_output_layer=True)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, expected, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+def test_fused_output_layer_finds_models_that_change_their_logits(kind, caplog):
+    """A model that soft-caps or scales its logits after the output layer cannot be served from the layer's input:
+    its first call finds that out (one warning) and gives the logits path's numbers; later calls go straight to the
+    logits path."""
+    from rto_fast import scoring
+    from rto_fast.scoring import packed_logprobs
+
+    model = fused_output_model(kind)
+    batch = pack(random_sequences([9, 14, 5]))
+    expected_logprobs, expected_entropy, expected_grads = logits_path_logprobs(model, batch)
+    with caplog.at_level("WARNING", logger="rto_fast.scoring"):
+        for _ in range(2):
+            logprobs, entropy = packed_logprobs(model, batch, return_entropy=True, fused_output_layer=True)
+    assert len([r for r in caplog.records if "changes the output layer's logits" in r.getMessage()]) == 1
+    assert model.get_output_embeddings() in scoring._UNFUSABLE
+    torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=1e-5)
+    (logprobs.sum() + 0.5 * entropy.sum()).backward()
+    for parameter, expected in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, expected, atol=2e-5, rtol=1e-4)

@@ -1,0 +1,30 @@
+"""bench/ helpers that decide what a benchmark measures: the tokenizer of a chosen vocabulary size (the benchmark
+models' output layer and logits scale with it), and the command lines of the benchmarks."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_rl_step  # noqa: E402
+
+
+@pytest.mark.parametrize("vocab_size", [259, 1000, 50304])
+def test_sized_tokenizer_has_exactly_the_size_and_round_trips(vocab_size):
+    tokenizer = bench_rl_step.sized_tokenizer(vocab_size)
+    assert len(tokenizer) == vocab_size
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == list(range(vocab_size - 3,
+                                                                                                   vocab_size))
+    text = "Human: list 3 primes > 7, then sort them!\nAssistant: 11 13 17 \u00e9\u4e2d"
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    if vocab_size >= 1000:  # merges make ordinary text shorter than its bytes
+        assert len(ids) < len(text.encode())
+    # Every id a model can sample decodes (random weights sample all of them).
+    assert all(isinstance(tokenizer.decode([i]), str) for i in range(0, vocab_size, 97))
+
+
+def test_sized_tokenizer_refuses_a_size_below_its_bytes_and_specials():
+    with pytest.raises(SystemExit, match="--vocab must be at least 259"):
+        bench_rl_step.sized_tokenizer(258)
