@@ -66,7 +66,7 @@ from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
 from . import distributed
 from .distributed import EngineTrainer
-from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _autocast,
+from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _autocast, adamw,
                      lr_factor, resume_point, seed_everything, split_even, stage_init_path, stage_output)
 
 logger = logging.getLogger(__name__)
@@ -283,10 +283,6 @@ class RLTrainer:
     def build_optimizers(self, total_steps: int) -> None:
         settings = self.settings
 
-        def adam(parameters, lr):
-            return torch.optim.AdamW(parameters, lr=lr, weight_decay=settings.weight_decay,
-                                     betas=(settings.adam_beta1, settings.adam_beta2))
-
         def schedule(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, settings))
 
@@ -311,11 +307,11 @@ class RLTrainer:
         critic_parameters = [p for p in self.critic.parameters() if p.requires_grad]
         self.actor_parameters, self.critic_parameters = actor_parameters, critic_parameters
         if settings.critic_optimizer == "shared":
-            self.actor_optimizer = adam(actor_parameters + critic_parameters, settings.actor_lr)
+            self.actor_optimizer = adamw(actor_parameters + critic_parameters, settings.actor_lr, settings)
             self.critic_optimizer = None
         else:
-            self.actor_optimizer = adam(actor_parameters, settings.actor_lr)
-            self.critic_optimizer = adam(critic_parameters, settings.critic_lr)
+            self.actor_optimizer = adamw(actor_parameters, settings.actor_lr, settings)
+            self.critic_optimizer = adamw(critic_parameters, settings.critic_lr, settings)
         self.actor_scheduler = schedule(self.actor_optimizer)
         self.critic_scheduler = schedule(self.critic_optimizer) if self.critic_optimizer is not None else None
 
