@@ -162,8 +162,10 @@ def _generate_kwargs(settings: SamplingSettings, eos_token_id: int, pad_token_id
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """(B, V) float logits -> logits with the tokens that may not be drawn at -inf, in transformers' order:
     temperature, top-k (ties at the k-th value stay), top-p (the smallest set of most likely tokens whose
-    probability reaches top_p; at least one token). temperature must be > 0. Returns a new tensor."""
-    logits = logits / temperature
+    probability reaches top_p; at least one token). temperature must be > 0. Never writes `logits`; returns it
+    as it is when there is nothing to do (temperature 1, no top-k or top-p)."""
+    if temperature != 1.0:
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -178,19 +180,44 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     return logits
 
 
+# draw_tokens: tokens per block of the two-level cumulative distribution. Large enough that the block sums are a
+# short row (V / 256), small enough that the chosen block's float64 running sum is nothing.
+_DRAW_BLOCK = 256
+
+
 def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of (B, V) logits, drawn from their softmax by inverse transform sampling: one uniform
     number per row against the cumulative distribution (torch.multinomial costs ~10x more on CPU at small B).
 
-    The running sum and the uniform number are float64: in float32 a sum near 1 moves in steps of 6e-8, so over a
-    150k vocabulary the rare tokens' chances would be rounded to 0 or to a step (up to ~0.5% of the mass moved)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    cumulative = probs.double().cumsum(dim=-1)
-    uniform = torch.rand((logits.shape[0], 1), device=logits.device, generator=generator, dtype=torch.float64)
-    # right=True: the first token whose cumulative probability exceeds u, so a zero-probability token (equal to its
-    # predecessor's cumulative sum) is never drawn; scaling by the last entry absorbs rounding of the sum.
-    tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
-    return tokens.clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+    The cumulative distribution is taken in two levels. Blocks of `_DRAW_BLOCK` tokens are summed in float32 and
+    their running sum (float64) against a float64 uniform number picks a block; inside it, a float64 running sum of
+    its tokens picks the token, with the target mapped linearly from the block's float32 sum onto its float64 sum.
+    Every token's chance is then its probability to float32's relative precision (1e-7), however small it is: a
+    float32 running sum over the row moves in steps of 6e-8 near 1, which rounds the chances of rare tokens to 0
+    or to a step (over a 150k vocabulary up to ~0.5% of the mass moved), and a float64 running sum over the whole
+    (B, V) costs a float64 copy of it (at 64 x 50304, 60% of a CPU decode step)."""
+    rows, vocab = logits.shape
+    block = _DRAW_BLOCK
+    weights = torch.softmax(logits.float(), dim=-1)
+    full = vocab - vocab % block
+    block_sums = weights[:, :full].view(rows, -1, block).sum(-1)
+    if full < vocab:  # the last, shorter block
+        block_sums = torch.cat([block_sums, weights[:, full:].sum(-1, keepdim=True)], dim=1)
+    cumulative = block_sums.double().cumsum(dim=-1)
+    uniform = torch.rand((rows, 1), device=logits.device, generator=generator, dtype=torch.float64)
+    target = uniform * cumulative[:, -1:]  # scaling by the total absorbs rounding of the sum
+    # right=True: the first block (then token) whose cumulative sum exceeds the target, so a zero-probability block
+    # or token (equal to its predecessor's cumulative sum) is never drawn.
+    chosen = torch.searchsorted(cumulative, target, right=True).clamp_(max=cumulative.shape[1] - 1)
+    before = torch.where(chosen > 0, cumulative.gather(1, (chosen - 1).clamp_(min=0)), 0.0)
+    columns = chosen * block + torch.arange(block, device=logits.device)
+    in_block = torch.where(columns < vocab, weights.gather(1, columns.clamp(max=vocab - 1)), 0.0).double()
+    running = in_block.cumsum(dim=-1)
+    scaled = (target - before) * (running[:, -1:] / block_sums.double().gather(1, chosen))
+    offset = torch.searchsorted(running, scaled, right=True)
+    # A target that rounding puts past the block's running sum takes the block's last token with weight.
+    last = torch.where(in_block > 0, torch.arange(block, device=logits.device), -1).amax(dim=-1, keepdim=True)
+    return (chosen * block + torch.minimum(offset, last)).squeeze(-1)
 
 
 def next_tokens(logits: torch.Tensor, settings: SamplingSettings, eos_token_id: int) -> torch.Tensor:
@@ -200,7 +227,9 @@ def next_tokens(logits: torch.Tensor, settings: SamplingSettings, eos_token_id: 
         logits[:, eos_token_id] = float("-inf")
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    return draw_tokens(filter_logits(logits, settings.temperature, settings.top_k, settings.top_p))
+    if settings.temperature != 1.0:  # in place, like the eos ban: these logits are the step's own
+        logits.div_(settings.temperature)
+    return draw_tokens(filter_logits(logits, 1.0, settings.top_k, settings.top_p))
 
 
 # ------------------------------------------------------------------------------------------------ rto_fast engine

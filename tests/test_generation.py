@@ -240,7 +240,15 @@ def test_filter_logits_keeps_ties_at_the_kth_value_and_does_not_write_its_input(
     assert torch.equal(logits, before)
 
 
-def test_draw_tokens_follows_the_distribution():
+@pytest.fixture(params=[256, 3, 2], ids=lambda block: f"block{block}")
+def draw_block(request, monkeypatch):
+    """draw_tokens' block size: the default (one block for these short rows), and blocks of 3 and 2 tokens, so that
+    the block level, a shorter last block and zero-probability blocks are exercised on the same rows."""
+    monkeypatch.setattr(generation, "_DRAW_BLOCK", request.param)
+    return request.param
+
+
+def test_draw_tokens_follows_the_distribution(draw_block):
     probabilities = torch.tensor([0.0, 0.05, 0.0, 0.4, 0.15, 0.3, 0.1, 0.0])
     logits = probabilities.log().expand(40_000, -1).contiguous()
     counts = torch.zeros(8)
@@ -256,7 +264,7 @@ def test_draw_tokens_follows_the_distribution():
             assert abs(f - p) <= 5 * math.sqrt(p * (1 - p) / total), (p, f)
 
 
-def test_draw_tokens_keeps_the_chances_of_tokens_below_float32_resolution(monkeypatch):
+def test_draw_tokens_keeps_the_chances_of_tokens_below_float32_resolution(monkeypatch, draw_block):
     """Two tokens of probability 1e-9 after one of nearly 1: in float32 their slices of the running sum vanish
     (1 + 1e-9 == 1) and they could never be drawn; the float64 sum and uniform number keep them."""
     logits = torch.tensor([[0.0, math.log(1e-9), math.log(1e-9)]])
@@ -265,9 +273,9 @@ def test_draw_tokens_keeps_the_chances_of_tokens_below_float32_resolution(monkey
         assert draw_tokens(logits).tolist() == [expected], value
 
 
-def test_draw_tokens_at_the_extreme_uniform_numbers(monkeypatch):
+def test_draw_tokens_at_the_extreme_uniform_numbers(monkeypatch, draw_block):
     # Zero-probability tokens first, last and in between: neither u = 0 nor u -> 1 may pick one.
-    logits = torch.tensor([[-math.inf, 0.5, -math.inf, 1.0, -math.inf]] * 3)
+    logits = torch.tensor([[-math.inf, 0.5, -math.inf, 1.0, -math.inf, -math.inf, -math.inf]] * 3)
     for value in (0.0, 1.0 - 2.0**-53, 0.5):
         monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.full(size, value, dtype=kwargs["dtype"]))
         tokens = draw_tokens(logits)
@@ -277,6 +285,19 @@ def test_draw_tokens_at_the_extreme_uniform_numbers(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ cache and settings
+
+def test_draw_tokens_draws_what_the_whole_running_sum_draws():
+    """The two-level cumulative distribution picks, for the same uniform number, the token a float64 running sum over
+    the whole row picks (many blocks, a shorter last block, zero-probability tokens in every block), except where the
+    number falls within float32 rounding (1e-7 of a block's mass) of a block boundary."""
+    logits = torch.randn(64, 50_000, generator=torch.Generator().manual_seed(2)) * 4
+    logits[:, ::7] = -math.inf
+    tokens = draw_tokens(logits, torch.Generator().manual_seed(5))
+    uniform = torch.rand((64, 1), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cumulative = torch.softmax(logits, dim=-1).double().cumsum(dim=-1)
+    expected = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).squeeze(-1)
+    assert (tokens != expected).sum() <= 1 and not (tokens % 7 == 0).any()
+
 
 def test_preallocated_layer_hands_out_views_refuses_overflow_and_keeps_rows():
     layer_class = generation._preallocated_layer_class()
