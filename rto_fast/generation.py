@@ -199,12 +199,16 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) 
     rows, vocab = logits.shape
     block = _DRAW_BLOCK
     weights = torch.softmax(logits.float(), dim=-1)
+    uniform = torch.rand((rows, 1), device=logits.device, generator=generator, dtype=torch.float64)
+    if vocab <= 2 * block:  # a short row: one float64 running sum over it is the fewest operations
+        cumulative = weights.double().cumsum(dim=-1)
+        tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+        return tokens.clamp_(max=vocab - 1).squeeze(-1)
     full = vocab - vocab % block
     block_sums = weights[:, :full].view(rows, -1, block).sum(-1)
     if full < vocab:  # the last, shorter block
         block_sums = torch.cat([block_sums, weights[:, full:].sum(-1, keepdim=True)], dim=1)
     cumulative = block_sums.double().cumsum(dim=-1)
-    uniform = torch.rand((rows, 1), device=logits.device, generator=generator, dtype=torch.float64)
     target = uniform * cumulative[:, -1:]  # scaling by the total absorbs rounding of the sum
     # right=True: the first block (then token) whose cumulative sum exceeds the target, so a zero-probability block
     # or token (equal to its predecessor's cumulative sum) is never drawn.

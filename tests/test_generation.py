@@ -240,10 +240,11 @@ def test_filter_logits_keeps_ties_at_the_kth_value_and_does_not_write_its_input(
     assert torch.equal(logits, before)
 
 
-@pytest.fixture(params=[256, 3, 2], ids=lambda block: f"block{block}")
+@pytest.fixture(params=[256, 3, 2, 1], ids=lambda block: f"block{block}")
 def draw_block(request, monkeypatch):
-    """draw_tokens' block size: the default (one block for these short rows), and blocks of 3 and 2 tokens, so that
-    the block level, a shorter last block and zero-probability blocks are exercised on the same rows."""
+    """draw_tokens' block size: the default (these short rows take one running sum), and blocks of 3, 2 and 1
+    tokens, so that the block level, a shorter last block and zero-probability blocks are exercised on the same
+    rows."""
     monkeypatch.setattr(generation, "_DRAW_BLOCK", request.param)
     return request.param
 
