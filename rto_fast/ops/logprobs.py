@@ -424,43 +424,50 @@ def _linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, label
     valid = labels != ignore_index
     # Each chunk's pass needs only its rows' (max, log-sum-exp, entropy): label 0 is a valid stand-in.
     stand_in_labels = torch.where(valid, 0, ignore_index)
-    row_max = sum_exp = entropy_sum = None
-    label_z = torch.zeros(n_rows, device=hidden.device, dtype=dtype)
     columns = linear_chunk_columns(n_rows, vocab_size, hidden.shape[1])
+    label_chunk, label_column = _label_chunks(labels, valid, columns)
+    label_index = label_column.unsqueeze(-1)
+    # Per chunk: the matmul, the log-prob kernel and one gather (no host sync); the chunks' (max, log-sum-exp,
+    # entropy) merge once after the loop, so per-chunk work is three launches whatever the vocabulary.
+    chunk_stats, chunk_entropies, picked = [], [], []
     for start in range(0, vocab_size, columns):
         stop = min(start + columns, vocab_size)
         logits = _chunk_logits(hidden, weight[start:stop], bias[start:stop] if bias is not None else None)
-        _, chunk_stats, chunk_entropy = _forward_any(backend, logits, stand_in_labels, temperature, ignore_index,
-                                                     return_entropy)
-        # The label's logit, from the chunk that holds it (a gather and a select: no host sync per chunk).
-        in_chunk = valid & (labels >= start) & (labels < stop)
-        picked = logits.gather(1, (labels - start).clamp_(0, stop - start - 1).unsqueeze(-1)).squeeze(-1)
-        label_z = torch.where(in_chunk, _scaled_label_logits(picked, temperature, dtype, backend), label_z)
-        chunk_max, chunk_log_sum = chunk_stats[:, 0].to(dtype), chunk_stats[:, 1].to(dtype)
-        chunk_sum = chunk_log_sum.exp()
-        # t = sum exp(z - m) (z - m) of the chunk, from its entropy H = log s - t / s.
-        chunk_t = chunk_sum * (chunk_log_sum - chunk_entropy.to(dtype)) if return_entropy else None
-        if row_max is None:
-            row_max, sum_exp, entropy_sum = chunk_max, chunk_sum, chunk_t
-            continue
-        # Online merge of (m, s, t) with the chunk's, as the split kernels' combine step does.
-        new_max = torch.maximum(row_max, chunk_max)
-        old_scale, chunk_scale = (row_max - new_max).exp(), (chunk_max - new_max).exp()
-        if return_entropy:
-            entropy_sum = (old_scale * (entropy_sum + (row_max - new_max) * sum_exp)
-                           + chunk_scale * (chunk_t + (chunk_max - new_max) * chunk_sum))
-        sum_exp = old_scale * sum_exp + chunk_scale * chunk_sum
-        row_max = new_max
-    if row_max is None:  # V = 0 cannot pass the checks; N = 0 still has chunks
-        raise ValueError("weight: the vocabulary (dim 0) is empty")
+        _, stats, entropy = _forward_any(backend, logits, stand_in_labels, temperature, ignore_index,
+                                         return_entropy)
+        chunk_stats.append(stats)
+        chunk_entropies.append(entropy)
+        # Each row's logit at its label's column inside the chunk that holds the label (in bounds everywhere).
+        picked.append(logits.gather(1, label_index if stop - start == columns else
+                                    label_index.clamp(max=stop - start - 1)))
+        del logits  # the next chunk's matmul may reuse this memory
+    stats = torch.stack(chunk_stats).to(dtype)  # (chunks, N, 2)
+    chunk_max, chunk_log_sum = stats[..., 0], stats[..., 1]
+    label_logits = torch.cat(picked, dim=1).gather(1, label_chunk.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    label_z = _scaled_label_logits(label_logits, temperature, dtype, backend)
+    # Merge the chunks' (m, s, t) as the split kernels' combine step does, against the row's overall max.
+    row_max = chunk_max.amax(dim=0)
+    scale = (chunk_max - row_max).exp()
+    chunk_sum = chunk_log_sum.exp()
+    sum_exp = (scale * chunk_sum).sum(dim=0)
     log_sum = sum_exp.log()
     logprobs = torch.where(valid, (label_z - row_max) - log_sum, 0.0).float()
     row_stats = torch.stack([row_max, log_sum], dim=-1).masked_fill_(~valid.unsqueeze(-1), 0.0)
     if return_entropy:
+        # t = sum exp(z - m) (z - m) of a chunk, from its entropy H = log s - t / s; moved to the row's max.
+        chunk_t = chunk_sum * (chunk_log_sum - torch.stack(chunk_entropies).to(dtype))
+        entropy_sum = (scale * (chunk_t + (chunk_max - row_max) * chunk_sum)).sum(dim=0)
         entropy = torch.where(valid, log_sum - entropy_sum / sum_exp, 0.0).float()
     else:
         entropy = hidden.new_empty(0, dtype=torch.float32)
     return logprobs, row_stats, entropy
+
+
+def _label_chunks(labels: torch.Tensor, valid: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk of each row's label or -1 where ignored, the label's column inside that chunk or 0)."""
+    chunk = torch.where(valid, labels.div(columns, rounding_mode="floor"), -1)
+    column = torch.where(valid, labels - chunk * columns, 0)
+    return chunk, column
 
 
 @_linear_token_logprobs_fwd.register_fake
@@ -491,12 +498,16 @@ def _linear_token_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, label
     valid = labels != ignore_index
     elsewhere = -1 if ignore_index != -1 else -2  # a label outside the chunk's columns that is not ignore_index
     columns = linear_chunk_columns(n_rows, vocab_size, hidden.shape[1])
-    for start in range(0, vocab_size, columns):
+    label_chunk, label_column = _label_chunks(labels, valid, columns)
+    # Every chunk's labels at once (chunks, N): the label's column in its own chunk, `elsewhere` in the others.
+    chunk_ids = torch.arange(-(-vocab_size // columns), device=labels.device).unsqueeze(-1)
+    all_chunk_labels = torch.where(label_chunk == chunk_ids, label_column, elsewhere)
+    all_chunk_labels = torch.where(valid, all_chunk_labels, ignore_index)
+    for index, start in enumerate(range(0, vocab_size, columns)):
         stop = min(start + columns, vocab_size)
         chunk_weight = weight[start:stop]
         logits = _chunk_logits(hidden, chunk_weight, bias[start:stop] if bias is not None else None)
-        in_chunk = (labels >= start) & (labels < stop)
-        chunk_labels = torch.where(valid, torch.where(in_chunk, labels - start, elsewhere), ignore_index)
+        chunk_labels = all_chunk_labels[index]
         grad_logits = _backward_any(backend, logits, chunk_labels, row_stats, entropy, grad_logprobs, grad_entropy,
                                     temperature, ignore_index, logits)  # in place: the logits become their gradient
         if need_hidden:
@@ -508,6 +519,7 @@ def _linear_token_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, label
             torch.mm(grad_logits.T, hidden, out=grad_weight[start:stop])
         if need_bias:
             grad_bias[start:stop] = grad_logits.sum(0, dtype=accumulate)
+        del logits, grad_logits  # the next chunk's matmul may reuse this memory
     return (grad_hidden.to(hidden.dtype) if need_hidden else hidden.new_empty(0), grad_weight, grad_bias)
 
 
