@@ -93,6 +93,11 @@ def fused_output_logprobs(model, batch: PackedBatch, labels: torch.Tensor, retur
     call = {}
 
     def forward(hidden):
+        if "stand_in" in call or hidden.shape[:-1].numel() != labels.numel():
+            # Called twice, or on other positions than the labels': the layer's own output, and the model is
+            # not served this way (below).
+            call["unserved"] = "its forward calls the output layer twice or on positions other than the labels'"
+            return torch.nn.functional.linear(hidden, layer.weight, layer.bias)
         weight, bias = layer.weight, layer.bias
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):  # what autocast would run the layer's matmul in
@@ -111,6 +116,8 @@ def fused_output_logprobs(model, batch: PackedBatch, labels: torch.Tensor, retur
         logits = packed_forward(model, batch, **model_kwargs).logits
     finally:
         del layer.forward  # back to the class's forward
+    if "unserved" in call:
+        return _unfusable(layer, call["unserved"])
     if "result" not in call:
         return _unfusable(layer, "its forward never called the output layer")
     stand_in = call["stand_in"]

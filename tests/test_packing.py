@@ -658,3 +658,26 @@ def test_fused_output_layer_finds_models_that_change_their_logits(kind, caplog):
     (logprobs.sum() + 0.5 * entropy.sum()).backward()
     for parameter, expected in zip(model.parameters(), expected_grads):
         torch.testing.assert_close(parameter.grad, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_output_layer_finds_a_model_that_calls_its_output_layer_twice(caplog):
+    """A model whose forward runs its output layer once more (here on an extra hidden state first) is served from its
+    logits (one warning), with the logits path's numbers."""
+    from rto_fast import scoring
+    from rto_fast.scoring import packed_logprobs
+
+    model = fused_output_model("llama")
+    original_forward = model.forward
+
+    def forward_with_an_extra_head_call(*args, **kwargs):
+        model.get_output_embeddings()(torch.zeros(1, 1, model.config.hidden_size))
+        return original_forward(*args, **kwargs)
+
+    model.forward = forward_with_an_extra_head_call
+    batch = pack(random_sequences([9, 14, 5]))
+    expected, _, _ = logits_path_logprobs(model, batch)
+    with caplog.at_level("WARNING", logger="rto_fast.scoring"):
+        logprobs = packed_logprobs(model, batch, fused_output_layer=True)
+    assert any("calls the output layer twice" in r.getMessage() for r in caplog.records)
+    assert model.get_output_embeddings() in scoring._UNFUSABLE
+    torch.testing.assert_close(logprobs.detach(), expected, atol=1e-5, rtol=1e-5)
