@@ -3,7 +3,8 @@
 #   1. the kernel tests with the Triton kernels compiled natively (the interpreter hides compile errors),
 #   2. the rest of the suite (trainer stages on the GPU), while the tiny pipeline trains on the GPU beside it,
 #   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped with Pythia's vocabulary),
-#      the same with the fused output layer (bench/results/rl_step_cuda_fused.md), bench_generation, bench_gae_ppo.
+#      bench_generation, bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and
+#      with it and activation checkpointing on both sides (rl_step_cuda_lean.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed. The limits add up to more than one 600 s call: ONLY
 # names the steps to run (the rest are skipped), so the suite can be split over calls.
@@ -60,5 +61,9 @@ step bench_gae_ppo 40 python3 bench/bench_gae_ppo.py --device cuda --skip-compil
 step bench_rl_step_fused 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 --fused-output-layer --output bench/results/rl_step_cuda_fused.md \
     "${trl_args[@]}"
+# Memory-lean: the fused output layer and activation checkpointing (on both sides).
+step bench_rl_step_lean 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
+    --response-length 256 --iterations 3 --fused-output-layer --gradient-checkpointing \
+    --output bench/results/rl_step_cuda_lean.md "${trl_args[@]}"
 
 cat "$out/summary.log"
