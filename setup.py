@@ -40,8 +40,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.46",
-        "datasets>=2.20",
+        # The oldest releases the test suite has passed on (datasets 4.x cannot read JSON columns of mixed types).
+        "transformers>=4.57",
+        "datasets>=5.0",
         "deepspeed>=0.15",
         "safetensors",
         "pyyaml",

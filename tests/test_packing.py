@@ -329,7 +329,8 @@ def test_generation_with_the_packed_implementation(attention_backend):
     tokenizer = build_tokenizer()
     tokenizer.padding_side = "left"
     model = tiny_llama("sdpa")
-    inputs = tokenizer(["Hello there, how", "Hi"], return_tensors="pt", padding=True)
+    # No token_type_ids: transformers 4.x's generate rejects a keyword the model does not take.
+    inputs = tokenizer(["Hello there, how", "Hi"], return_tensors="pt", padding=True, return_token_type_ids=False)
     options = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected = model.generate(**inputs, **options)
     assert attention.configure_packed_attention(model) == attention.PACKED_IMPLEMENTATION
