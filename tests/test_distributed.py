@@ -143,7 +143,9 @@ def _free_port() -> int:
 def _run(output_dir: Path, *extra: str, processes: int | None = None, check: bool = True, launcher: str = "torchrun"):
     """One training run: plain `python -m rto_fast.train`, or `processes` ranks started by torchrun or by DeepSpeed's
     launcher (which also passes --local_rank)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # The repository first; the caller's PYTHONPATH after it (a suite run against other library versions).
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     environment.pop("WORLD_SIZE", None)
     if processes is None:
         command = [sys.executable, "-m", "rto_fast.train"]
