@@ -2,7 +2,7 @@
 # Everything that needs a CUDA GPU, in one go, in the order of what matters most when time is short:
 #   1. the kernel tests with the Triton kernels compiled natively (the interpreter hides compile errors),
 #   2. the rest of the suite (trainer stages on the GPU), while the tiny pipeline trains on the GPU beside it,
-#   3. the benchmarks: bench_logprobs, bench_rl_step (against TRL 1.12, Pythia-410M-shaped with Pythia's vocabulary),
+#   3. the benchmarks: bench_logprobs, tune_logprobs (kernel launch settings), bench_rl_step (against TRL 1.12, Pythia-410M-shaped with Pythia's vocabulary),
 #      bench_generation, bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and
 #      with it and activation checkpointing on both sides (rl_step_cuda_lean.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
@@ -48,6 +48,8 @@ step tests_rest 130 python3 -m pytest tests $ignored $pytest_options -k "not tes
 wait
 
 step bench_logprobs 50 python3 bench/bench_logprobs.py --device cuda
+# Launch settings of the log-prob kernels (block, warps, split) against the defaults, per shape.
+step tune_logprobs 90 python3 bench/tune_logprobs.py
 trl_args=()
 [ -n "$trl_path" ] && trl_args=(--trl-path "$trl_path")
 step bench_rl_step 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \

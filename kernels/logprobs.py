@@ -179,12 +179,13 @@ def _forward_block(vocab_size: int) -> int:
 
 
 def logprobs_forward(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, split=None,
-                     block=None, out=None):
+                     block=None, out=None, num_warps=None):
     """(logprobs (N,), row_stats (N, 2) = (max z, log sum exp(z - max z)), entropy (N,) or None), all float32.
 
     `split`: vocabulary splits per row (a power of 2), chosen by `choose_split` when None. `block`: columns per
     step (a power of 2; tests force small ones). `out`: optional float32 (N,) buffer for the log-probs (every
-    element is written).
+    element is written). `num_warps`: per program (bench/tune_logprobs.py sweeps it); None: 8 for blocks of 2048
+    columns or more, else 4.
     """
     n_rows, vocab_size = logits.shape
     if logits.stride(-1) != 1:
@@ -211,7 +212,7 @@ def logprobs_forward(logits, labels, *, temperature=1.0, ignore_index=-100, retu
         part_m = part_s = part_t = logprobs  # unused
     entropy_arg = entropy if entropy is not None else logprobs
     inv_temperature = 1.0 / float(temperature)
-    num_warps = 8 if block >= 2048 else 4
+    num_warps = num_warps or (8 if block >= 2048 else 4)
     _logprobs_fwd_kernel[(n_rows, split)](
         logits, logits.stride(0), labels, logprobs, row_stats, entropy_arg, part_m, part_s, part_t, vocab_size,
         split_cols, split_cols // block, inv_temperature, ignore_index, BLOCK=block, SPLIT=split,
@@ -224,11 +225,11 @@ def logprobs_forward(logits, labels, *, temperature=1.0, ignore_index=-100, retu
 
 
 def logprobs_backward(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, *, temperature=1.0,
-                      ignore_index=-100, out=None):
+                      ignore_index=-100, out=None, block=None, num_warps=None):
     """grad of the logits (N, V) in the logits dtype; `out` may be `logits` itself (overwritten in place).
 
     `grad_logprobs` / `grad_entropy`: float (N,) or None (no gradient through that output); `entropy` is needed
-    only with `grad_entropy`.
+    only with `grad_entropy`. `block` (columns per program, a power of 2) and `num_warps`: None for the defaults.
     """
     n_rows, vocab_size = logits.shape
     if logits.stride(-1) != 1:
@@ -238,7 +239,7 @@ def logprobs_backward(logits, labels, row_stats, entropy, grad_logprobs, grad_en
         out = torch.empty_like(logits)
     if n_rows == 0:
         return out
-    block = min(BACKWARD_BLOCK, triton.next_power_of_2(vocab_size))
+    block = block or min(BACKWARD_BLOCK, triton.next_power_of_2(vocab_size))
     has_lp = grad_logprobs is not None
     has_h = grad_entropy is not None
     grid = (n_rows, triton.cdiv(vocab_size, block))
@@ -248,5 +249,5 @@ def logprobs_backward(logits, labels, row_stats, entropy, grad_logprobs, grad_en
         grad_logprobs.contiguous() if has_lp else row_stats, grad_entropy.contiguous() if has_h else row_stats,
         vocab_size,
         1.0 / float(temperature), ignore_index, BLOCK=block, HAS_GRAD_LOGPROBS=has_lp, HAS_GRAD_ENTROPY=has_h,
-        num_warps=8 if block >= 2048 else 4)
+        num_warps=num_warps or (8 if block >= 2048 else 4))
     return out

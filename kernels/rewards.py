@@ -222,12 +222,13 @@ def _rows_view(logits, labels):
 
 
 def three_logprobs_forward(logits, ref_logits, labels, *, dpo_logits=None, temperature=1.0, ignore_index=-100,
-                           block_v=None):
+                           block_v=None, num_warps=None):
     """(logprobs, ref_logprobs, dpo_logprobs or None), float32 of labels' shape, one pass over each logits row.
 
     logits tensors: labels' shape plus a vocabulary dimension, any float dtype, unit stride along the vocabulary
     (other strides are followed, so `logits[:, :-1]` needs no copy). Labels must be inside [0, V) or equal to
-    ignore_index (checked by the caller). `block_v` forces the vocabulary block size (a power of 2).
+    ignore_index (checked by the caller). `block_v` forces the vocabulary block size (a power of 2), `num_warps`
+    the warps per program (None: 8 for blocks of 4096 or more, else 4).
     """
     vocab_size = logits.shape[-1]
     num_rows = labels.numel()
@@ -248,5 +249,5 @@ def three_logprobs_forward(logits, ref_logits, labels, *, dpo_logits=None, tempe
         inner_size, vocab_size, int(ignore_index), 1.0 / float(temperature),
         views[0].stride(0), views[0].stride(1), views[1].stride(0), views[1].stride(1),
         views[2].stride(0), views[2].stride(1),
-        HAS_DPO=has_dpo, BLOCK_V=block_v, num_warps=8 if block_v >= 4096 else 4)
+        HAS_DPO=has_dpo, BLOCK_V=block_v, num_warps=num_warps or (8 if block_v >= 4096 else 4))
     return logprobs, ref_logprobs, dpo_logprobs

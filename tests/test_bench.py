@@ -28,3 +28,15 @@ def test_sized_tokenizer_has_exactly_the_size_and_round_trips(vocab_size):
 def test_sized_tokenizer_refuses_a_size_below_its_bytes_and_specials():
     with pytest.raises(SystemExit, match="--vocab must be at least 259"):
         bench_rl_step.sized_tokenizer(258)
+
+
+def test_tune_logprobs_smoke_run_reports_every_setting(tmp_path):
+    """bench/tune_logprobs.py (run on a GPU to pick the kernels' launch settings) runs its grid through the Triton
+    interpreter on a tiny shape: every setting gives the default's outputs and gets a time."""
+    import tune_logprobs
+
+    output = tmp_path / "tune.md"
+    assert tune_logprobs.main(["--smoke", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text.count("Default setting:") == 3 and "outputs differ" not in text and "Error" not in text
+    assert text.count("1.00x") == 3  # the default is timed in each section
