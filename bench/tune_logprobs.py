@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         sections.append((f"three log-probs (policy, reference, DPO), {rows_count} x {vocab}", default,
                          sweep(f"three {rows_count} x {vocab}", grid, default, three, close, 3 * logit_bytes,
                                device, repeats)))
-        del logits, others
 
     import triton
 
