@@ -36,3 +36,28 @@ def write_report(lines: list[str], output) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
     print(text)
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Measured device copy bandwidth (bytes read + written per second, GB/s; best of 10 copies of 256 MiB): the
+    ceiling for memory-bound kernels."""
+    import time
+
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    source = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    sync()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        target.copy_(source)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2 * source.numel() / min(times) / 1e9

@@ -37,6 +37,9 @@ sys.path.insert(0, ROOT)
 import rto_fast  # noqa: E402
 import rto_fast.ops as ops  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from _env import copy_bandwidth_gbs  # noqa: E402
+
 PADDED_SHAPES = [(64, 512), (512, 1024), (256, 4096)]
 PACKED_TOKENS = 512 * 1024
 GAMMA, LAM = 1.0, 0.95
@@ -138,14 +141,6 @@ def peak_memory_mb(function, device):
     function()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def copy_bandwidth_gbs(device):
-    """Measured device copy bandwidth (read + write) in GB/s: the ceiling for memory-bound kernels."""
-    source = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)
-    target = torch.empty_like(source)
-    ms = time_call(lambda: target.copy_(source), device, repeats=20, warmup=3)
-    return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,7 +282,7 @@ def bench_ppo(device, repeats, generator, lines, compile_peer):
         lines.append(row)
         print(row, flush=True)
     if bandwidth is not None:
-        lines += ["", f"Measured copy bandwidth: {bandwidth:.0f} GB/s (read + write of a 256 MiB float32 tensor)."]
+        lines += ["", f"Measured copy bandwidth: {bandwidth:.0f} GB/s (read + write of a 256 MiB tensor, best of 10)."]
     lines.append("")
 
 

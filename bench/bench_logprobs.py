@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rto_fast.ops as ops  # noqa: E402
-from _env import hardware  # noqa: E402  (bench/ is on sys.path when a script in it runs)
+from _env import copy_bandwidth_gbs, hardware  # noqa: E402  (bench/ is on sys.path when a script in it runs)
 
 GPU_SHAPES = [(n, v) for n in (4096, 16384) for v in (32000, 128256, 151936)]
 CPU_SHAPES = [(2048, 32000, "float32"), (2048, 32000, "bfloat16")]
@@ -401,21 +401,6 @@ def _hardware(device):
 
         text += f", rto_fast CPU row kernels: {_C.cpu_isa()}"
     return text
-
-
-def copy_bandwidth_gbs(device):
-    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    _sync(device)
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        y.copy_(x)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * x.numel() / min(times) / 1e9
 
 
 def main():

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import hardware, write_report  # noqa: E402
+from _env import copy_bandwidth_gbs, hardware, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 GPU_SHAPES = [(4096, 32000), (4096, 128256), (16384, 151936)]
@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.smoke else args.repeats
     bandwidth = None
     if device == "cuda":
-        from bench_logprobs import copy_bandwidth_gbs
-
         bandwidth = copy_bandwidth_gbs(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
