@@ -82,8 +82,9 @@ def fused_output_logprobs(model, batch: PackedBatch, labels: torch.Tensor, retur
     cast): a model that scales, soft-caps or offsets its logits after the output layer (Gemma-2's final
     soft-capping, Cohere's logit scale, ...) changes it, is found out on its first call, and is served from its
     logits from then on (one warning). Running inside the model's own forward keeps every wrapper's hooks: a ZeRO-3
-    engine gathers the layer's weight for it. Not served: a layer whose forward is already replaced (offloading
-    hooks), and a ZeRO-3 partitioned layer that is being trained (its weight is gathered again for the backward
+    engine gathers the layer's weight for it. Not served: a layer that is not a plain `nn.Linear` or whose forward
+    is already replaced (offloading hooks), a model whose forward calls the layer twice or on other positions than
+    the labels', and a ZeRO-3 partitioned layer that is being trained (its weight is gathered again for the backward
     only through the layer's own output, which the loss does not use here)."""
     layer = _fusable_output_layer(model)
     if layer is None:
