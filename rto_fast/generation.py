@@ -195,12 +195,15 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) 
     Every token's chance is then its probability to float32's relative precision (1e-7), however small it is: a
     float32 running sum over the row moves in steps of 6e-8 near 1, which rounds the chances of rare tokens to 0
     or to a step (over a 150k vocabulary up to ~0.5% of the mass moved), and a float64 running sum over the whole
-    (B, V) costs a float64 copy of it (at 64 x 50304, 60% of a CPU decode step)."""
+    (B, V) costs a float64 copy of it (at 64 x 50304, 60% of a CPU decode step). Short rows and CUDA tensors take
+    that single float64 running sum (the same tokens for the same uniform numbers, to float32 rounding)."""
     rows, vocab = logits.shape
     block = _DRAW_BLOCK
     weights = torch.softmax(logits.float(), dim=-1)
     uniform = torch.rand((rows, 1), device=logits.device, generator=generator, dtype=torch.float64)
-    if vocab <= 2 * block:  # a short row: one float64 running sum over it is the fewest operations
+    if vocab <= 2 * block or logits.is_cuda:
+        # One float64 running sum over the row: the fewest operations for a short row, and on a GPU, where that sum
+        # is one kernel over a few MB, fewer launches than the two levels' dozen small ones.
         cumulative = weights.double().cumsum(dim=-1)
         tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
         return tokens.clamp_(max=vocab - 1).squeeze(-1)
