@@ -150,6 +150,7 @@ def test_each_mode_runs_and_logs(tmp_path, assets, mode):
 @pytest.mark.parametrize("mode, overrides", [
     ("rto", ()), ("ppo", ()), ("dppo", ()),
     ("rto", ("rl.reward_model=true", "rl.score_coef=0.7", "rl.dpo_clip=0.05", "rl.kl_estimator=k3")),
+    ("rto", ("model.fused_output_layer=true",)),  # policy, reference and DPO log-probs from the layer's input
 ])
 def test_rewards_returns_and_logprobs_match_the_reference(tmp_path, assets, mode, overrides):
     trainer = make_trainer(assets, tmp_path, mode, "rl.score_clip=0.5", *overrides)
