@@ -58,27 +58,18 @@ def sized_tokenizer(vocab_size: int):
     tokens, merges of printable ASCII pairs and then triples (in a fixed order) up to the size, and its <pad>, <bos>,
     <eos> last. A benchmark model needs a real vocabulary size (Pythia's is 50304): the output layer, the logits and
     everything of size (tokens, vocabulary) scale with it, and every id it samples must decode."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from rto_fast.models import CHAT_TEMPLATE, SPECIAL_TOKENS, _byte_to_char
+    from rto_fast.models import CHAT_TEMPLATE, SPECIAL_TOKENS, _byte_to_char, byte_level_tokenizer
 
     chars = _byte_to_char()
-    vocab = {char: byte for byte, char in chars.items()}
-    merges_needed = vocab_size - len(vocab) - len(SPECIAL_TOKENS)
+    merges_needed = vocab_size - len(chars) - len(SPECIAL_TOKENS)
     if merges_needed < 0:
-        raise SystemExit(f"--vocab must be at least {len(vocab) + len(SPECIAL_TOKENS)}")
+        raise SystemExit(f"--vocab must be at least {len(chars) + len(SPECIAL_TOKENS)}")
     printable = [chars[byte] for byte in range(32, 127)]
-    pairs = [a + b for a in printable for b in printable]
-    merges = [(a, b) for a in printable for b in printable]
-    merges += [(pair, c) for pair in pairs for c in printable][:max(0, merges_needed - len(merges))]
-    merges = merges[:merges_needed]
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    pairs = [(a, b) for a in printable for b in printable]
+    triples = [(a + b, c) for a, b in pairs for c in printable]
+    tokenizer = byte_level_tokenizer((pairs + triples)[:merges_needed])
     assert tokenizer.get_vocab_size() == vocab_size
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", model_max_length=4096, clean_up_tokenization_spaces=False,

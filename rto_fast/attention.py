@@ -35,6 +35,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .models import unwrapped
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("packed_sdpa", "sdpa", "flex", "flash", "varlen")
@@ -164,8 +166,7 @@ def register_packed_attention() -> None:
 # ------------------------------------------------------------------------------------------------ the call
 
 def _model_config(model: torch.nn.Module):
-    inner = getattr(model, "module", None)  # a DeepSpeed engine or DDP wraps the model (an engine's own .config is
-    config = getattr(inner if isinstance(inner, torch.nn.Module) else model, "config", None)  # DeepSpeed's)
+    config = getattr(unwrapped(model), "config", None)  # not a DeepSpeed engine's own .config: the model's
     if config is None:
         raise TypeError(f"{type(model).__name__} has no transformers config")
     return config

@@ -68,17 +68,26 @@ def _byte_to_char() -> dict[int, str]:
     return table
 
 
-def make_byte_tokenizer(folder: str | os.PathLike) -> None:
-    """Write the byte-level tokenizer to `folder`: token id = byte value (0-255), then <pad>=256, <bos>=257,
-    <eos>=258. This is how rto_fast/assets/tokenizer/ was made; a test checks the shipped files still match."""
+def byte_level_tokenizer(merges: list[tuple[str, str]] = ()):
+    """A `tokenizers` byte-level BPE: token id = byte value (0-255), then one token per merge (in `_byte_to_char`'s
+    characters), then <pad>, <bos>, <eos>. No regex split: text is merged as one piece."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {char: byte for byte, char in _byte_to_char().items()}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    # No merges, so the regex split would change nothing: skip it.
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+def make_byte_tokenizer(folder: str | os.PathLike) -> None:
+    """Write the byte-level tokenizer (no merges) to `folder`: token id = byte value (0-255), then <pad>=256,
+    <bos>=257, <eos>=258. This is how rto_fast/assets/tokenizer/ was made; a test checks the shipped files still
+    match."""
+    tokenizer = byte_level_tokenizer()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"), pretty=False)
@@ -284,10 +293,15 @@ class ValueHeadModel(nn.Module):
         return _prepare(model, gradient_checkpointing, trainable)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model a DeepSpeed engine or DDP wraps (its `.module`), else `model` itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def forward_parameters(model: nn.Module) -> frozenset:
     """Names of the keyword arguments `model`'s forward takes (of the model a DeepSpeed engine or DDP wraps)."""
-    inner = getattr(model, "module", None)
-    return _forward_parameters(type(inner if isinstance(inner, nn.Module) else model))
+    return _forward_parameters(type(unwrapped(model)))
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from .attention import packed_forward
-from .models import forward_parameters
+from .models import forward_parameters, unwrapped
 from .packing import PackedBatch, TokenizedSequence, sequence_sums, to_input_order
 
 logger = logging.getLogger(__name__)
@@ -134,9 +134,7 @@ def fused_output_logprobs(model, batch: PackedBatch, labels: torch.Tensor, retur
 
 
 def _fusable_output_layer(model) -> torch.nn.Module | None:
-    inner = getattr(model, "module", None)  # a DeepSpeed engine or DDP wraps the model
-    inner = inner if isinstance(inner, torch.nn.Module) else model
-    get_output_embeddings = getattr(inner, "get_output_embeddings", None)
+    get_output_embeddings = getattr(unwrapped(model), "get_output_embeddings", None)
     layer = get_output_embeddings() if callable(get_output_embeddings) else None
     if layer is None or layer in _UNFUSABLE:
         return None
