@@ -207,6 +207,14 @@ def workloads():
 
         cases[f"token_rewards_from_logits {vocab} {str(dtype)[6:]}{' dpo' if dpo else ''}"] = from_logits
 
+    def mixed_dtypes():
+        labels = torch.randint(0, 32000, (2, 8))
+        ops.token_rewards_from_logits(torch.randn(2, 8, 32000), torch.randn(2, 8, 32000, dtype=torch.bfloat16),
+                                      labels, torch.ones(2, 8, dtype=torch.bool),
+                                      dpo_logits=torch.randn(2, 8, 32000, dtype=torch.float16))
+
+    cases["token_rewards_from_logits float32 policy, bfloat16 reference, float16 dpo"] = mixed_dtypes
+
     # token_rewards: every mode, estimator, score / clip flag, layout and block size at least once.
     reward_settings = [("rto", "k1", True, 0.5, False, 256, torch.float32),
                        ("rto", "k3", False, None, True, 64, torch.bfloat16),

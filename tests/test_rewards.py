@@ -320,6 +320,28 @@ def test_three_logprobs_kernel_small_vocab_blocks():
         assert float(result[3]) == 0.0
 
 
+def test_three_logprobs_kernel_mixed_dtypes_and_strides():
+    """One launch serves three tensors of different dtypes and layouts: a strided (B, T) view in float32, a
+    contiguous bfloat16 tensor and a float16 tensor whose batch stride is smaller than its time stride."""
+    from rto_fast.kernels import rewards as kernels
+
+    batch, length, vocab_size = 3, 5, 1000
+    labels = torch.randint(0, vocab_size, (batch, length))
+    labels[1, 2] = -100
+    policy = torch.randn(batch, length + 1, vocab_size)[:, :-1]
+    ref = torch.randn(batch, length, vocab_size).to(torch.bfloat16)
+    dpo = torch.randn(length, batch, vocab_size).to(torch.float16).transpose(0, 1)
+    got = kernels.three_logprobs_forward(policy, ref, labels, dpo_logits=dpo, temperature=0.8, block_v=128)
+    for tensor, result in zip((policy, ref, dpo), got):
+        expected = reference.token_logprobs(tensor.double(), labels, temperature=0.8)
+        baseline = reference.token_logprobs(tensor.float(), labels, temperature=0.8)
+        assert_within_budget(result, expected, baseline, name=f"{tensor.dtype} log-probs")
+        assert float(result[1, 2]) == 0.0
+    ref_only = kernels.three_logprobs_forward(policy, ref, labels, temperature=0.8, block_v=128)
+    assert ref_only[2] is None
+    assert torch.equal(ref_only[0], got[0]) and torch.equal(ref_only[1], got[1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------
