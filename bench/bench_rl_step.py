@@ -162,13 +162,20 @@ def run_ours(spec: dict) -> dict:
         f"runtime.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}",
         f"model.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}", f"model.tokenizer={spec['paths']['policy']}",
         f"model.fused_output_layer={str(spec['fused_output_layer']).lower()}",
-        f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}"]
+        f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}",
+        f"runtime.profile_step={spec['profile']}", "runtime.profile_trace=false"]
     if main(overrides) != 0:
         raise SystemExit("the rto_fast run failed")
+    from rto_fast.attention import chosen_backends
+
     records = [record for record in read_metrics(output / "metrics.jsonl") if record.get("stage") == "ppo"]
     iterations = [{"generate": r["time_generate_s"], "score": r["time_score_s"], "train": r["time_train_s"],
                    "total": r["time_s"], "tokens": r["tokens"]} for r in records]
-    return {"iterations": iterations, "peak_mb": peak_memory_mb(spec["device"])}
+    result = {"iterations": iterations, "peak_mb": peak_memory_mb(spec["device"]),
+              "attention": chosen_backends().get(spec["device"], "?")}
+    if spec["profile"]:
+        result["profile"] = (output / "ppo" / "profile" / f"step_{spec['profile']}.md").read_text()
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ TRL side
@@ -224,8 +231,11 @@ def run_trl(spec: dict) -> dict:
     original_forward = trl_ppo.forward
 
     def timed_generation(*positional, **keywords):
+        from rto_fast.profiling import phase
+
         marks["generate_start"] = time.perf_counter()
-        result = original_generation(*positional, **keywords)
+        with phase("generate"):
+            result = original_generation(*positional, **keywords)
         if spec["device"] == "cuda":
             torch.cuda.synchronize()
         marks["generated"] = time.perf_counter()
@@ -242,18 +252,35 @@ def run_trl(spec: dict) -> dict:
     trl_ppo.batch_generation = timed_generation
     trl_ppo.forward = timed_forward
 
+    profiler = {}
+
+    def start_profile_if_wanted(iteration: int) -> None:  # iteration: 1-based, the one about to run
+        if spec["profile"] == iteration:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if spec["device"] == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler["running"] = torch.profiler.profile(activities=activities)
+            profiler["running"].start()
+
     class StepTimer(TrainerCallback):
         def on_step_end(self, arguments, state, control, **kwargs):
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
+            if "running" in profiler:
+                from rto_fast.profiling import summary_lines
+
+                running = profiler.pop("running")
+                running.stop()
+                profiler["summary"] = "\n".join(summary_lines(running, spec["profile"], torch.device(spec["device"])))
             now = time.perf_counter()
             start = marks["iteration_start"]
             tokens = spec["rollout_batch"] * spec["response_length"] + marks["prompt_tokens"]
             iterations.append({"generate": marks["generated"] - marks["generate_start"],
                                "score": marks["first_train"] - marks["generated"],
                                "train": now - marks["first_train"], "total": now - start, "tokens": tokens})
-            marks["iteration_start"] = now
             marks["prompt_tokens"] = next_prompt_tokens()
+            start_profile_if_wanted(len(iterations) + 1)
+            marks["iteration_start"] = time.perf_counter()  # the profiler's start is not the next iteration's time
 
     # The dataloader draws rollout batches in order of a shuffled permutation we cannot see; the prompt tokens of a
     # batch are counted as the mean prompt length times the batch (prompts differ by a few tokens only).
@@ -267,9 +294,13 @@ def run_trl(spec: dict) -> dict:
     marks["prompt_tokens"] = next_prompt_tokens()
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    start_profile_if_wanted(1)
     marks["iteration_start"] = time.perf_counter()
     trainer.train()
-    return {"iterations": iterations, "peak_mb": peak_memory_mb(spec["device"]), "trl_version": trl.__version__}
+    result = {"iterations": iterations, "peak_mb": peak_memory_mb(spec["device"]), "trl_version": trl.__version__}
+    if "summary" in profiler:
+        result["profile"] = profiler["summary"]
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -289,8 +320,10 @@ def run_side(side: str, spec: dict) -> dict:
     return result
 
 
-def summarize(result: dict) -> dict:
-    timed = result["iterations"][1:] or result["iterations"]  # the first iteration is a warm-up
+def summarize(result: dict, profiled: int = 0) -> dict:
+    # The first iteration is a warm-up; a profiled one runs slower than the others: neither is timed.
+    timed = [item for number, item in enumerate(result["iterations"], 1) if number not in (1, profiled)]
+    timed = timed or result["iterations"]
     mean = {key: sum(item[key] for item in timed) / len(timed) for key in ("generate", "score", "train", "total",
                                                                            "tokens")}
     mean["tokens_per_s"] = mean["tokens"] / mean["total"]
@@ -323,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="activation checkpointing in the trained models, on both sides")
     parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="record iteration N (1 is the warm-up) of both sides with torch.profiler and append "
+                             "each side's phases and top operators / kernels to the report (the profiled iteration "
+                             "runs slower: profile one that is not timed, or read its times with that in mind)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -345,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ppo_epochs": args.ppo_epochs, "iterations": args.iterations, "lr": 1e-5, "kl_coef": 0.05,
                 "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path,
                 "generation": args.generation, "fused_output_layer": args.fused_output_layer,
-                "gradient_checkpointing": args.gradient_checkpointing,
+                "gradient_checkpointing": args.gradient_checkpointing, "profile": args.profile,
                 "vocab": args.vocab or (None if model == "tiny" else PYTHIA_VOCAB)}
         if spec["rollout_batch"] % spec["micro_batch"]:
             raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
@@ -355,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for side in ("ours", "trl"):
             results[side] = run_side(side, spec)
-            print(side, json.dumps(summarize(results[side])), flush=True)  # kept even if the other side fails
+            print(side, json.dumps(summarize(results[side], args.profile)), flush=True)  # kept even if the other side fails
 
-    ours, peer = summarize(results["ours"]), summarize(results["trl"])
+    ours, peer = summarize(results["ours"], args.profile), summarize(results["trl"], args.profile)
     import torch
     import transformers
 
@@ -380,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
              f"micro-batches of {spec['micro_batch']} responses; rto_fast's generation: {spec['generation']}"
              f"{'; fused output layer' if spec['fused_output_layer'] else ''}"
              f"{'; gradient checkpointing on both sides' if spec['gradient_checkpointing'] else ''}; "
+             f"rto_fast's packed attention: {results['ours'].get('attention', '?')}; "
              f"mean of {ours['timed_iterations']} timed iterations "
-             "after one warm-up. Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
+             f"after one warm-up{f' (iteration {args.profile} profiled, not timed)' if args.profile > 1 else ''}. "
+             "Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
              "| | generate s | score s | train s | iteration s | tokens/s | score+train tokens/s | peak memory MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in (("rto_fast", ours), ("TRL", peer)):
@@ -396,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Time columns in the ratio row are TRL time / rto_fast time (> 1: rto_fast is faster). Peak memory "
               "on CPU is each side's whole-process peak RSS (libraries included)." if not gpu else
               "Peak memory is torch.cuda.max_memory_allocated of each side's process.", ""]
+    for name, side in (("rto_fast", "ours"), ("TRL", "trl")):
+        if results[side].get("profile"):
+            # The side's profile summary, its headings one level down, under a heading naming the side.
+            lines += [f"## {name}: profile of iteration {args.profile}", ""]
+            lines += [("##" + line) if line.startswith("#") else line
+                      for line in results[side]["profile"].splitlines()[2:]]
+            lines.append("")
     write_report(lines, args.output or RESULTS / f"rl_step_{args.device}.md")
     return 0
 

@@ -2,9 +2,10 @@
 # Everything that needs a CUDA GPU, in one go, in the order of what matters most when time is short:
 #   1. the kernel tests with the Triton kernels compiled natively (the interpreter hides compile errors),
 #   2. the rest of the suite (trainer stages on the GPU), while the tiny pipeline trains on the GPU beside it,
-#   3. the benchmarks: bench_logprobs, tune_logprobs (kernel launch settings), bench_rl_step (against TRL 1.12, Pythia-410M-shaped with Pythia's vocabulary),
-#      bench_generation, bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and
-#      with it and activation checkpointing on both sides (rl_step_cuda_lean.md).
+#   3. the benchmarks: bench_logprobs, tune_logprobs (kernel launch settings), bench_rl_step (against TRL 1.12,
+#      Pythia-410M-shaped with Pythia's vocabulary, one iteration of each side profiled), bench_generation,
+#      bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and with it and
+#      activation checkpointing on both sides (rl_step_cuda_lean.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed. The limits add up to more than one 600 s call: ONLY
 # names the steps to run (the rest are skipped), so the suite can be split over calls.
@@ -52,8 +53,9 @@ step bench_logprobs 50 python3 bench/bench_logprobs.py --device cuda
 step tune_logprobs 90 python3 bench/tune_logprobs.py
 trl_args=()
 [ -n "$trl_path" ] && trl_args=(--trl-path "$trl_path")
-step bench_rl_step 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
-    --response-length 256 --iterations 3 "${trl_args[@]}"
+# Iteration 4 of each side is profiled (phases, top kernels: appended to the report) and not timed.
+step bench_rl_step 160 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
+    --response-length 256 --iterations 4 --profile 4 "${trl_args[@]}"
 # Generation alone: model.generate vs rto_fast's decode loop, eager and as a CUDA graph (what caps the iteration).
 step bench_generation 150 python3 bench/bench_generation.py --device cuda --model pythia-410m --batch 64 \
     --new-tokens 256 --repeats 3

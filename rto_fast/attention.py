@@ -61,6 +61,11 @@ def set_backend(name: str | None) -> None:
     _chosen.clear()
 
 
+def chosen_backends() -> dict[str, str]:
+    """{device type: backend} decided so far in this process (for logs and benchmark reports)."""
+    return dict(_chosen)
+
+
 def _flash_attn_available() -> bool:
     try:
         import flash_attn  # noqa: F401

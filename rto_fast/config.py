@@ -261,6 +261,11 @@ class RuntimeConfig:
     deepspeed: str | dict | None = option(None, "DeepSpeed config (JSON file path or inline mapping); null: plain "
                                                 "PyTorch")
     progress_bar: bool = option(True, "show a progress bar with step, ETA and tokens/s")
+    profile_step: int = option(0, "profile this optimizer step (sft, dpo, rm) or iteration (rl stages) of every "
+                                  "stage with torch.profiler, counted from 1: <stage>/profile/step_<N>.md (phases, "
+                                  "top operators and kernels) and .trace.json; 0: off")
+    profile_trace: bool = option(True, "with profile_step: also write the Chrome trace (hundreds of MB for a long "
+                                       "step on a GPU)")
 
 
 @dataclass
@@ -526,6 +531,7 @@ def _validate(config: Config) -> Config:
     _positive("runtime.log_every", runtime.log_every)
     _positive("runtime.checkpoint_every", runtime.checkpoint_every, allow_zero=True)
     _positive("runtime.keep_last", runtime.keep_last)
+    _positive("runtime.profile_step", runtime.profile_step, allow_zero=True)
     if not runtime.resume.strip():
         raise ConfigError("runtime.resume: must be auto, never, or a checkpoint folder")
     return config

@@ -38,6 +38,7 @@ import torch
 
 from .attention import generation_attention
 from .models import forward_parameters
+from .profiling import phase
 
 ENGINES = ("rto_fast", "transformers")
 logger = logging.getLogger(__name__)
@@ -378,13 +379,14 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
     positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
     # Rows with the same prompt (rl.samples_per_prompt > 1 repeats each one) share one prefill: the distinct
     # prompts run, then their cache rows and last logits are repeated for every row that has them.
-    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
-    if share_prefill and distinct.shape[0] < batch and _can_drop_rows(cache):
-        ids, mask = distinct[:, :width], distinct[:, width:]
-        logits = forward(ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0))[row_of]
-        cache.batch_select_indices(row_of)
-    else:
-        logits = forward(input_ids, attention_mask, positions)
+    with phase("prefill"):
+        distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+        if share_prefill and distinct.shape[0] < batch and _can_drop_rows(cache):
+            ids, mask = distinct[:, :width], distinct[:, width:]
+            logits = forward(ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0))[row_of]
+            cache.batch_select_indices(row_of)
+        else:
+            logits = forward(input_ids, attention_mask, positions)
     stepper = (_FixedShapeSteps if fixed_shapes else _GrowingSteps)(
         forward, cache, attention_mask, positions[:, -1:] + 1, steps, ready=ready,
         use_graph=fixed_shapes and device.type == "cuda")
@@ -398,7 +400,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
     check_every = 1 if device.type == "cpu" else 8
     produced = steps
     for step in range(steps):
-        chosen = next_tokens(logits, settings, eos_token_id)
+        with phase("sample"):
+            chosen = next_tokens(logits, settings, eos_token_id)
         if stop_on_eos:
             chosen = chosen.masked_fill(finished, pad_token_id)
         tokens[rows, step] = chosen
@@ -415,7 +418,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setting
                 keep = (~finished).nonzero().squeeze(-1)
                 stepper.keep_rows(keep)
                 rows, finished, chosen = rows[keep], finished[keep], chosen[keep]
-        logits = stepper.step(chosen, column=width + step)
+        with phase("decode_forward"):
+            logits = stepper.step(chosen, column=width + step)
     return tokens[:, :produced]
 
 

@@ -62,6 +62,7 @@ from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
+from .profiling import phase, profiled_step
 from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
 from . import distributed
@@ -379,17 +380,24 @@ class RLTrainer:
             padding = index >= len(batches)  # only the frozen models' (collective) forwards run
             order = batch.sequence_index.tolist()
             with _autocast(self.context):
-                logprobs = packed_logprobs(policy, batch, fused_output_layer=fused) if not padding else None
-                ref_logprobs = packed_logprobs(self.reference, batch, fused_output_layer=fused)
-                dpo_logprobs = (packed_logprobs(self.dpo_model, batch, fused_output_layer=fused)
-                                if self.dpo_model is not None else None)
-                values = packed_values(critic, batch) if not padding else None
-                batch_scores = last_token_scores(self.reward_model, batch) if self.reward_model is not None else None
+                with phase("policy_logprobs"):
+                    logprobs = packed_logprobs(policy, batch, fused_output_layer=fused) if not padding else None
+                with phase("reference_logprobs"):
+                    ref_logprobs = packed_logprobs(self.reference, batch, fused_output_layer=fused)
+                with phase("dpo_logprobs"):
+                    dpo_logprobs = (packed_logprobs(self.dpo_model, batch, fused_output_layer=fused)
+                                    if self.dpo_model is not None else None)
+                with phase("critic_values"):
+                    values = packed_values(critic, batch) if not padding else None
+                with phase("reward_model_scores"):
+                    batch_scores = (last_token_scores(self.reward_model, batch) if self.reward_model is not None
+                                    else None)
             if padding:
                 continue
-            rewards, advantages, returns = self.rewards_and_advantages(
-                batch, logprobs, ref_logprobs, dpo_logprobs, values, batch_scores,
-                finished=torch.tensor([rollouts[i].finished for i in order], device=self.device))
+            with phase("rewards_gae"):
+                rewards, advantages, returns = self.rewards_and_advantages(
+                    batch, logprobs, ref_logprobs, dpo_logprobs, values, batch_scores,
+                    finished=torch.tensor([rollouts[i].finished for i in order], device=self.device))
             for name, tensor in (("old_logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
                                  ("rewards", rewards), ("advantages", advantages), ("returns", returns)):
                 for index, piece in zip(order, _split_per_sequence(tensor, batch)):
@@ -462,14 +470,16 @@ class RLTrainer:
                             totals[key] = totals.get(key, 0.0) + value * share
                         shares += share
                 if engines:
-                    norms.append((self.actor_engine.step(), self.critic_engine.step()))
+                    with phase("optimizer_step"):
+                        norms.append((self.actor_engine.step(), self.critic_engine.step()))
                     continue
-                norms.append(self._clip_gradients(separate))
-                self.actor_optimizer.step()
-                self.actor_scheduler.step()
-                if separate:
-                    self.critic_optimizer.step()
-                    self.critic_scheduler.step()
+                with phase("optimizer_step"):
+                    norms.append(self._clip_gradients(separate))
+                    self.actor_optimizer.step()
+                    self.actor_scheduler.step()
+                    if separate:
+                        self.critic_optimizer.step()
+                        self.critic_scheduler.step()
         keys = sorted(totals)
         values = [float(value) for value in torch.stack([totals[key].double() for key in keys])] if keys else []
         totals = dist.sum_dicts({**dict(zip(keys, values)), "count": shares})
@@ -494,22 +504,27 @@ class RLTrainer:
         clipping = dict(clip_eps=settings.clip_eps, clip_eps_high=settings.clip_eps_high,
                         value_clip=settings.value_clip, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
 
-        with _autocast(self.context):
+        with _autocast(self.context), phase("policy_forward"):
             logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True,
                                                 fused_output_layer=self.config.model.fused_output_layer)
-        policy_loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, **clipping)
-        mean_entropy = self._aggregate(entropy, batch)
-        if settings.entropy_coef:
-            policy_loss = policy_loss - settings.entropy_coef * mean_entropy
-        self._backward(self.actor_engine, policy_loss * share, boundary)
+        with phase("policy_loss"):
+            policy_loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, **clipping)
+            mean_entropy = self._aggregate(entropy, batch)
+            if settings.entropy_coef:
+                policy_loss = policy_loss - settings.entropy_coef * mean_entropy
+        with phase("policy_backward"):
+            self._backward(self.actor_engine, policy_loss * share, boundary)
 
-        with _autocast(self.context):
+        with _autocast(self.context), phase("critic_forward"):
             values = packed_values(self.critic, batch)
         # The joint loss with the policy's log-probs detached: its gradient reaches the critic only.
-        critic_loss, value_stats = ops.ppo_loss(logprobs.detach(), old_logprobs, advantages, batch.response_mask,
-                                                values=values.float(), old_values=old_values, returns=returns,
-                                                vf_coef=vf_coef, **clipping)
-        self._backward(self.critic_engine, critic_loss * share, boundary)
+        with phase("critic_loss"):
+            critic_loss, value_stats = ops.ppo_loss(logprobs.detach(), old_logprobs, advantages,
+                                                    batch.response_mask, values=values.float(),
+                                                    old_values=old_values, returns=returns, vf_coef=vf_coef,
+                                                    **clipping)
+        with phase("critic_backward"):
+            self._backward(self.critic_engine, critic_loss * share, boundary)
         stats.update(vf_loss=value_stats["vf_loss"], vf_clipfrac=value_stats["vf_clipfrac"])
         return {**{name: value.detach() for name, value in stats.items()}, "entropy": mean_entropy.detach()}
 
@@ -685,7 +700,8 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
     bar = ProgressBar(iterations, initial=iteration, desc=mode, enabled=runtime.progress_bar and dist.main)
     try:
         while iteration < iterations:
-            record = run_iteration(trainer, plan, iteration, controller)
+            with profiled_step(iteration + 1, context, stage_dir):
+                record = run_iteration(trainer, plan, iteration, controller)
             iteration += 1
             state["tokens_seen"] += record["tokens"]
             state["prompts_seen"] += record["prompts"]
@@ -730,14 +746,17 @@ def run_iteration(trainer: RLTrainer, plan: DataPlan, iteration: int, controller
     dist = trainer.dist
     if dist.parallel:  # this rank samples and scores its slice of the prompts; all slices are gathered after
         prompts = split_even(prompts, dist.world_size)[dist.rank]
-    rollouts = trainer.sample(prompts)
+    with phase("generate"):
+        rollouts = trainer.sample(prompts)
     generated = time.perf_counter()
-    rollout = trainer.gather(trainer.score(prompts, rollouts))
+    with phase("score"):
+        rollout = trainer.gather(trainer.score(prompts, rollouts))
     scored = time.perf_counter()
     lrs = {"lr_actor": trainer.actor_scheduler.get_last_lr()[0]}
     if trainer.critic_scheduler is not None:
         lrs["lr_critic"] = trainer.critic_scheduler.get_last_lr()[0]
-    train_stats = trainer.train(rollout, iteration)
+    with phase("train"):
+        train_stats = trainer.train(rollout, iteration)
     finished = time.perf_counter()
     metrics = rollout_metrics(trainer, rollout)
     if controller is not None:

@@ -50,6 +50,7 @@ from .config import RL_MODES, STAGES, Config, StageConfig
 from .distributed import Distributed, EngineTrainer
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
+from .profiling import phase, profiled_step
 from .run_log import MetricsLog, ProgressBar
 from .scoring import packed_logprobs
 
@@ -528,44 +529,48 @@ def run_stage(name: str, context: RunContext) -> Path:
     try:
         while step < total_steps:
             started = time.perf_counter()
-            indices, epoch = plan.batch(step)
-            # This rank's share of the step, balanced by tokens (all of it in one process).
-            indices, weight = dist.share(indices, [int(plan.example_tokens[i]) for i in indices])
-            groups = [stage.micro_batches(context.train_examples, group, settings.micro_batch_tokens)
-                      for group in split_even(indices, settings.grad_accumulation)]
-            denominator = dist.sum([weight * stage.denominator([batch for group in groups for batch in group])])[0]
-            passes = [[(batch, weight) for batch in group] for group in groups]
-            # Every rank runs as many passes in every accumulation group (ZeRO collectives: the trained model's, and
-            # under ZeRO-3 a partitioned reference's, which runs once per group); missing ones repeat a batch with
-            # weight 0.
-            any_batch = next(batch for group in groups for batch in group)
-            for group in passes:
-                group.extend([(group[-1][0] if group else any_batch, 0.0)] * (dist.max(len(group)) - len(group)))
-            last_pass = (len(passes) - 1, len(passes[-1]) - 1)
-            lr = trainer.lr if trainer is not None else scheduler.get_last_lr()[0]
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-            totals: dict = {}
-            tokens = 0
-            for group_index, group in enumerate(passes):
-                batches = [batch.to(context.device) for batch, _ in group]
-                extras = stage.prepare(batches)
-                for pass_index, (batch, extra, (_, weight)) in enumerate(zip(batches, extras, group)):
-                    with _autocast(context):
-                        loss, stats = stage.loss(batch, extra, denominator)
+            with profiled_step(step + 1, context, stage_dir):
+                indices, epoch = plan.batch(step)
+                # This rank's share of the step, balanced by tokens (all of it in one process).
+                indices, weight = dist.share(indices, [int(plan.example_tokens[i]) for i in indices])
+                groups = [stage.micro_batches(context.train_examples, group, settings.micro_batch_tokens)
+                          for group in split_even(indices, settings.grad_accumulation)]
+                denominator = dist.sum([weight * stage.denominator([batch for group in groups for batch in group])])[0]
+                passes = [[(batch, weight) for batch in group] for group in groups]
+                # Every rank runs as many passes in every accumulation group (ZeRO collectives: the trained model's, and
+                # under ZeRO-3 a partitioned reference's, which runs once per group); missing ones repeat a batch with
+                # weight 0.
+                any_batch = next(batch for group in groups for batch in group)
+                for group in passes:
+                    group.extend([(group[-1][0] if group else any_batch, 0.0)] * (dist.max(len(group)) - len(group)))
+                last_pass = (len(passes) - 1, len(passes[-1]) - 1)
+                lr = trainer.lr if trainer is not None else scheduler.get_last_lr()[0]
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                totals: dict = {}
+                tokens = 0
+                for group_index, group in enumerate(passes):
+                    batches = [batch.to(context.device) for batch, _ in group]
+                    with phase("prepare"):  # e.g. DPO's reference log-probs
+                        extras = stage.prepare(batches)
+                    for pass_index, (batch, extra, (_, weight)) in enumerate(zip(batches, extras, group)):
+                        with _autocast(context), phase("forward"):
+                            loss, stats = stage.loss(batch, extra, denominator)
+                        with phase("backward"):
+                            if trainer is not None:
+                                trainer.backward(loss * weight, boundary=(group_index, pass_index) == last_pass)
+                            else:
+                                loss.backward()
+                        if weight:
+                            _accumulate(totals, stats)
+                            tokens += batch.num_tokens
+                with phase("optimizer_step"):
                     if trainer is not None:
-                        trainer.backward(loss * weight, boundary=(group_index, pass_index) == last_pass)
+                        grad_norm = trainer.step()
                     else:
-                        loss.backward()
-                    if weight:
-                        _accumulate(totals, stats)
-                        tokens += batch.num_tokens
-            if trainer is not None:
-                grad_norm = trainer.step()
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip))
-                optimizer.step()
-                scheduler.step()
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip))
+                        optimizer.step()
+                        scheduler.step()
             if dist.parallel:
                 totals = dist.sum_dicts({**totals, "_tokens": tokens})
                 tokens = int(totals.pop("_tokens"))

@@ -363,3 +363,18 @@ def test_whiten_and_explained_variance():
     returns = torch.randn(50, generator=generator)
     assert rl.explained_variance(returns, returns) == pytest.approx(1.0)
     assert rl.explained_variance(torch.zeros(50), returns) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_profile_step_records_the_iteration_phases(tmp_path, assets):
+    """runtime.profile_step=2 profiles the second RL iteration: generation (prefill, sampling, decode forwards),
+    scoring (each model's log-probs or values, rewards + GAE) and training (forward, loss, backward, optimizer) each appear."""
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, assets, "stages=[rto]", "rl.iterations=2", "runtime.profile_step=2") == 0
+    folder = run_dir / "rto" / "profile"
+    assert sorted(path.name for path in folder.iterdir()) == ["step_2.md", "step_2.trace.json"]
+    summary = (folder / "step_2.md").read_text()
+    for name in ("generate", "prefill", "sample", "decode_forward", "score", "policy_logprobs", "reference_logprobs",
+                 "dpo_logprobs", "critic_values", "rewards_gae", "train", "policy_forward", "policy_loss",
+                 "policy_backward", "critic_forward", "critic_loss", "critic_backward", "optimizer_step"):
+        assert f"| {name} | " in summary, (name, summary[:3000])
+    assert json.loads((folder / "step_2.trace.json").read_text())["traceEvents"]

@@ -4,6 +4,7 @@ bitwise the same weights."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -389,3 +390,21 @@ def test_adamw_is_fused_where_torch_has_it_and_steps_like_torch_adamw():
         plain.step()
     for a, b in zip(fused_parameters, plain_parameters):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_profile_step_writes_phases_top_operators_and_a_trace(tmp_path):
+    """runtime.profile_step=N: step N of each stage is recorded by torch.profiler; the summary names the trainer's
+    phases and the operators that took the time, and the Chrome trace is valid JSON."""
+    run_dir = run_main(tmp_path / "run", "stages=[sft,dpo]", "sft.max_steps=3", "dpo.max_steps=2",
+                       "runtime.profile_step=2")
+    for stage, phases in (("sft", ("forward", "backward", "optimizer_step")),
+                          ("dpo", ("prepare", "forward", "backward", "optimizer_step"))):
+        folder = run_dir / stage / "profile"
+        assert sorted(path.name for path in folder.iterdir()) == ["step_2.md", "step_2.trace.json"]
+        summary = (folder / "step_2.md").read_text()
+        for name in phases:
+            assert f"| {name} | " in summary, (stage, name, summary[:2000])
+        assert "Top 30 operators by self CPU time" in summary
+        assert re.search(r"^\| aten::\w+ \| \d+ \| [\d.]+ \| [\d.]+% \|", summary, flags=re.M), summary[:3000]
+        assert json.loads((folder / "step_2.trace.json").read_text())["traceEvents"]
+    assert len(stage_records(run_dir, "sft")) == 3  # profiling changes nothing else
