@@ -27,9 +27,55 @@ PHASE_PREFIX = "rto_fast."
 TOP_OPERATORS = 30
 
 
-def phase(name: str):
+class _PhaseMemory:
+    """While a CUDA step is profiled: per phase name, the most memory allocated at its end and the step's peak
+    (the allocator's, reset when the step started) right after it, in bytes. Host-side counters: no sync."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.by_phase: dict[str, list[int]] = {}
+
+    def observe(self, name: str) -> None:
+        allocated = torch.cuda.memory_allocated(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        seen = self.by_phase.setdefault(name, [0, 0])
+        seen[0], seen[1] = max(seen[0], allocated), max(seen[1], peak)
+
+
+_phase_memory: _PhaseMemory | None = None
+
+
+class phase:
     """A named range (`rto_fast.<name>`) for profiles; costs about a microsecond when no profiler runs."""
-    return torch.profiler.record_function(PHASE_PREFIX + name)
+
+    __slots__ = ("name", "_range")
+
+    def __init__(self, name: str):
+        self.name = name
+        self._range = torch.profiler.record_function(PHASE_PREFIX + name)
+
+    def __enter__(self):
+        self._range.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._range.__exit__(*exc)
+        if _phase_memory is not None:
+            _phase_memory.observe(self.name)
+        return False
+
+
+def reset_step_peak(device: torch.device) -> None:
+    """Start a step's peak-memory count (CUDA; nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def step_peak_mb(device: torch.device) -> float | None:
+    """The most device memory allocated since `reset_step_peak` (MiB; None off CUDA, where no allocator counts)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 @contextlib.contextmanager
@@ -43,16 +89,22 @@ def profiled_step(step: int, context, stage_dir: Path):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's kernels belong to its trace
+    global _phase_memory
+    _phase_memory = _PhaseMemory(device) if device.type == "cuda" else None
+    try:
+        with torch.profiler.profile(activities=activities) as profiler:
+            yield
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the step's kernels belong to its trace
+        memory = _phase_memory
+    finally:
+        _phase_memory = None
     dist = context.dist
     suffix = f"_rank{dist.rank}" if dist.parallel else ""
     folder = Path(stage_dir) / "profile"
     folder.mkdir(parents=True, exist_ok=True)
     summary = folder / f"step_{step}{suffix}.md"
-    summary.write_text("\n".join(summary_lines(profiler, step, device)) + "\n", encoding="utf-8")
+    summary.write_text("\n".join(summary_lines(profiler, step, device, memory)) + "\n", encoding="utf-8")
     written = [summary]
     if context.config.runtime.profile_trace:
         written.append(folder / f"step_{step}{suffix}.trace.json")
@@ -66,19 +118,33 @@ def _device_us(event, self_only: bool) -> float:
     return float(getattr(event, name, getattr(event, legacy, 0.0)) or 0.0)
 
 
-def summary_lines(profiler, step: int, device: torch.device) -> list[str]:
-    """Markdown: the trainer's phases, then the top operators by self device time (CUDA) or self CPU time."""
+def summary_lines(profiler, step: int, device: torch.device, memory: _PhaseMemory | None = None) -> list[str]:
+    """Markdown: the trainer's phases (with memory on CUDA), then the top operators by self device time (CUDA) or
+    self CPU time."""
     events = profiler.key_averages()
     on_device = device.type == "cuda"
     phases = sorted((event for event in events if event.key.startswith(PHASE_PREFIX)),
                     key=lambda event: -event.cpu_time_total)
+    header, rule = "| range | calls | wall ms |", "|---|---|---|"
+    if on_device:
+        header, rule = header + " device ms inside |", rule + "---|"
+    if memory is not None:
+        header += " allocated MiB at its end | step peak MiB after it |"
+        rule += "---|---|"
     lines = [f"# Profile of step {step} ({device.type})", "",
-             "## Phases (named ranges; nested ranges are included in their parents)", "",
-             "| range | calls | wall ms |" + (" device ms inside |" if on_device else ""),
-             "|---|---|---|" + ("---|" if on_device else "")]
+             "## Phases (named ranges; nested ranges are included in their parents)", "", header, rule]
     for event in phases:
-        row = f"| {event.key[len(PHASE_PREFIX):]} | {event.count} | {event.cpu_time_total / 1e3:.2f} |"
-        lines.append(row + (f" {_device_us(event, False) / 1e3:.2f} |" if on_device else ""))
+        name = event.key[len(PHASE_PREFIX):]
+        row = f"| {name} | {event.count} | {event.cpu_time_total / 1e3:.2f} |"
+        if on_device:
+            row += f" {_device_us(event, False) / 1e3:.2f} |"
+        if memory is not None:
+            allocated, peak = memory.by_phase.get(name, (0, 0))
+            row += f" {allocated / 2**20:,.0f} | {peak / 2**20:,.0f} |"
+        lines.append(row)
+    if memory is not None:
+        lines += ["", "Memory: the step's peak counts from the step's start (the allocator's peak is reset there); "
+                      "the phase after which it first reaches its final value is where the peak happens."]
     operators = [event for event in events if not event.key.startswith(PHASE_PREFIX)]
     if on_device:
         operators = [event for event in operators if _device_us(event, True) > 0]

@@ -62,7 +62,7 @@ from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
-from .profiling import phase, profiled_step
+from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
 from . import distributed
@@ -743,6 +743,7 @@ def run_iteration(trainer: RLTrainer, plan: DataPlan, iteration: int, controller
     indices, epoch = plan.batch(iteration)
     prompts = [trainer.context.train_prompts[i] for i in indices for _ in range(settings.samples_per_prompt)]
     started = time.perf_counter()
+    reset_step_peak(trainer.device)
     dist = trainer.dist
     if dist.parallel:  # this rank samples and scores its slice of the prompts; all slices are gathered after
         prompts = split_even(prompts, dist.world_size)[dist.rank]
@@ -765,10 +766,12 @@ def run_iteration(trainer: RLTrainer, plan: DataPlan, iteration: int, controller
     response_tokens = sum(len(r.response_ids) for r in rollout.rollouts)
     tokens = response_tokens + sum(len(r.prompt_ids) for r in rollout.rollouts)
     elapsed = finished - started
+    peak = step_peak_mb(trainer.device)
+    memory = {} if peak is None else {"peak_memory_mb": dist.max(int(round(peak)))}  # the largest rank's
     return {"epoch": round(epoch, 4), "prompts": len(indices), **lrs, **metrics, **train_stats,
             "time_generate_s": generated - started, "time_score_s": scored - generated,
             "time_train_s": finished - scored, "time_s": elapsed, "tokens": tokens,
-            "response_tokens": response_tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+            "response_tokens": response_tokens, "tokens_per_s": tokens / max(elapsed, 1e-9), **memory}
 
 
 __all__ = ["run_rl_stage", "RLTrainer", "RolloutBatch", "AdaptiveKLController", "whiten", "explained_variance"]

@@ -50,7 +50,7 @@ from .config import RL_MODES, STAGES, Config, StageConfig
 from .distributed import Distributed, EngineTrainer
 from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
-from .profiling import phase, profiled_step
+from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import MetricsLog, ProgressBar
 from .scoring import packed_logprobs
 
@@ -529,6 +529,7 @@ def run_stage(name: str, context: RunContext) -> Path:
     try:
         while step < total_steps:
             started = time.perf_counter()
+            reset_step_peak(context.device)
             with profiled_step(step + 1, context, stage_dir):
                 indices, epoch = plan.batch(step)
                 # This rank's share of the step, balanced by tokens (all of it in one process).
@@ -582,6 +583,9 @@ def run_stage(name: str, context: RunContext) -> Path:
             record = {"stage": name, "step": step, "epoch": round(epoch, 4), "lr": lr, **_averages(totals),
                       "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(step_time, 1e-9),
                       "tokens_seen": state["tokens_seen"], "elapsed_s": round(state["elapsed_s"], 3)}
+            peak = step_peak_mb(context.device)
+            if peak is not None:
+                record["peak_memory_mb"] = dist.max(int(round(peak)))  # the largest rank's
             last = step == total_steps
             if eval_batches and ((settings.eval_every and step % settings.eval_every == 0) or last):
                 record.update(evaluate(stage, eval_batches))  # every rank evaluates all of it: same numbers
