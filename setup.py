@@ -16,6 +16,7 @@ extensions = [
     Pybind11Extension(
         "rto_fast._C",
         sorted(glob("csrc/*.cpp")),
+        depends=sorted(glob("csrc/*.h")),
         cxx_std=17,
         # No fast-math and no FMA contraction: the SSE2 and AVX2 copies of csrc/logprobs.cpp round identically.
         extra_compile_args=["-O3", "-ffp-contract=off", *openmp],

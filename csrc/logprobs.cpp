@@ -22,110 +22,20 @@
 #include <string>
 #include <type_traits>
 
+#include "simd.h"
+
 namespace py = pybind11;
 
 namespace {
 
-#define RTO_INLINE inline __attribute__((always_inline))
-
-// W floats in one GCC / clang vector-extension value: 4 in the baseline copy (one SSE register; wider generic vectors
-// were 2.5x slower there), 8 in the AVX2 copy, 16 in the AVX-512 copy.
-template <int W>
-struct Vec {
-  typedef float f __attribute__((vector_size(4 * W)));
-  typedef int32_t i __attribute__((vector_size(4 * W)));
-  typedef uint32_t u __attribute__((vector_size(4 * W)));
-  typedef uint16_t h __attribute__((vector_size(2 * W)));
-};
+using namespace rto_simd;
 
 constexpr int64_t kBlock = 256;  // elements per block: its max, then its sums in float, which then go to double
-
-struct Bf16 {
-  uint16_t bits;
-};
-
-template <int W>
-RTO_INLINE typename Vec<W>::f splat(float v) {
-  return typename Vec<W>::f{} + v;
-}
-
-RTO_INLINE float load1(const float* data, int64_t i) { return data[i]; }
-RTO_INLINE float load1(const Bf16* data, int64_t i) {
-  const uint32_t bits = uint32_t(data[i].bits) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-template <int W>
-RTO_INLINE typename Vec<W>::f load(const float* data, int64_t i) {
-  typename Vec<W>::f v;
-  std::memcpy(&v, data + i, sizeof(v));
-  return v;
-}
-template <int W>
-RTO_INLINE typename Vec<W>::f load(const Bf16* data, int64_t i) {
-  typename Vec<W>::h h;
-  std::memcpy(&h, data + i, sizeof(h));
-  return (typename Vec<W>::f)(__builtin_convertvector(h, typename Vec<W>::u) << 16);
-}
-
-template <int W>
-RTO_INLINE void store(float* data, int64_t i, typename Vec<W>::f v) {
-  std::memcpy(data + i, &v, sizeof(v));
-}
-template <int W>
-RTO_INLINE void store(Bf16* data, int64_t i, typename Vec<W>::f v) {
-  // Round to nearest even, as torch's float -> bfloat16 conversion does; NaN becomes the quiet NaN 0x7fc0.
-  using u = typename Vec<W>::u;
-  const u bits = (u)v;
-  const u rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const u result = v != v ? u{} + 0x7fc0u : rounded;
-  const typename Vec<W>::h h = __builtin_convertvector(result, typename Vec<W>::h);
-  std::memcpy(data + i, &h, sizeof(h));
-}
-
-RTO_INLINE void store1(float* data, int64_t i, float v) { data[i] = v; }
-RTO_INLINE void store1(Bf16* data, int64_t i, float v) {
-  Bf16 lanes[8];
-  store<8>(lanes, 0, splat<8>(v));
-  data[i] = lanes[0];
-}
 
 template <typename V>
 RTO_INLINE V scaled(V v, bool scale, float temperature) {
   return scale ? v / temperature : v;
 }
-
-// max(x, -104), NaN kept (the maxps(low, x) form returns x when x is NaN). Inputs of exp_clamped.
-template <typename V>
-RTO_INLINE V clamp_exp_input(V x) {
-  const V low = V{} - 104.0f;
-  return low > x ? low : x;
-}
-RTO_INLINE float clamp_exp_input(float x) { return -104.0f > x ? -104.0f : x; }
-
-// exp(d) for d in [-104, 0] (or NaN). Exactly 0 below about -87.3 (2^n with n clamped at -127 is +0), so a -inf logit
-// (a masked vocabulary entry) gets p = 0 and a zero gradient. Cody-Waite reduction by ln 2 (n rounded by the
-// 1.5 * 2^23 trick: plain adds, no SSE4.1 round), exp(r) = 1 + r + r^2 q(r) with q a cubic fitted for the smallest
-// maximum relative error on |r| <= ln 2 / 2 (1.6e-7 in float32 arithmetic, about 1.4 ulp; Cephes' quintic q halves
-// that error and costs 10% more time here), 2^n from the exponent bits.
-template <int W>
-RTO_INLINE typename Vec<W>::f exp_clamped(typename Vec<W>::f d) {
-  using f = typename Vec<W>::f;
-  f n = (d * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const f r = (d - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  const f smallest = f{} - 127.0f;
-  n = smallest > n ? smallest : n;
-  f p = r * 8.31253e-3f + 4.189011e-2f;  // q(r)
-  p = p * r + 0.16667114f;
-  p = p * r + 0.49999232f;
-  p = (p * r) * r + r + 1.0f;
-  const typename Vec<W>::i exponent = __builtin_convertvector(n, typename Vec<W>::i) + 127;  // 0 makes the scale +0
-  return p * (f)(exponent << 23);
-}
-
-RTO_INLINE float exp_clamped(float d) { return exp_clamped<8>(splat<8>(d))[0]; }
 
 template <int W>
 RTO_INLINE float horizontal_max(typename Vec<W>::f v) {
@@ -271,10 +181,8 @@ RTO_INLINE void backward_row(const T* x, T* out, int64_t label, int64_t vocab, f
   if (has_label) store1(out, label, label_grad);
 }
 
-// Row functions for three instruction sets: the x86-64 baseline (SSE2; also what other architectures compile),
-// AVX2 + FMA and AVX-512 (forward, 2048 x 32000 on 2 Zen 5 cores: 35, 12 and 7.6 ms). No -ffast-math; the AVX copies
-// contract multiply-adds into FMAs, so they can differ from the baseline in the last bit, and a given machine always
-// runs the same copy.
+// Row functions for the three instruction sets of simd.h: the x86-64 baseline (SSE2; also what other architectures
+// compile), AVX2 + FMA and AVX-512 (forward, 2048 x 32000 on 2 Zen 5 cores: 35, 12 and 7.6 ms).
 #define RTO_ROW_FUNCTIONS(SUFFIX, ATTRIBUTES, WIDTH)                                                                \
   template <typename T>                                                                                              \
   ATTRIBUTES void forward_row_##SUFFIX(const T* x, int64_t label, int64_t vocab, float temperature, float* logprob,  \
@@ -290,62 +198,11 @@ RTO_INLINE void backward_row(const T* x, T* out, int64_t label, int64_t vocab, f
 
 RTO_ROW_FUNCTIONS(baseline, __attribute__((noinline)), 4)
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-RTO_ROW_FUNCTIONS(avx2, __attribute__((target("avx2,fma"), optimize("fp-contract=fast"))), 8)
-RTO_ROW_FUNCTIONS(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"),
-                                         optimize("fp-contract=fast"))), 16)
-Isa detect_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-  return Isa::kBaseline;
-}
-#define RTO_DISPATCH(ISA, FUNCTION, ...)                   \
-  switch (ISA) {                                           \
-    case Isa::kAvx512: FUNCTION##_avx512(__VA_ARGS__); break; \
-    case Isa::kAvx2: FUNCTION##_avx2(__VA_ARGS__); break;     \
-    default: FUNCTION##_baseline(__VA_ARGS__);             \
-  }
-#else
-Isa detect_isa() { return Isa::kBaseline; }
-#define RTO_DISPATCH(ISA, FUNCTION, ...) FUNCTION##_baseline(__VA_ARGS__)
+#if RTO_SIMD_X86
+RTO_ROW_FUNCTIONS(avx2, RTO_AVX2_ATTRIBUTES, 8)
+RTO_ROW_FUNCTIONS(avx512, RTO_AVX512_ATTRIBUTES, 16)
 #endif
 
-// The copy in use: the best one the CPU has, unless set_cpu_isa chose another (tests run every copy this way).
-std::atomic<int> g_isa{-1};
-
-Isa row_isa() {
-  int isa = g_isa.load(std::memory_order_relaxed);
-  if (isa < 0) {
-    isa = static_cast<int>(detect_isa());
-    g_isa.store(isa, std::memory_order_relaxed);
-  }
-  return static_cast<Isa>(isa);
-}
-
-const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
-}
-
-std::string cpu_isa() { return isa_name(row_isa()); }
-
-// Choose the copy by name ("baseline", "avx2", "avx512", or "best"); one this CPU cannot run raises ValueError.
-void set_cpu_isa(const std::string& name) {
-  const Isa best = detect_isa();
-  Isa wanted;
-  if (name == "best") wanted = best;
-  else if (name == "baseline") wanted = Isa::kBaseline;
-  else if (name == "avx2") wanted = Isa::kAvx2;
-  else if (name == "avx512") wanted = Isa::kAvx512;
-  else throw std::invalid_argument("set_cpu_isa: unknown name '" + name + "'; expected baseline, avx2, avx512 or best");
-  if (static_cast<int>(wanted) > static_cast<int>(best))
-    throw std::invalid_argument("set_cpu_isa: this CPU cannot run '" + name + "' (best: " + isa_name(best) + ")");
-  g_isa.store(static_cast<int>(wanted), std::memory_order_relaxed);
-}
 
 template <typename T>
 void forward_rows(const T* logits, const int64_t* labels, int64_t n_rows, int64_t vocab, float temperature,

@@ -14,7 +14,7 @@ import torch
 
 import rto_fast.ops as ops
 from rto_fast import reference
-from tests.utils import assert_within_budget, poison_like
+from tests.utils import assert_within_budget, cpu_isas, poison_like
 
 BACKENDS = ["triton", "torch", "reference"]
 GAMMA_LAMBDA = [(1.0, 1.0), (0.99, 0.95), (1.0, 0.95), (0.9, 0.0)]
@@ -314,6 +314,58 @@ def test_ppo_loss_empty_mask(backend):
         loss, stats, grads = _run_ppo(inputs, agg=agg)
         assert float(loss.detach()) == 0.0 and all(float(v) == 0.0 for v in stats.values())
         assert all(bool((g == 0).all()) for g in grads.values())
+
+
+@pytest.fixture(params=cpu_isas())
+def cpu_copy(request, monkeypatch):
+    """The C++ loss (csrc/gae.cpp) on CPU tensors in one instruction-set copy of its vectorized loop."""
+    from rto_fast import _C
+
+    monkeypatch.setenv("RTO_FAST_BACKEND", "torch")
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(previous)
+
+
+@pytest.mark.cpu_path
+@pytest.mark.parametrize("layout", ["padded token-mean", "padded seq-mean", "packed seq-mean"])
+def test_ppo_loss_cpu_copies_weight_layouts_and_extreme_ratios(cpu_copy, layout):
+    """Each weight layout of the vectorized loop (one weight; a weight per row, rows of 37 tokens that vectors
+    straddle; a weight per token), tails shorter than a vector, and valid tokens whose log-ratio is beyond +-80
+    (those vectors take the per-token path with the C library's exp)."""
+    if layout.startswith("packed"):
+        cu_seqlens, mask = _packed_stream(23, 29)
+        inputs = _ppo_inputs(None, True, mask=mask[None])
+        kwargs = dict(agg="seq-mean-token-mean", cu_seqlens=cu_seqlens)
+    else:
+        inputs = _ppo_inputs((6, 37), True)
+        kwargs = dict(agg="token-mean" if layout.endswith("token-mean") else "seq-mean-token-mean")
+    flat_mask = inputs["mask"].reshape(-1)
+    extreme = flat_mask.nonzero().squeeze(1)[[2, 9, 30]]
+    inputs["old_logprobs"].view(-1)[extreme] = inputs["logprobs"].view(-1)[extreme] - torch.tensor([85.0, -85.0, -95.0])
+    inputs["advantages"].view(-1)[extreme[2]] = 1.0  # the unclipped branch wins: d loss / d logprob = -w * ratio
+    loss, stats, grads = _run_ppo(inputs, **kwargs)
+    _check_ppo(loss, stats, inputs, grads, **kwargs)
+    # exp(-95) is a float32 subnormal, which the vector exp flushes to 0: that token went the per-token way.
+    assert float(grads["logprobs"].view(-1)[extreme[2]]) < 0.0
+
+
+@pytest.mark.cpu_path
+def test_ppo_loss_cpu_copies_ignore_whatever_masked_tokens_hold(cpu_copy):
+    """NaN and inf at masked positions (any input) change nothing: the vector lanes select, never multiply by 0."""
+    inputs = _ppo_inputs((5, 45), True)
+    for name in ("logprobs", "old_logprobs", "advantages", "values", "old_values", "returns"):
+        inputs[name] = inputs[name].masked_fill(~inputs["mask"], 0.0)
+    clean = _run_ppo(inputs, agg="seq-mean-token-mean")
+    poisoned = dict(inputs)
+    for index, name in enumerate(("logprobs", "old_logprobs", "advantages", "values", "old_values", "returns")):
+        poison = (float("nan"), float("inf"), float("-inf"))[index % 3]
+        poisoned[name] = inputs[name].masked_fill(~inputs["mask"], poison)
+    dirty = _run_ppo(poisoned, agg="seq-mean-token-mean")
+    assert torch.equal(clean[0], dirty[0])
+    assert all(torch.equal(clean[1][name], dirty[1][name]) for name in clean[1])
+    assert all(torch.equal(clean[2][name], dirty[2][name]) for name in clean[2])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import rto_fast.ops as ops
 from rto_fast import reference
 from rto_fast.ops import logprobs as logprobs_module
-from tests.utils import assert_within_budget, poison_like
+from tests.utils import assert_within_budget, cpu_isas, poison_like
 
 BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -181,14 +181,7 @@ def test_token_logprobs_inplace_backward(backend, device, dtype):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cpu_isas():
-    from rto_fast import _C
-
-    best = _C.cpu_isa()
-    return ["baseline", "avx2", "avx512"][: ["baseline", "avx2", "avx512"].index(best) + 1]
-
-
-CPU_IMPLS = [f"native-{isa}" for isa in _cpu_isas()] + ["aten"]
+CPU_IMPLS = [f"native-{isa}" for isa in cpu_isas()] + ["aten"]
 
 
 @pytest.fixture

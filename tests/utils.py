@@ -28,3 +28,11 @@ def assert_within_budget(actual, expected64, baseline=None, *, dtype=torch.float
 def poison_like(tensor: torch.Tensor) -> torch.Tensor:
     """An uninitialised-looking buffer full of NaN: a kernel that skips an element leaves it visible."""
     return torch.full_like(tensor, float("nan"))
+
+
+def cpu_isas() -> list[str]:
+    """The instruction-set copies of rto_fast._C's vectorized CPU code that this CPU runs (baseline first)."""
+    from rto_fast import _C
+
+    names = ["baseline", "avx2", "avx512"]
+    return names[: names.index(_C.cpu_isa()) + 1]
