@@ -48,6 +48,9 @@ class PackedBatch:
     response_mask: torch.Tensor  # (1, N) bool, labels != -100
     sequence_index: torch.Tensor  # (S,) int64, index in the caller's list of each packed sequence
     max_seqlen: int  # longest sequence, as flash-style attention wants it
+    # (K,) int64, the positions with a label (response_mask's nonzero), found on the host when packing: selecting
+    # them on a GPU then needs no device-to-host sync.
+    label_positions: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -267,6 +270,7 @@ def pack(sequences: Sequence, indices: Sequence[int] | None = None) -> PackedBat
         response_mask=next_trained[None],
         sequence_index=torch.tensor(indices, dtype=torch.long),
         max_seqlen=int(seqlens.max()),
+        label_positions=next_trained.nonzero().squeeze(1),
     )
 
 

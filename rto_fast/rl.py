@@ -376,9 +376,10 @@ class RLTrainer:
         passes = self.dist.max(len(batches)) if distributed.zero_stage(self.dist) == 3 else len(batches)
         fused = self.config.model.fused_output_layer
         for index in range(passes):
-            batch = batches[min(index, len(batches) - 1)].to(self.device)
+            host_batch = batches[min(index, len(batches) - 1)]
+            order = host_batch.sequence_index.tolist()  # read on the host: no device sync
+            batch = host_batch.to(self.device)
             padding = index >= len(batches)  # only the frozen models' (collective) forwards run
-            order = batch.sequence_index.tolist()
             with _autocast(self.context):
                 with phase("policy_logprobs"):
                     logprobs = packed_logprobs(policy, batch, fused_output_layer=fused) if not padding else None

@@ -159,9 +159,8 @@ def _label_positions(model, batch: PackedBatch) -> torch.Tensor | None:
     model cannot select positions, or every position has a label)."""
     if "logits_to_keep" not in forward_parameters(model):
         return None
-    mask = batch.response_mask[0]
-    positions = mask.nonzero().squeeze(1)
-    if positions.numel() in (0, mask.numel()):
+    positions = batch.label_positions
+    if positions.numel() in (0, batch.num_tokens):
         return None
     return positions.to(batch.input_ids.device)
 

@@ -128,6 +128,9 @@ def test_pack_layout_and_labels_never_cross_a_boundary():
         assert batch.labels[0, start:end].tolist() == expected_labels(ids, mask)
         assert batch.labels[0, end - 1] == IGNORE_INDEX  # never the next sequence's first token
     assert torch.equal(batch.response_mask, batch.labels != IGNORE_INDEX)
+    assert torch.equal(batch.label_positions, batch.response_mask[0].nonzero().squeeze(1))
+    assert batch.label_positions.dtype == torch.long
+    assert torch.equal(batch.to("cpu").label_positions, batch.label_positions)
 
 
 def test_pack_accepts_mappings_and_default_mask():

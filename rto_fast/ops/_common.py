@@ -88,12 +88,14 @@ def check_cu_seqlens(cu_seqlens, total: int, device) -> None:
     check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=device)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected at least 2 entries (0 and N), got {cu_seqlens.numel()}")
-    if int(cu_seqlens[0]) != 0:
-        raise ValueError(f"cu_seqlens: must start at 0, starts at {int(cu_seqlens[0])}")
-    if int(cu_seqlens[-1]) != total:
-        raise ValueError(f"cu_seqlens: must end at the number of packed positions {total}, "
-                         f"ends at {int(cu_seqlens[-1])}")
-    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+    # One read back from the device for all three checks.
+    decreasing = (cu_seqlens[1:] < cu_seqlens[:-1]).any().to(cu_seqlens.dtype)
+    first, last, decreasing = torch.stack([cu_seqlens[0], cu_seqlens[-1], decreasing]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens: must start at 0, starts at {first}")
+    if last != total:
+        raise ValueError(f"cu_seqlens: must end at the number of packed positions {total}, ends at {last}")
+    if decreasing:
         raise ValueError("cu_seqlens: must be non-decreasing")
 
 
