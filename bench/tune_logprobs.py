@@ -1,12 +1,16 @@
-"""Launch settings of the log-prob kernels, swept on the GPU: which (block, warps, split) reads logits fastest.
+"""Launch settings of the log-prob kernels, swept on the GPU: which (block, warps, split, prefetch) reads logits
+fastest.
 
     python bench/tune_logprobs.py                    # CUDA: the shapes below, bf16
     TRITON_INTERPRET=1 python bench/tune_logprobs.py --smoke   # CPU: a tiny shape through the interpreter
 
 The defaults (kernels/logprobs.py: 4096-column blocks, 8 warps, a vocabulary split only when rows are fewer than
-2 programs per SM; kernels/rewards.py: 4096-column blocks, 8 warps) were set on the first H200 run. That run read
-16384 x 151936 logits at 71% of copy bandwidth but 4096 x 128256 at 31%, though every row is a program either way;
-scoring micro-batches hold a few thousand response tokens, so the small-row case is the one the trainer meets.
+2 programs per SM, no prefetch; kernels/rewards.py: 4096-column blocks, 8 warps) were set on the first H200 run.
+That run read 16384 x 151936 logits at 71% of copy bandwidth but 4096 x 128256 at 31%, though every row is a program
+either way; scoring micro-batches hold a few thousand response tokens, so the small-row case is the one the trainer
+meets. Prefetch (the next block's load issued before the current block's max reduction, so a load stays in flight
+through it) costs registers: 48 -> 64 per thread for the bf16 forward, 5 -> 4 programs per SM
+(bench/results/kernel_resources_sm90.md); only a GPU says which wins.
 For each kernel and shape this times every setting in the grid (CUDA events, median of --repeats calls after
 warm-up), checks that each setting gives the default's outputs, and reports GB/s, the share of the measured copy
 bandwidth and the speed-up over the default. Writes bench/results/tune_logprobs_<device>.md.
@@ -113,15 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         logit_bytes = logits.numel() * logits.element_size()
 
         def forward(setting):
-            block, num_warps, split = setting
+            block, num_warps, split, prefetch = setting
             logprobs, stats, _ = lp_kernels.logprobs_forward(logits, labels, block=block, num_warps=num_warps,
-                                                             split=split)
+                                                             split=split, prefetch=prefetch)
             return logprobs, stats
 
         default_block = lp_kernels._forward_block(vocab)
-        default = (default_block, default_warps(default_block, 2048),
-                   lp_kernels.choose_split(rows_count, vocab, logits.device, default_block))
-        grid = list(itertools.product(blocks, warps, splits))
+        default_split = lp_kernels.choose_split(rows_count, vocab, logits.device, default_block)
+        default = (default_block, default_warps(default_block, 2048), default_split, lp_kernels.FORWARD_PREFETCH)
+        # Prefetching with the default's split only: it changes how each program streams, not how rows divide.
+        grid = (list(itertools.product(blocks, warps, splits, (False,)))
+                + list(itertools.product(blocks, warps, (default_split,), (True,))))
         sections.append((f"token_logprobs forward, {rows_count} x {vocab}", default,
                          sweep(f"forward {rows_count} x {vocab}", grid, default, forward, close, logit_bytes,
                                device, repeats)))
@@ -145,15 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         others = [torch.randn_like(logits, dtype=torch.float32).mul_(2).to(dtype) for _ in range(2)]
 
         def three(setting):
-            block, num_warps = setting
+            block, num_warps, prefetch = setting
             return reward_kernels.three_logprobs_forward(logits, others[0], labels, dpo_logits=others[1],
-                                                         block_v=block, num_warps=num_warps)
+                                                         block_v=block, num_warps=num_warps, prefetch=prefetch)
 
         block = min(4096, 1 << (vocab - 1).bit_length())
-        default = (block, default_warps(block, 4096))
+        default = (block, default_warps(block, 4096), lp_kernels.FORWARD_PREFETCH)
         sections.append((f"three log-probs (policy, reference, DPO), {rows_count} x {vocab}", default,
-                         sweep(f"three {rows_count} x {vocab}", grid, default, three, close, 3 * logit_bytes,
-                               device, repeats)))
+                         sweep(f"three {rows_count} x {vocab}", list(itertools.product(blocks, warps, (False, True))),
+                               default, three, close, 3 * logit_bytes, device, repeats)))
 
     import triton
 
@@ -162,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
              f"Hardware: {hardware(device)}; torch {torch.__version__}, triton {triton.__version__}, "
              f"Python {platform.python_version()}" + (f"; copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""),
              "", f"{'bf16' if device == 'cuda' else 'float32'} logits; median of {repeats} calls (CUDA events) after "
-             "two warm-up calls. Setting = (block, warps, split) for the forward, (block, warps) otherwise. "
+             "two warm-up calls. Setting = (block, warps, split, prefetch) for the forward, (block, warps) for the "
+             "backward, (block, warps, prefetch) for the three log-probs (prefetch: each stream loads the next block "
+             "before reducing the current one). "
              "GB/s counts the logits bytes read (and written, for the backward).", ""]
     for title, default, rows in sections:
         default_ms = next((ms for setting, ms, _ in rows if setting == default and ms is not None), None)

@@ -30,16 +30,19 @@ import triton.language as tl
 FORWARD_BLOCK = 4096
 BACKWARD_BLOCK = 4096
 MAX_SPLIT = 64
+# Whether the forward streams prefetch the next block (see _online_block_update); off until measured on a GPU.
+FORWARD_PREFETCH = False
 
 
 @triton.jit
 def _online_block_update(row_ptr, col_start, col_end, n_blocks, inv_temperature, active,
-                         BLOCK: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr):
+                         BLOCK: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, PREFETCH: tl.constexpr):
     """Stream columns [col_start, col_end) of one row; return (m, s, t) of z = x * inv_temperature.
 
     One cross-warp reduction per block (the max): s and t are kept per lane, relative to the common running max,
     and summed once at the end. (Reducing s and t every block as well cost two more barrier-synchronised
-    reductions per 4096 columns.)"""
+    reductions per 4096 columns.) PREFETCH issues the next block's load before the current block's arithmetic, so
+    each program keeps a load in flight through its max reduction (a block of registers more per thread)."""
     offsets = tl.arange(0, BLOCK)
     # The running max starts at a finite stand-in for -inf: exp(m_old - m_new) is then a clean 0, never the NaN of
     # (-inf) - (-inf) when a whole block is -inf (masked vocabulary entries, padding columns, ignored rows).
@@ -48,10 +51,18 @@ def _online_block_update(row_ptr, col_start, col_end, n_blocks, inv_temperature,
     t_lanes = tl.zeros((BLOCK,), tl.float32)
     # Inactive rows (ignore_index) get an empty column range: their masked loads touch no memory.
     col_limit = tl.where(active, col_end, col_start)
+    if PREFETCH:
+        cols = col_start + offsets
+        x_next = tl.load(row_ptr + cols, mask=cols < col_limit, other=float("-inf"))
     for block in range(0, n_blocks):
-        cols = col_start + block * BLOCK + offsets
-        mask = cols < col_limit
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            # The block after the last is past col_limit: a fully masked load, no memory traffic.
+            cols = col_start + (block + 1) * BLOCK + offsets
+            x_next = tl.load(row_ptr + cols, mask=cols < col_limit, other=float("-inf"))
+        else:
+            cols = col_start + block * BLOCK + offsets
+            x = tl.load(row_ptr + cols, mask=cols < col_limit, other=float("-inf")).to(tl.float32)
         z = x * inv_temperature
         new_m = tl.maximum(m, tl.max(z, axis=0))
         alpha = tl.exp(m - new_m)
@@ -76,7 +87,7 @@ def _label_logit(row_ptr, label, valid, inv_temperature):
 def _logprobs_fwd_kernel(logits_ptr, stride_row, labels_ptr, logprobs_ptr, stats_ptr, entropy_ptr,
                          part_m_ptr, part_s_ptr, part_t_ptr, vocab_size, split_cols, n_blocks,
                          inv_temperature, ignore_index, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-                         COMPUTE_ENTROPY: tl.constexpr):
+                         COMPUTE_ENTROPY: tl.constexpr, PREFETCH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -85,7 +96,7 @@ def _logprobs_fwd_kernel(logits_ptr, stride_row, labels_ptr, logprobs_ptr, stats
     col_start = part * split_cols
     col_end = tl.minimum(col_start + split_cols, vocab_size)
     m, s, t = _online_block_update(row_ptr, col_start, col_end, n_blocks, inv_temperature, valid,
-                                   BLOCK, COMPUTE_ENTROPY)
+                                   BLOCK, COMPUTE_ENTROPY, PREFETCH)
     if SPLIT == 1:
         s = tl.where(s > 0.0, s, 1.0)  # s is 0 only on ignored rows, whose outputs are 0 anyway
         log_s = tl.log(s)
@@ -179,13 +190,14 @@ def _forward_block(vocab_size: int) -> int:
 
 
 def logprobs_forward(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, split=None,
-                     block=None, out=None, num_warps=None):
+                     block=None, out=None, num_warps=None, prefetch=None):
     """(logprobs (N,), row_stats (N, 2) = (max z, log sum exp(z - max z)), entropy (N,) or None), all float32.
 
     `split`: vocabulary splits per row (a power of 2), chosen by `choose_split` when None. `block`: columns per
     step (a power of 2; tests force small ones). `out`: optional float32 (N,) buffer for the log-probs (every
     element is written). `num_warps`: per program (bench/tune_logprobs.py sweeps it); None: 8 for blocks of 2048
-    columns or more, else 4.
+    columns or more, else 4. `prefetch`: load the next block before reducing the current one (None:
+    FORWARD_PREFETCH).
     """
     n_rows, vocab_size = logits.shape
     if logits.stride(-1) != 1:
@@ -216,7 +228,8 @@ def logprobs_forward(logits, labels, *, temperature=1.0, ignore_index=-100, retu
     _logprobs_fwd_kernel[(n_rows, split)](
         logits, logits.stride(0), labels, logprobs, row_stats, entropy_arg, part_m, part_s, part_t, vocab_size,
         split_cols, split_cols // block, inv_temperature, ignore_index, BLOCK=block, SPLIT=split,
-        COMPUTE_ENTROPY=return_entropy, num_warps=num_warps)
+        COMPUTE_ENTROPY=return_entropy, PREFETCH=FORWARD_PREFETCH if prefetch is None else bool(prefetch),
+        num_warps=num_warps)
     if split > 1:
         _logprobs_combine_kernel[(n_rows,)](
             logits, logits.stride(0), labels, logprobs, row_stats, entropy_arg, part_m, part_s, part_t,

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import logprobs as logprob_kernels
 from .logprobs import _label_logit, _online_block_update
 from .segments import segment_bounds
 
@@ -157,10 +158,10 @@ def token_rewards_forward(logprobs, ref_logprobs, mask, *, mode="rto", dpo_logpr
 
 @triton.jit
 def _row_label_logprob(row_ptr, label, valid, out_ptr, vocab_size, n_blocks, inv_temperature,
-                       BLOCK_V: tl.constexpr):
+                       BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
     """log softmax(row / T)[label] into out_ptr (0 for an ignored row), streaming the row once."""
     running_max, sum_exp, _ = _online_block_update(row_ptr, 0, vocab_size, n_blocks, inv_temperature, valid,
-                                                   BLOCK_V, False)
+                                                   BLOCK_V, False, PREFETCH)
     sum_exp = tl.where(sum_exp > 0.0, sum_exp, 1.0)  # 0 only on ignored rows, whose output is 0 anyway
     label_z = _label_logit(row_ptr, label, valid, inv_temperature)
     tl.store(out_ptr, tl.where(valid, (label_z - running_max) - tl.log(sum_exp), 0.0))
@@ -171,7 +172,8 @@ def _three_logprobs_kernel(logits_ptr, ref_logits_ptr, dpo_logits_ptr, labels_pt
                            logprobs_ptr, ref_logprobs_ptr, dpo_logprobs_ptr,
                            inner_size, vocab_size, ignore_index, inv_temperature,
                            logits_stride_outer, logits_stride_inner, ref_stride_outer, ref_stride_inner,
-                           dpo_stride_outer, dpo_stride_inner, BLOCK_V: tl.constexpr):
+                           dpo_stride_outer, dpo_stride_inner,
+                           BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
     # One program per (row, model): the same streaming loop as token_logprobs' forward, chosen by a branch on
     # the model so that the three tensors may have different dtypes.
     row = tl.program_id(0).to(tl.int64)
@@ -183,13 +185,13 @@ def _three_logprobs_kernel(logits_ptr, ref_logits_ptr, dpo_logits_ptr, labels_pt
     n_blocks = tl.cdiv(vocab_size, BLOCK_V)
     if model == 0:
         _row_label_logprob(logits_ptr + outer * logits_stride_outer + inner * logits_stride_inner, label, valid,
-                           logprobs_ptr + row, vocab_size, n_blocks, inv_temperature, BLOCK_V)
+                           logprobs_ptr + row, vocab_size, n_blocks, inv_temperature, BLOCK_V, PREFETCH)
     elif model == 1:
         _row_label_logprob(ref_logits_ptr + outer * ref_stride_outer + inner * ref_stride_inner, label, valid,
-                           ref_logprobs_ptr + row, vocab_size, n_blocks, inv_temperature, BLOCK_V)
+                           ref_logprobs_ptr + row, vocab_size, n_blocks, inv_temperature, BLOCK_V, PREFETCH)
     else:
         _row_label_logprob(dpo_logits_ptr + outer * dpo_stride_outer + inner * dpo_stride_inner, label, valid,
-                           dpo_logprobs_ptr + row, vocab_size, n_blocks, inv_temperature, BLOCK_V)
+                           dpo_logprobs_ptr + row, vocab_size, n_blocks, inv_temperature, BLOCK_V, PREFETCH)
 
 
 def _rows_view(logits, labels):
@@ -209,13 +211,14 @@ def _rows_view(logits, labels):
 
 
 def three_logprobs_forward(logits, ref_logits, labels, *, dpo_logits=None, temperature=1.0, ignore_index=-100,
-                           block_v=None, num_warps=None):
+                           block_v=None, num_warps=None, prefetch=None):
     """(logprobs, ref_logprobs, dpo_logprobs or None), float32 of labels' shape, one pass over each logits row.
 
     logits tensors: labels' shape plus a vocabulary dimension, any float dtype, unit stride along the vocabulary
     (other strides are followed, so `logits[:, :-1]` needs no copy). Labels must be inside [0, V) or equal to
     ignore_index (checked by the caller). `block_v` forces the vocabulary block size (a power of 2), `num_warps`
-    the warps per program (None: 8 for blocks of 4096 or more, else 4).
+    the warps per program (None: 8 for blocks of 4096 or more, else 4), `prefetch` whether each stream loads the
+    next block before reducing the current one (None: the token_logprobs forward's FORWARD_PREFETCH).
     """
     vocab_size = logits.shape[-1]
     num_rows = labels.numel()
@@ -236,5 +239,6 @@ def three_logprobs_forward(logits, ref_logits, labels, *, dpo_logits=None, tempe
         inner_size, vocab_size, int(ignore_index), 1.0 / float(temperature),
         views[0].stride(0), views[0].stride(1), views[1].stride(0), views[1].stride(1),
         views[2].stride(0), views[2].stride(1),
-        BLOCK_V=block_v, num_warps=num_warps or (8 if block_v >= 4096 else 4))
+        BLOCK_V=block_v, PREFETCH=logprob_kernels.FORWARD_PREFETCH if prefetch is None else bool(prefetch),
+        num_warps=num_warps or (8 if block_v >= 4096 else 4))
     return logprobs, ref_logprobs, dpo_logprobs

@@ -295,6 +295,21 @@ def test_kernel_vocab_split(device, split, block, vocab_size, dtype):
     assert_within_budget(grad_out, expected, baseline, dtype=dtype, name="kernel grad")
 
 
+@pytest.mark.parametrize("split,block,vocab_size", [(1, 128, 1000), (4, 64, 1000), (2, 256, 4999)])
+def test_kernel_prefetch_gives_the_plain_stream_bitwise(device, split, block, vocab_size):
+    """The prefetching stream (next block loaded before the current one is reduced) does the same arithmetic in the
+    same order: equal bits, with -inf blocks, ignored rows, entropy and a vocabulary split."""
+    kernels = pytest.importorskip("rto_fast.kernels.logprobs")
+    logits = make_logits((9,), vocab_size, torch.bfloat16, device)
+    logits[2, : 3 * block] = float("-inf")  # whole leading blocks of -inf
+    labels = make_labels((9,), vocab_size, device)
+    labels[2] = vocab_size - 1
+    outputs = [kernels.logprobs_forward(logits, labels, temperature=0.7, return_entropy=True, split=split,
+                                        block=block, prefetch=prefetch) for prefetch in (False, True)]
+    for plain, prefetched in zip(*outputs):
+        assert torch.equal(plain, prefetched)
+
+
 def test_choose_split():
     kernels = pytest.importorskip("rto_fast.kernels.logprobs")
     device = torch.device("cpu")

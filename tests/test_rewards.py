@@ -340,6 +340,9 @@ def test_three_logprobs_kernel_mixed_dtypes_and_strides():
     ref_only = kernels.three_logprobs_forward(policy, ref, labels, temperature=0.8, block_v=128)
     assert ref_only[2] is None
     assert torch.equal(ref_only[0], got[0]) and torch.equal(ref_only[1], got[1])
+    prefetched = kernels.three_logprobs_forward(policy, ref, labels, dpo_logits=dpo, temperature=0.8, block_v=128,
+                                                prefetch=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, prefetched))  # the same arithmetic, loads issued earlier
 
 
 # ---------------------------------------------------------------------------------------------------------------
