@@ -52,8 +52,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "trl", "liger-kernel", "pybind11>=2.12", "wheel"],
+        "test": ["pytest>=8", "trl", "liger-kernel", "pybind11>=2.12", "wheel", "tensorboard", "wandb"],
         "bench": ["trl", "liger-kernel"],
+        "trackers": ["tensorboard", "wandb"],  # runtime.report_to
     },
     zip_safe=False,
 )

@@ -266,6 +266,10 @@ class RuntimeConfig:
                                   "top operators and kernels) and .trace.json; 0: off")
     profile_trace: bool = option(True, "with profile_step: also write the Chrome trace (hundreds of MB for a long "
                                        "step on a GPU)")
+    report_to: list[str] = option(help="experiment trackers that also receive every metrics record: tensorboard "
+                                       "(<output_dir>/tensorboard), wandb", factory=list)
+    run_name: str | None = option(None, "the run's name in the trackers (default: the output folder's name)")
+    wandb_project: str = option("rto_fast", "wandb project of the run")
 
 
 @dataclass
@@ -532,6 +536,11 @@ def _validate(config: Config) -> Config:
     _positive("runtime.checkpoint_every", runtime.checkpoint_every, allow_zero=True)
     _positive("runtime.keep_last", runtime.keep_last)
     _positive("runtime.profile_step", runtime.profile_step, allow_zero=True)
+    from .trackers import TRACKERS
+
+    unknown = [name for name in runtime.report_to if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"runtime.report_to: unknown tracker {unknown[0]!r}; expected some of {list(TRACKERS)}")
     if not runtime.resume.strip():
         raise ConfigError("runtime.resume: must be auto, never, or a checkpoint folder")
     return config

@@ -55,11 +55,13 @@ def _json_value(value):
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; each write is flushed and fsynced so a killed run keeps what it logged."""
+    """Append-only metrics.jsonl; each write is flushed and fsynced so a killed run keeps what it logged. `trackers`
+    (rto_fast.trackers.Trackers) also receive every record."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, trackers=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers = trackers
 
     def write(self, record: dict) -> None:
         line = json.dumps({key: _json_value(value) for key, value in record.items()})
@@ -67,6 +69,14 @@ class MetricsLog:
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        """Close the trackers (metrics.jsonl needs nothing)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
     def read(self) -> list[dict]:
         return read_metrics(self.path)

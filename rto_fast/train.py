@@ -103,6 +103,12 @@ def preflight(config: Config) -> None:
         raise UsageError(f"data.format 'prompt' has no responses; stages {', '.join(training)} need "
                          "'preference' or 'hh-rlhf' data")
     _check_stage_inputs(config)
+    from .trackers import TrackerError, check_trackers
+
+    try:
+        check_trackers(config.runtime.report_to)
+    except TrackerError as error:
+        raise UsageError(str(error)) from None
     resume = config.runtime.resume
     if resume not in ("auto", "never") and not (Path(resume) / STATE_FILE).is_file():
         raise UsageError(f"runtime.resume: {resume!r} is not a checkpoint folder (no {STATE_FILE}); "
@@ -272,21 +278,27 @@ def run(config: Config) -> Path:
 
     logger.info("run folder %s, device %s, stages %s%s", run_dir, device, ", ".join(config.stages),
                 f", {dist.world_size} ranks under DeepSpeed" if dist.engine else "")
+    from .trackers import open_trackers
+
+    trackers = open_trackers(config, run_dir) if dist.main else None  # rank 0 logs, as it writes metrics.jsonl
     context = RunContext(config=config, run_dir=run_dir, device=device, tokenizer=tokenizer,
                          train_examples=train_examples, eval_examples=eval_examples,
-                         metrics=MetricsLog(run_dir / METRICS_FILE), train_prompts=train_prompts,
+                         metrics=MetricsLog(run_dir / METRICS_FILE, trackers), train_prompts=train_prompts,
                          eval_prompts=eval_prompts, dist=dist)
-    for name in config.stages:
-        if name in TRAINING_STAGES:
-            run_stage(name, context)
-        elif name in RL_MODES:
-            from .rl import run_rl_stage
+    try:
+        for name in config.stages:
+            if name in TRAINING_STAGES:
+                run_stage(name, context)
+            elif name in RL_MODES:
+                from .rl import run_rl_stage
 
-            run_rl_stage(name, context)
-        else:
-            from .evaluation import run_eval
+                run_rl_stage(name, context)
+            else:
+                from .evaluation import run_eval
 
-            run_eval(context)
+                run_eval(context)
+    finally:
+        context.metrics.close()
     if dist.main:
         plots = write_plots(run_dir)
         table = write_summary(run_dir)
