@@ -136,6 +136,10 @@ class DPOConfig(StageConfig):
 
     lr: float = option(5e-7, "peak learning rate (AdamW)")
     beta: float = option(0.1, "DPO temperature beta")
+    precompute_ref_logprobs: bool = option(False, "score every training and evaluation pair with the reference "
+                                                  "once before training, then free the reference model: one "
+                                                  "reference forward per pair instead of one per pair and epoch, "
+                                                  "and no reference in memory while training")
 
 
 @dataclass

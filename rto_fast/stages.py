@@ -189,12 +189,14 @@ class Stage:
 
     def micro_batches(self, examples: list, indices: list[int], max_tokens: int) -> list[PackedBatch]:
         """Pack examples[indices] into micro-batches of at most max_tokens tokens; a pair stays together, chosen
-        at even and rejected at odd packed positions."""
-        sequences, units = [], []
+        at even and rejected at odd packed positions. A batch's `sequence_index` holds example * parts + part
+        (parts: 1, or 2 for pairs), which names each sequence across the batches of one example list."""
+        sequences, units = {}, []
         for index in indices:
             parts = self.sequences(examples[index])
-            units.append(list(range(len(sequences), len(sequences) + len(parts))))
-            sequences.extend(parts)
+            ids = [index * len(parts) + part for part in range(len(parts))]
+            units.append(ids)
+            sequences.update(zip(ids, parts))
         unit_lengths = [sum(len(sequences[i].input_ids) for i in unit) for unit in units]
         bins = first_fit_decreasing(unit_lengths, max_tokens)
         return [pack(sequences, [i for unit_index in bin_ for i in units[unit_index]]) for bin_ in bins]
@@ -224,8 +226,12 @@ class Stage:
         """What the step's loss is averaged over (pairs by default)."""
         return float(sum(batch.num_sequences for batch in micro_batches) // (2 if self.pairs else 1))
 
-    def prepare(self, micro_batches: list[PackedBatch]) -> list:
-        """Per micro-batch, what the loss needs besides the trained model (e.g. reference log-probs)."""
+    def before_training(self, train_examples: list, eval_examples: list) -> None:
+        """Work done once, after the models are built and before the first step (e.g. DPO's reference scores)."""
+
+    def prepare(self, micro_batches: list[PackedBatch], split: str = "train") -> list:
+        """Per micro-batch of `split` ("train" or "eval"), what the loss needs besides the trained model (e.g.
+        reference log-probs)."""
         return [None] * len(micro_batches)
 
     def loss(self, batch: PackedBatch, extra, denominator: float) -> tuple[torch.Tensor, dict]:
@@ -261,6 +267,7 @@ class SFTStage(Stage):
 class DPOStage(Stage):
     name = "dpo"
     pairs = True
+    reference_tables: dict | None = None  # split -> reference log-prob per sequence, with precompute_ref_logprobs
 
     def build(self, init_path, resume_model):
         # Reference first, then the policy: the same order in a fresh and in a resumed run.
@@ -283,7 +290,47 @@ class DPOStage(Stage):
                                    fused_output_layer=self.config.model.fused_output_layer)
         return sequence_sums(logprobs, batch)  # (S,), packed order
 
-    def prepare(self, micro_batches):
+    def before_training(self, train_examples, eval_examples):
+        """With dpo.precompute_ref_logprobs: every pair's reference log-probs, then the reference is freed."""
+        if not self.settings.precompute_ref_logprobs:
+            return
+        budget = self.settings.eval_batch_tokens or self.settings.micro_batch_tokens
+        self.reference_tables = {split: self._reference_table(examples, budget)
+                                 for split, examples in (("train", train_examples), ("eval", eval_examples))}
+        self.reference = None
+        if self.context.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("dpo: reference log-probs of %d training and %d evaluation pairs computed; reference freed",
+                    len(train_examples), len(eval_examples))
+
+    def _reference_table(self, examples: list, budget: int) -> torch.Tensor:
+        """(2 * len(examples),) float32 on the device: the reference's log-prob of sequence example * 2 + part.
+        Ranks score their share of the batches and add their tables up."""
+        dist, device = self.context.dist, self.context.device
+        table = torch.zeros(2 * len(examples), dtype=torch.float32, device=device)
+        if not examples:
+            return table
+        batches = self.micro_batches(examples, list(range(len(examples))), budget)
+        mine = split_even(batches, dist.world_size)[dist.rank] if dist.parallel else batches
+        # A partitioned (ZeRO-3) reference runs collective forwards: every rank runs as many, extras are dropped.
+        passes = dist.max(len(mine)) if distributed.zero_stage(dist) == 3 else len(mine)
+        scored = []
+        with torch.inference_mode(), _autocast(self.context):
+            for index in range(passes):
+                batch = (mine or batches)[min(index, len(mine or batches) - 1)].to(device)
+                values = self._sequence_logprobs(self.reference, batch, False)
+                if index < len(mine):
+                    scored.append((batch.sequence_index, values.float().clone()))
+        for sequence_index, values in scored:
+            table[sequence_index] = values
+        if dist.parallel:
+            torch.distributed.all_reduce(table)
+        return table
+
+    def prepare(self, micro_batches, split="train"):
+        if self.reference_tables is not None:
+            table = self.reference_tables[split]
+            return [table[batch.sequence_index.to(table.device)] for batch in micro_batches]
         # Once per batch, before the policy passes; no autograd graph, no saved activations.
         with torch.inference_mode(), _autocast(self.context):
             reference = [self._sequence_logprobs(self.reference, batch, False) for batch in micro_batches]
@@ -382,7 +429,7 @@ def evaluate(stage: Stage, eval_batches: list[PackedBatch]) -> dict:
     totals: dict = {}
     with torch.inference_mode():
         batches = [batch.to(stage.context.device) for batch in eval_batches]
-        extras = stage.prepare(batches)
+        extras = stage.prepare(batches, "eval")
         with _autocast(stage.context):
             for batch, extra in zip(batches, extras):
                 _, stats = stage.loss(batch, extra, 1.0)
@@ -487,6 +534,7 @@ def run_stage(name: str, context: RunContext) -> Path:
                 len(context.train_examples), len(context.eval_examples), init_path,
                 f", resuming from {resume_from}" if resume_from else "")
     stage.build(init_path, resume_from / MODEL_DIR if resume_from else None)
+    stage.before_training(context.train_examples, context.eval_examples)
 
     dist = context.dist
     schedule = (lambda at: lr_factor(at, total_steps, settings))  # noqa: E731

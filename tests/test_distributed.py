@@ -302,3 +302,19 @@ def test_two_rank_checkpoint_resumes_identically(tmp_path):
     rto = [(r["step"], r["kl"], r["true_reward"], r["pg_loss"]) for r in _records(full) if r["stage"] == "rto"]
     assert rto == [(r["step"], r["kl"], r["true_reward"], r["pg_loss"]) for r in _records(resumed)
                    if r["stage"] == "rto"]
+
+
+@deepspeed_installed
+def test_zero3_dpo_with_the_reference_scored_once(single_process_run, tmp_path):
+    """dpo.precompute_ref_logprobs under ZeRO-3: the partitioned reference scores each rank's share of the pairs in
+    collective passes, the ranks add their tables up, and DPO trains as it does with the live reference."""
+    run = tmp_path / "run"
+    _run(run, "runtime.deepspeed={zero_optimization: {stage: 3}}", "stages=[sft,dpo]",
+         "dpo.precompute_ref_logprobs=true", processes=2)
+    expected = [r for r in _records(single_process_run) if r["stage"] == "dpo"]
+    records = [r for r in _records(run) if r["stage"] == "dpo"]
+    assert [r["step"] for r in records] == [r["step"] for r in expected]
+    for want, got in zip(expected, records):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["reward_margin"] == pytest.approx(want["reward_margin"], rel=1e-3, abs=1e-5)
+    assert "reference freed" in (run / "train.log").read_text()

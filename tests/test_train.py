@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from rto_fast import checkpoint as ckpt
 from rto_fast import models, stages
 from rto_fast.config import load_config
-from rto_fast.run_log import read_metrics
+from rto_fast.run_log import MetricsLog, read_metrics
 from rto_fast.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,3 +408,43 @@ def test_profile_step_writes_phases_top_operators_and_a_trace(tmp_path):
         assert re.search(r"^\| aten::\w+ \| \d+ \| [\d.]+ \| [\d.]+% \|", summary, flags=re.M), summary[:3000]
         assert json.loads((folder / "step_2.trace.json").read_text())["traceEvents"]
     assert len(stage_records(run_dir, "sft")) == 3  # profiling changes nothing else
+
+
+def test_dpo_precomputed_reference_logprobs_train_like_the_live_reference(tmp_path):
+    """dpo.precompute_ref_logprobs: the reference scores every pair once and is freed; training and evaluation see
+    the same reference log-probs as when it runs every step (up to the rounding of a different packing)."""
+    common = ["stages=[dpo]", "dpo.max_steps=4", "dpo.eval_every=2", "dpo.epochs=2"]
+    live = stage_records(run_main(tmp_path / "live", *common), "dpo")
+    cached = stage_records(run_main(tmp_path / "cached", *common, "dpo.precompute_ref_logprobs=true"), "dpo")
+    assert [r["step"] for r in live] == [r["step"] for r in cached] == [1, 2, 3, 4]
+    for a, b in zip(live, cached):
+        for key in ("loss", "reward_margin", "eval_loss", "eval_reward_margin"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a["step"])
+    log = (tmp_path / "cached" / "train.log").read_text()
+    assert "reference log-probs of 32 training and 16 evaluation pairs computed; reference freed" in log
+
+
+def test_dpo_reference_table_names_every_sequence_by_example_and_part(tmp_path):
+    config = load_config(None, [*BASE, f"runtime.output_dir={tmp_path}", "stages=[dpo]",
+                                "dpo.precompute_ref_logprobs=true"])
+    tokenizer = models.build_tokenizer()
+    examples = [{"prompt_ids": [1, 5 + i], "chosen_ids": [7, 8, 9][: 1 + i % 3], "rejected_ids": [10 + i]}
+                for i in range(7)]
+    context = stages.RunContext(config=config, run_dir=tmp_path, device=torch.device("cpu"), tokenizer=tokenizer,
+                         train_examples=examples, eval_examples=examples[:3],
+                         metrics=MetricsLog(tmp_path / "m.jsonl"))
+    stage = stages.DPOStage(context, config.dpo)
+    stage.build("tiny", None)
+    reference = stage.reference
+    stage.before_training(examples, examples[:3])
+    assert stage.reference is None and stage.reference_tables["train"].shape == (14,)
+    batches = stage.micro_batches(examples, [4, 1, 6], 10)  # a small budget: several batches
+    assert len(batches) > 1
+    assert sorted(i for batch in batches for i in batch.sequence_index.tolist()) == [2, 3, 8, 9, 12, 13]
+    for batch, cached in zip(batches, stage.prepare(batches)):
+        ids = batch.sequence_index.tolist()
+        assert all(chosen % 2 == 0 and rejected == chosen + 1 for chosen, rejected in zip(ids[0::2], ids[1::2]))
+        with torch.inference_mode():
+            live = stage._sequence_logprobs(reference, batch, False)
+        assert torch.allclose(cached, live, atol=1e-5)
