@@ -17,6 +17,10 @@ from rto_fast import reference
 from tests.utils import assert_within_budget, cpu_isas, poison_like
 
 BACKENDS = ["triton", "torch", "reference"]
+# The loss and its statistics are sums over tokens: the kernels add blocks of 1024 in float32 and then the blocks,
+# PyTorch in its own order, so the two differ by a few roundings even where PyTorch's float32 sum happens to land on
+# the float64 value (baseline error ~0): 4 roundings of slack rather than 2 (seen: 3.1 ulp, 1 run in ~400).
+REDUCTION_SLACK = 4.0
 GAMMA_LAMBDA = [(1.0, 1.0), (0.99, 0.95), (1.0, 0.95), (0.9, 0.0)]
 pytestmark = pytest.mark.usefixtures("tensors_on_test_device")
 
@@ -242,11 +246,11 @@ def _check_ppo(loss, stats, inputs, grads, **kwargs):
         results[dtype] = (ref_loss.detach(), ref_stats, dict(zip(leaves, ref_grads)))
     expected, baseline = results[torch.float64], results[torch.float32]
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_within_budget(loss.detach(), expected[0], baseline[0], name="loss")
+    assert_within_budget(loss.detach(), expected[0], baseline[0], name="loss", slack=REDUCTION_SLACK)
     assert set(stats) == set(reference_stat_names())
     for name, value in stats.items():
         assert value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad, name
-        assert_within_budget(value, expected[1][name], baseline[1][name], name=name)
+        assert_within_budget(value, expected[1][name], baseline[1][name], name=name, slack=REDUCTION_SLACK)
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype
         assert bool((grad[~inputs["mask"]] == 0).all()), f"d loss / d {name}: nonzero outside the mask"
@@ -409,9 +413,9 @@ def test_gae_ppo_loss_equals_composition(backend, whiten, agg, packed):
     expected, baseline = composed(torch.float64), composed(torch.float32)
     assert_within_budget(advantages, expected[2], baseline[2], name="advantages")
     assert_within_budget(returns, expected[3], baseline[3], name="returns")
-    assert_within_budget(loss.detach(), expected[0], baseline[0], name="loss")
+    assert_within_budget(loss.detach(), expected[0], baseline[0], name="loss", slack=REDUCTION_SLACK)
     for name in stats:
-        assert_within_budget(stats[name], expected[1][name], baseline[1][name], name=name)
+        assert_within_budget(stats[name], expected[1][name], baseline[1][name], name=name, slack=REDUCTION_SLACK)
     for name, got, want, base in zip(("logprobs", "values"), grads, expected[4], baseline[4]):
         assert_within_budget(got, want, base, name=f"d loss / d {name}")
 
