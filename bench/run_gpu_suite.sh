@@ -50,7 +50,7 @@ wait
 
 step bench_logprobs 50 python3 bench/bench_logprobs.py --device cuda
 # Launch settings of the log-prob kernels (block, warps, split) against the defaults, per shape.
-step tune_logprobs 90 python3 bench/tune_logprobs.py
+step tune_logprobs 150 python3 bench/tune_logprobs.py
 trl_args=()
 [ -n "$trl_path" ] && trl_args=(--trl-path "$trl_path")
 # Iteration 4 of each side is profiled (phases, top kernels: appended to the report) and not timed.
