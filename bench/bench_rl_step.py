@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for side in ("ours", "trl"):
             results[side] = run_side(side, spec)
-            print(side, json.dumps(summarize(results[side], args.profile)), flush=True)  # kept even if the other side fails
+            # Printed now: kept even if the other side fails.
+            print(side, json.dumps(summarize(results[side], args.profile)), flush=True)
 
     ours, peer = summarize(results["ours"], args.profile), summarize(results["trl"], args.profile)
     import torch

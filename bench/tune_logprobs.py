@@ -109,6 +109,35 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = copy_bandwidth_gbs(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
+    def report() -> None:
+        """Written after every shape, so that a run stopped at its time limit keeps what it measured."""
+        import triton
+
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        copy = f"; copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""
+        lines = ["# Log-prob kernel launch settings (" + device + ")", "",
+                 f"Command: `python bench/tune_logprobs.py {command}`  ",
+                 f"Hardware: {hardware(device)}; torch {torch.__version__}, triton {triton.__version__}, "
+                 f"Python {platform.python_version()}{copy}", "",
+                 f"{'bf16' if device == 'cuda' else 'float32'} logits; median of {repeats} calls (CUDA events) after "
+                 "two warm-up calls. Setting = (block, warps, split, prefetch) for the forward, (block, warps) for "
+                 "the backward, (block, warps, prefetch) for the three log-probs (prefetch: each stream loads the "
+                 "next block before reducing the current one). GB/s counts the logits bytes read (and written, for "
+                 "the backward).", ""]
+        for title, default, rows in sections:
+            default_ms = next((ms for setting, ms, _ in rows if setting == default and ms is not None), None)
+            lines += [f"## {title}", "", f"Default setting: {default}", "",
+                      "| setting | ms | GB/s | of copy bandwidth | x default |", "|---|---|---|---|---|"]
+            timed_rows = sorted((row for row in rows if row[1] is not None), key=lambda row: row[1])
+            for setting, ms, gbs in timed_rows:
+                share = f"{100 * gbs / bandwidth:.0f}%" if bandwidth else "n/a"
+                speedup = f"{default_ms / ms:.2f}x" if default_ms else "n/a"
+                lines.append(f"| {setting} | {ms:.3f} | {gbs:,.0f} | {share} | {speedup} |")
+            for setting, _, problem in (row for row in rows if row[1] is None):
+                lines.append(f"| {setting} | n/a | {problem} | | |")
+            lines.append("")
+        write_report(lines, args.output or ROOT / "results" / f"tune_logprobs_{device}.md")
+
     sections = []
     for rows_count, vocab in shapes:
         torch.manual_seed(0)
@@ -160,31 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append((f"three log-probs (policy, reference, DPO), {rows_count} x {vocab}", default,
                          sweep(f"three {rows_count} x {vocab}", list(itertools.product(blocks, warps, (False, True))),
                                default, three, close, 3 * logit_bytes, device, repeats)))
+        report()
 
-    import triton
-
-    lines = ["# Log-prob kernel launch settings (" + device + ")", "",
-             "Command: `python bench/tune_logprobs.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`  ",
-             f"Hardware: {hardware(device)}; torch {torch.__version__}, triton {triton.__version__}, "
-             f"Python {platform.python_version()}" + (f"; copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""),
-             "", f"{'bf16' if device == 'cuda' else 'float32'} logits; median of {repeats} calls (CUDA events) after "
-             "two warm-up calls. Setting = (block, warps, split, prefetch) for the forward, (block, warps) for the "
-             "backward, (block, warps, prefetch) for the three log-probs (prefetch: each stream loads the next block "
-             "before reducing the current one). "
-             "GB/s counts the logits bytes read (and written, for the backward).", ""]
-    for title, default, rows in sections:
-        default_ms = next((ms for setting, ms, _ in rows if setting == default and ms is not None), None)
-        lines += [f"## {title}", "", f"Default setting: {default}", "",
-                  "| setting | ms | GB/s | of copy bandwidth | x default |", "|---|---|---|---|---|"]
-        timed_rows = sorted((row for row in rows if row[1] is not None), key=lambda row: row[1])
-        for setting, ms, gbs in timed_rows:
-            share = f"{100 * gbs / bandwidth:.0f}%" if bandwidth else "n/a"
-            speedup = f"{default_ms / ms:.2f}x" if default_ms else "n/a"
-            lines.append(f"| {setting} | {ms:.3f} | {gbs:,.0f} | {share} | {speedup} |")
-        for setting, _, problem in (row for row in rows if row[1] is None):
-            lines.append(f"| {setting} | n/a | {problem} | | |")
-        lines.append("")
-    write_report(lines, args.output or ROOT / "results" / f"tune_logprobs_{device}.md")
     return 0
 
 
