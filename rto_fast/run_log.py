@@ -205,7 +205,8 @@ def _format(value) -> str:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Per stage: steps, tokens, wall time, tokens/s, last train loss and the last value of each eval metric."""
+    """Per stage: steps, tokens, wall time, tokens/s, the largest step peak of CUDA memory (when logged), the last
+    train loss and the last value of each eval metric."""
     rows = []
     for stage in dict.fromkeys(record.get("stage") for record in records if record.get("stage")):
         stage_records = [record for record in records if record.get("stage") == stage]
@@ -218,6 +219,9 @@ def summarize(records: list[dict]) -> list[dict]:
             values = [record[key] for record in stage_records if _finite(record.get(key))]
             if values:
                 row[key] = values[-1]
+        peaks = [record["peak_memory_mb"] for record in stage_records if _finite(record.get("peak_memory_mb"))]
+        if peaks:  # CUDA runs: the stage's largest step peak
+            row["peak_memory_mb"] = max(peaks)
         rows.append(row)
     return rows
 
@@ -225,7 +229,7 @@ def summarize(records: list[dict]) -> list[dict]:
 def summary_table(rows: list[dict]) -> str:
     """A markdown table with one row per stage."""
     columns = ["stage", "steps", "tokens", "time_s", "tokens_per_s"]
-    columns += [key for key in SUMMARY_KEYS if any(key in row for row in rows)]
+    columns += [key for key in ("peak_memory_mb", *SUMMARY_KEYS) if any(key in row for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_format(row.get(column)) for column in columns) + " |")

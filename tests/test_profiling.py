@@ -80,3 +80,19 @@ def test_phase_outside_a_profiled_step_records_no_memory():
     with profiling.phase("anything") as active:
         pass
     assert active.name == "anything"
+
+
+def test_run_summary_shows_each_stage_s_largest_step_peak():
+    from rto_fast.run_log import summarize, summary_table
+
+    records = [{"stage": "sft", "step": 1, "tokens_seen": 10, "elapsed_s": 1.0, "loss": 2.0, "peak_memory_mb": 900},
+               {"stage": "sft", "step": 2, "tokens_seen": 20, "elapsed_s": 2.0, "loss": 1.5, "peak_memory_mb": 1200},
+               {"stage": "sft", "step": 3, "tokens_seen": 30, "elapsed_s": 3.0, "loss": 1.2, "peak_memory_mb": 1100},
+               {"stage": "dpo", "step": 1, "tokens_seen": 8, "elapsed_s": 1.0, "loss": 0.6}]
+    rows = summarize(records)
+    assert rows[0]["peak_memory_mb"] == 1200 and "peak_memory_mb" not in rows[1]
+    table = summary_table(rows).splitlines()
+    assert table[0].startswith("| stage | steps | tokens | time_s | tokens_per_s | peak_memory_mb | loss |")
+    assert table[2].split(" | ")[5] == "1200" and table[3].split(" | ")[5] == "-"
+    no_memory = summary_table(summarize(records[3:])).splitlines()[0]
+    assert "peak_memory_mb" not in no_memory  # CPU runs: no column
