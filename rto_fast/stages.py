@@ -295,13 +295,14 @@ class DPOStage(Stage):
         if not self.settings.precompute_ref_logprobs:
             return
         budget = self.settings.eval_batch_tokens or self.settings.micro_batch_tokens
+        started = time.perf_counter()
         self.reference_tables = {split: self._reference_table(examples, budget)
                                  for split, examples in (("train", train_examples), ("eval", eval_examples))}
         self.reference = None
         if self.context.device.type == "cuda":
             torch.cuda.empty_cache()
-        logger.info("dpo: reference log-probs of %d training and %d evaluation pairs computed; reference freed",
-                    len(train_examples), len(eval_examples))
+        logger.info("dpo: reference log-probs of %d training and %d evaluation pairs computed in %.1f s; reference "
+                    "freed", len(train_examples), len(eval_examples), time.perf_counter() - started)
 
     def _reference_table(self, examples: list, budget: int) -> torch.Tensor:
         """(2 * len(examples),) float32 on the device: the reference's log-prob of sequence example * 2 + part.

@@ -40,3 +40,18 @@ def test_tune_logprobs_smoke_run_reports_every_setting(tmp_path):
     text = output.read_text()
     assert text.count("Default setting:") == 3 and "outputs differ" not in text and "Error" not in text
     assert text.count("1.00x") == 3  # the default is timed in each section
+
+
+@pytest.mark.slow
+def test_dpo_step_benchmark_runs_both_sides(tmp_path):
+    """bench/bench_dpo_step.py end to end on a tiny setting: both sides train the same pairs from the same model and
+    start at the DPO loss of a policy equal to its reference."""
+    pytest.importorskip("trl")
+    import bench_dpo_step
+
+    output = tmp_path / "dpo.md"
+    assert bench_dpo_step.main(["--device", "cpu", "--batch", "4", "--steps", "3", "--warmup", "1",
+                                "--precompute-ref", "--output", str(output)]) == 0
+    rows = [line for line in output.read_text().splitlines() if line.startswith(("| rto_fast", "| TRL"))]
+    assert len(rows) == 2 and all("| 0.6931 |" in row for row in rows)
+    assert all(row.split(" | ")[3] != "-" for row in rows)  # both precompute times measured
