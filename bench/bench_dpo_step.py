@@ -108,7 +108,7 @@ def run_trl(spec: dict) -> dict:
     args = DPOConfig(
         output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=spec["lr"], beta=0.1,
-        loss_type=["sigmoid"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,  # the default loss: sigmoid
         max_length=spec["max_prompt"] + spec["max_response"], precompute_ref_log_probs=spec["precompute_ref"],
         save_strategy="no", report_to=[], logging_steps=1, seed=spec["seed"], use_cpu=spec["device"] == "cpu",
         bf16=spec["device"] == "cuda", dataloader_drop_last=True, disable_dropout=True)
