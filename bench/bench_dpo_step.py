@@ -76,6 +76,7 @@ def run_ours(spec: dict) -> dict:
         f"dpo.micro_batch_tokens={2 * spec['batch'] * (spec['max_prompt'] + spec['max_response'])}",
         f"dpo.lr={spec['lr']}", "dpo.beta=0.1", "dpo.warmup_ratio=0", "dpo.weight_decay=0",
         f"dpo.precompute_ref_logprobs={str(spec['precompute_ref']).lower()}",
+        f"model.fused_output_layer={str(spec['fused_output_layer']).lower()}",
         f"runtime.device={spec['device']}", f"runtime.output_dir={output}", "runtime.progress_bar=false",
         "runtime.checkpoint_every=0", "runtime.resume=never", f"runtime.dtype={dtype}", f"model.dtype={dtype}"]
     if main(overrides) != 0:
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precompute-ref", action="store_true",
                         help="both sides score the reference once before training (TRL precompute_ref_log_probs, "
                              "rto_fast dpo.precompute_ref_logprobs)")
+    parser.add_argument("--fused-output-layer", action="store_true",
+                        help="rto_fast computes log-probs from the output layer's input (model.fused_output_layer)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(workdir)
         spec = {"device": args.device, "seed": 0, "workdir": str(workdir), "batch": batch, "steps": args.steps,
                 "lr": 1e-5, "max_prompt": 64, "max_response": 64, "threads": args.threads,
-                "precompute_ref": args.precompute_ref,
+                "precompute_ref": args.precompute_ref, "fused_output_layer": args.fused_output_layer,
                 "policy": build_policy(workdir / "policy", model, 0,
                                        args.vocab or (None if model == "tiny" else PYTHIA_VOCAB)),
                 "pairs": str(write_pairs(workdir / "data", batch * args.steps, 0))}
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = args.vocab or (259 if model == "tiny" else PYTHIA_VOCAB)
     reference = ("scored once before training on both sides" if args.precompute_ref
                  else "run in every step on both sides")
+    fused = "; fused output layer on our side" if args.fused_output_layer else ""
     command = "python bench/bench_dpo_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# The DPO stage: rto_fast vs TRL {results['trl'].get('trl_version', '?')} DPOTrainer ({args.device})",
              "", f"Command: `{command.strip()}`  ",
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        else ""), "",
              f"Model {model} (random weights, vocabulary {vocab}), {batch} pairs of the synthetic task per optimizer "
              f"step, one micro-batch per step on each side, {args.steps} steps of which the first {args.warmup} are "
-             f"not timed; reference {reference}. "
+             f"not timed; reference {reference}{fused}. "
              "Ratios: ours / TRL for speed (pairs/s; > 1 is faster), ours / TRL for memory.", "",
              "| | step s | pairs/s | reference precompute s | peak memory MiB | first-step loss |",
              "|---|---|---|---|---|---|"]
