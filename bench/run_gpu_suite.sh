@@ -66,8 +66,8 @@ step bench_rl_step_fused 130 python3 bench/bench_rl_step.py --device cuda --mode
     --response-length 256 --iterations 3 --fused-output-layer --output bench/results/rl_step_cuda_fused.md \
     "${trl_args[@]}"
 # The DPO stage against TRL's DPOTrainer (needs trl and datasets importable, e.g. from the TRL path).
-step bench_dpo_step 120 env PYTHONPATH="${trl_path}${PYTHONPATH:+:$PYTHONPATH}" python3 bench/bench_dpo_step.py \
-    --device cuda --model pythia-410m
+step bench_dpo_step 120 env PYTHONPATH="${trl_path}${PYTHONPATH:+:$PYTHONPATH}" python3 bench/bench_train_step.py \
+    --stage dpo --device cuda --model pythia-410m
 # Memory-lean: the fused output layer and activation checkpointing (on both sides).
 step bench_rl_step_lean 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 --fused-output-layer --gradient-checkpointing \

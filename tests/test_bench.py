@@ -43,15 +43,21 @@ def test_tune_logprobs_smoke_run_reports_every_setting(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_step_benchmark_runs_both_sides(tmp_path):
-    """bench/bench_dpo_step.py end to end on a tiny setting: both sides train the same pairs from the same model and
-    start at the DPO loss of a policy equal to its reference."""
+@pytest.mark.parametrize("stage", ["dpo", "sft"])
+def test_train_step_benchmark_runs_both_sides(tmp_path, stage):
+    """bench/bench_train_step.py end to end on a tiny setting: both sides train the same rows from the same model and
+    start from the same loss (DPO: log 2, a policy equal to its reference; SFT: the random model's NLL)."""
     pytest.importorskip("trl")
-    import bench_dpo_step
+    import bench_train_step
 
-    output = tmp_path / "dpo.md"
-    assert bench_dpo_step.main(["--device", "cpu", "--batch", "4", "--steps", "3", "--warmup", "1",
-                                "--precompute-ref", "--output", str(output)]) == 0
+    output = tmp_path / "step.md"
+    extra = ["--precompute-ref"] if stage == "dpo" else []
+    assert bench_train_step.main(["--stage", stage, "--device", "cpu", "--batch", "4", "--steps", "3", "--warmup",
+                                  "1", *extra, "--output", str(output)]) == 0
     rows = [line for line in output.read_text().splitlines() if line.startswith(("| rto_fast", "| TRL"))]
-    assert len(rows) == 2 and all("| 0.6931 |" in row for row in rows)
-    assert all(row.split(" | ")[3] != "-" for row in rows)  # both precompute times measured
+    assert len(rows) == 2
+    losses = [float(row.split(" | ")[5].rstrip(" |")) for row in rows]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+    if stage == "dpo":
+        assert losses[0] == pytest.approx(0.6931, abs=1e-4)
+        assert all(row.split(" | ")[3] != "-" for row in rows)  # both precompute times measured
