@@ -271,7 +271,7 @@ class RuntimeConfig:
     profile_trace: bool = option(True, "with profile_step: also write the Chrome trace (hundreds of MB for a long "
                                        "step on a GPU)")
     report_to: list[str] = option(help="experiment trackers that also receive every metrics record: tensorboard "
-                                       "(<output_dir>/tensorboard), wandb", factory=list)
+                                       "(<output_dir>/tensorboard/<stage>), wandb", factory=list)
     run_name: str | None = option(None, "the run's name in the trackers (default: the output folder's name)")
     wandb_project: str = option("rto_fast", "wandb project of the run")
 

@@ -7,7 +7,8 @@ Usage:
     trackers.close()
 
 Each record's numbers go out as `<stage>/<key>` against the stage's own step: TensorBoard scalars in
-`<output_dir>/tensorboard` (`global_step` = the record's step), and a Weights & Biases run whose `<stage>/*` charts
+`<output_dir>/tensorboard/<stage>` (`global_step` = the record's step; a resumed stage hides the events its
+checkpoint does not cover), and a Weights & Biases run whose `<stage>/*` charts
 use `<stage>/step` as their x axis. The wandb run's id is kept in `<output_dir>/wandb_run_id`, so a resumed run
 continues the same wandb run (`resume="allow"`); `WANDB_MODE=offline` works as wandb documents. The packages are
 optional and imported only when asked for.
@@ -63,13 +64,10 @@ class Trackers:
     def __init__(self, names, run_dir: Path, run_name: str, config: dict, wandb_project: str):
         self.names = list(names)
         self._steps: dict[str, int] = {}  # records without a step (evaluation) count per stage
-        self._tensorboard = None
+        self._tensorboard_dir = Path(run_dir) / TENSORBOARD_DIR if "tensorboard" in self.names else None
+        self._tensorboard: dict[str, object] = {}  # stage -> SummaryWriter
         self._wandb = None
         self._wandb_stages: set[str] = set()
-        if "tensorboard" in self.names:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
         if "wandb" in self.names:
             import wandb
 
@@ -89,10 +87,11 @@ class Trackers:
         numbers = _numbers(record)
         if not numbers:
             return
-        if self._tensorboard is not None:
+        if self._tensorboard_dir is not None:
+            writer = self._tensorboard_writer(stage, int(step))
             for key, value in numbers.items():
-                self._tensorboard.add_scalar(f"{stage}/{key}", value, global_step=int(step))
-            self._tensorboard.flush()  # a killed run keeps what it logged, as metrics.jsonl does
+                writer.add_scalar(f"{stage}/{key}", value, global_step=int(step))
+            writer.flush()  # a killed run keeps what it logged, as metrics.jsonl does
         if self._wandb is not None:
             if stage not in self._wandb_stages:
                 self._wandb.define_metric(f"{stage}/step")
@@ -100,10 +99,21 @@ class Trackers:
                 self._wandb_stages.add(stage)
             self._wandb.log({f"{stage}/step": int(step), **{f"{stage}/{key}": value for key, value in numbers.items()}})
 
+    def _tensorboard_writer(self, stage: str, first_step: int):
+        """One writer (and folder) per stage, opened at the stage's first record in this process with that step as
+        purge_step: a resumed stage's earlier events from that step on (logged before the kill, past the
+        checkpoint) are hidden, as metrics.jsonl drops them."""
+        if stage not in self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard[stage] = SummaryWriter(log_dir=str(self._tensorboard_dir / stage),
+                                                     purge_step=first_step)
+        return self._tensorboard[stage]
+
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+        for writer in self._tensorboard.values():
+            writer.close()
+        self._tensorboard = {}
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -35,7 +35,7 @@ def test_tensorboard_gets_every_number_of_every_record(tmp_path):
 
     run_dir = tmp_path / "run"
     records = _train(run_dir, "sft.max_steps=3", "runtime.report_to=[tensorboard]")
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "tensorboard" / "sft"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"sft/loss", "sft/lr", "sft/tokens_per_s", "sft/eval_loss", "sft/grad_norm"} <= tags
@@ -45,6 +45,32 @@ def test_tensorboard_gets_every_number_of_every_record(tmp_path):
         if "loss" in record:
             assert math.isclose(losses[record["step"]], record["loss"], rel_tol=1e-6)  # stored as float32
     assert [event.step for event in events.Scalars("sft/eval_loss")] == [2, 3]
+
+
+def test_tensorboard_hides_what_a_resumed_stage_logs_again(tmp_path):
+    """Steps logged after the checkpoint by a killed run are logged again by the resumed run: TensorBoard shows the
+    resumed run's values only (purge_step), as metrics.jsonl does."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rto_fast.trackers import Trackers
+
+    first = Trackers(["tensorboard"], tmp_path, "run", {}, "p")
+    for step in (1, 2, 3):
+        first.log({"stage": "sft", "step": step, "loss": float(step)})
+    first.close()  # killed after step 3; the checkpoint holds step 1
+    resumed = Trackers(["tensorboard"], tmp_path, "run", {}, "p")
+    for step in (2, 3, 4):
+        resumed.log({"stage": "sft", "step": step, "loss": 10.0 * step})
+    resumed.log({"stage": "dpo", "step": 1, "loss": 0.7})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "sft"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("sft/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0),
+                                                                                   (4, 40.0)]
+    dpo = EventAccumulator(str(tmp_path / "tensorboard" / "dpo"))
+    dpo.Reload()
+    assert [event.step for event in dpo.Scalars("dpo/loss")] == [1]
 
 
 class FakeRun:
