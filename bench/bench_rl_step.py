@@ -132,6 +132,13 @@ def write_prompts(path: Path, count: int, seed: int) -> None:
             handle.write(json.dumps({"prompt": make_prompt(rng)}) + "\n")
 
 
+def run_peak_mb(records: list[dict], device: str) -> float:
+    """Our side's peak: on CUDA the largest step peak the trainer logged (it resets the allocator's counter every
+    step), elsewhere the process's peak RSS."""
+    peaks = [record["peak_memory_mb"] for record in records if "peak_memory_mb" in record]
+    return max(peaks) if device == "cuda" and peaks else peak_memory_mb(device)
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         import torch
@@ -171,11 +178,8 @@ def run_ours(spec: dict) -> dict:
     records = [record for record in read_metrics(output / "metrics.jsonl") if record.get("stage") == "ppo"]
     iterations = [{"generate": r["time_generate_s"], "score": r["time_score_s"], "train": r["time_train_s"],
                    "total": r["time_s"], "tokens": r["tokens"]} for r in records]
-    # The trainer resets CUDA's peak counter at every iteration and logs each iteration's peak: the run's peak is
-    # the largest of them (CPU: the process's peak RSS).
-    peaks = [r["peak_memory_mb"] for r in records if "peak_memory_mb" in r]
-    peak = max(peaks) if spec["device"] == "cuda" and peaks else peak_memory_mb(spec["device"])
-    result = {"iterations": iterations, "peak_mb": peak, "attention": chosen_backends().get(spec["device"], "?")}
+    result = {"iterations": iterations, "peak_mb": run_peak_mb(records, spec["device"]),
+              "attention": chosen_backends().get(spec["device"], "?")}
     if spec["profile"]:
         result["profile"] = (output / "ppo" / "profile" / f"step_{spec['profile']}.md").read_text()
     return result
@@ -308,11 +312,12 @@ def run_trl(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def run_side(side: str, spec: dict) -> dict:
-    """Run one side in a fresh subprocess (OMP_NUM_THREADS from --threads) and read back its JSON result."""
+def run_side(side: str, spec: dict, script: str = __file__) -> dict:
+    """Run one side of `script` (`--side ours|trl`) in a fresh subprocess (OMP_NUM_THREADS from --threads) and read
+    back its JSON result."""
     result_path = Path(spec["workdir"]) / f"{side}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, __file__, "--side", side, "--spec", json.dumps(spec), "--result", str(result_path)]
+    command = [sys.executable, script, "--side", side, "--spec", json.dumps(spec), "--result", str(result_path)]
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if completed.returncode != 0:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,9 +31,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from bench_rl_step import PYTHIA, PYTHIA_VOCAB, model_config, peak_memory_mb, sized_tokenizer  # noqa: E402
+from bench_rl_step import (PYTHIA, PYTHIA_VOCAB, model_config, peak_memory_mb, run_peak_mb, run_side,  # noqa: E402
+                           sized_tokenizer)
 
-ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
 
@@ -92,9 +90,8 @@ def run_ours(spec: dict) -> dict:
     precompute = re.search(r"pairs computed in ([\d.]+) s", (output / "train.log").read_text())
     elapsed = [0.0] + [record["elapsed_s"] for record in records]
     steps = [after - before for before, after in zip(elapsed, elapsed[1:])]
-    peaks = [record["peak_memory_mb"] for record in records if "peak_memory_mb" in record]
-    peak = max(peaks) if spec["device"] == "cuda" and peaks else peak_memory_mb(spec["device"])
-    return {"step_s": steps, "precompute_s": float(precompute.group(1)) if precompute else None, "peak_mb": peak,
+    return {"step_s": steps, "precompute_s": float(precompute.group(1)) if precompute else None,
+            "peak_mb": run_peak_mb(records, spec["device"]),
             "losses": [record["loss"] for record in records]}
 
 
@@ -160,18 +157,6 @@ def run_trl(spec: dict) -> dict:
             "peak_mb": peak_memory_mb(spec["device"]), "losses": losses, "trl_version": trl.__version__}
 
 
-def run_side(side: str, spec: dict) -> dict:
-    """One side in a fresh process (OMP_NUM_THREADS from --threads); its JSON result."""
-    result_path = Path(spec["workdir"]) / f"{side}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, __file__, "--side", side, "--spec", json.dumps(spec), "--result", str(result_path)]
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-6000:])
-        raise SystemExit(f"the {side} side failed (exit {completed.returncode})")
-    return json.loads(result_path.read_text())
-
-
 def summarize(result: dict, warmup: int, batch: int) -> dict:
     timed = result["step_s"][warmup:] or result["step_s"]
     step = sum(timed) / len(timed)
@@ -228,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pairs": str(write_pairs(workdir / "data", batch * args.steps, 0))}
         results = {}
         for side in ("ours", "trl"):
-            results[side] = run_side(side, spec)
+            results[side] = run_side(side, spec, __file__)
             print(side, json.dumps(summarize(results[side], args.warmup, batch)), flush=True)
 
     ours, peer = (summarize(results[side], args.warmup, batch) for side in ("ours", "trl"))

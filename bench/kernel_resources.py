@@ -75,9 +75,9 @@ class _CompileOnlyDriver:
 class Launch:
     """One distinct compiled kernel: its name, the compile-time constants that tell it apart, the binary."""
 
-    def __init__(self, name, constants, signature, num_warps, compiled, seconds, cases):
+    def __init__(self, name, constants, signature, num_warps, compiled, cases):
         self.name, self.constants, self.signature = name, constants, signature
-        self.num_warps, self.compiled, self.seconds, self.cases = num_warps, compiled, seconds, cases
+        self.num_warps, self.compiled, self.cases = num_warps, compiled, cases
         self.error = None
 
 
@@ -118,17 +118,15 @@ class CompileRecorder:
             if key in recorder.launches:
                 recorder.launches[key].cases.append(recorder.case)
                 return None
-            start = time.perf_counter()
             try:
                 compiled = recorder._original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
             except Exception as error:  # a compile error: the point of this script is to report it
-                launch = Launch(name, constants, signature, kwargs.get("num_warps"), None,
-                                time.perf_counter() - start, [recorder.case])
+                launch = Launch(name, constants, signature, kwargs.get("num_warps"), None, [recorder.case])
                 launch.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
                 recorder.launches[key] = launch
                 return None
             recorder.launches[key] = Launch(name, constants, signature, compiled.metadata.num_warps, compiled,
-                                            time.perf_counter() - start, [recorder.case])
+                                            [recorder.case])
             return None
 
         JITFunction.run = run
@@ -348,7 +346,7 @@ def collect(arch: int, only=None):
     rows = []
     for launch in recorder.launches.values():
         row = {"kernel": launch.name, "constants": launch.constants, "warps": launch.num_warps,
-               "dtypes": launch.signature, "seconds": launch.seconds, "cases": launch.cases,
+               "dtypes": launch.signature, "cases": launch.cases,
                "error": launch.error}
         if launch.compiled is not None:
             usage = resources(launch.compiled)
