@@ -264,11 +264,7 @@ RTO_INLINE void ppo_span_vectorized(const PpoArgs<float>& a, int64_t begin, int6
 
 // 4, 8 and 8 lanes (one thread, 524288 tokens with values: 2.2, 1.0 and 1.0 ms against 8.6 ms token by token). The
 // AVX-512 copy keeps 8 lanes: with 16, GCC turns part of the compare-and-select code into scalar code (2.3 ms).
-RTO_PPO_SPAN(baseline, __attribute__((noinline)), 4)
-#if RTO_SIMD_X86
-RTO_PPO_SPAN(avx2, RTO_AVX2_ATTRIBUTES, 8)
-RTO_PPO_SPAN(avx512, RTO_AVX512_ATTRIBUTES, 8)
-#endif
+RTO_SIMD_COPIES(RTO_PPO_SPAN, 4, 8, 8)
 
 // One pass over the tokens in chunks of kPpoChunk (in parallel): per chunk, its weighted sums of (pg, vf, clipfrac,
 // approx_kl, vf_clipfrac) into partials[chunk * 5 + k]; per token, d loss / d logprobs and d loss / d values already

@@ -196,12 +196,7 @@ RTO_INLINE void backward_row(const T* x, T* out, int64_t label, int64_t vocab, f
     backward_row<WIDTH>(x, out, label, vocab, temperature, m, log_s, g_lp, g_h, entropy, with_entropy);             \
   }
 
-RTO_ROW_FUNCTIONS(baseline, __attribute__((noinline)), 4)
-
-#if RTO_SIMD_X86
-RTO_ROW_FUNCTIONS(avx2, RTO_AVX2_ATTRIBUTES, 8)
-RTO_ROW_FUNCTIONS(avx512, RTO_AVX512_ATTRIBUTES, 16)
-#endif
+RTO_SIMD_COPIES(RTO_ROW_FUNCTIONS, 4, 8, 16)
 
 
 template <typename T>

@@ -131,10 +131,17 @@ inline Isa detect_isa() {
     case rto_simd::Isa::kAvx2: FUNCTION##_avx2(__VA_ARGS__); break;     \
     default: FUNCTION##_baseline(__VA_ARGS__);                \
   }
+// DEFINE(SUFFIX, ATTRIBUTES, WIDTH) for each copy: FUNCTION_baseline / _avx2 / _avx512 with their lane counts.
+#define RTO_SIMD_COPIES(DEFINE, BASELINE_WIDTH, AVX2_WIDTH, AVX512_WIDTH) \
+  DEFINE(baseline, __attribute__((noinline)), BASELINE_WIDTH)             \
+  DEFINE(avx2, RTO_AVX2_ATTRIBUTES, AVX2_WIDTH)                           \
+  DEFINE(avx512, RTO_AVX512_ATTRIBUTES, AVX512_WIDTH)
 #else
 #define RTO_SIMD_X86 0
 inline Isa detect_isa() { return Isa::kBaseline; }
 #define RTO_DISPATCH(ISA, FUNCTION, ...) FUNCTION##_baseline(__VA_ARGS__)
+#define RTO_SIMD_COPIES(DEFINE, BASELINE_WIDTH, AVX2_WIDTH, AVX512_WIDTH) \
+  DEFINE(baseline, __attribute__((noinline)), BASELINE_WIDTH)
 #endif
 
 // The copy in use: the best one the CPU has, unless set_cpu_isa chose another (tests run every copy this way).
