@@ -221,27 +221,30 @@ def _ppo_loss_fwd_kernel(logprobs_ptr, old_logprobs_ptr, advantages_ptr, mask_pt
 
     if HAS_VALUES:
         value = tl.load(values_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-        old_value = tl.load(old_values_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
         target = tl.load(returns_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        error = value - target
         if CLIP_VALUES:
+            old_value = tl.load(old_values_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
             # clamp(v, old - c, old + c): equal to v exactly inside the range (old + clamp(v - old) is not).
             low = old_value - value_clip
             high = old_value + value_clip
             clipped_value = tl.minimum(tl.maximum(value, low), high)
             value_in_range = (value >= low) & (value <= high)
+            clipped_error = clipped_value - target
+            vf_unclipped = error * error
+            vf_clipped = clipped_error * clipped_error
+            vf = 0.5 * tl.maximum(vf_unclipped, vf_clipped)
+            grad_vf = _max_branch_grad(vf_unclipped, vf_clipped, error,
+                                       tl.where(value_in_range, clipped_error, 0.0))
+            vf_clip_flag = (vf_clipped > vf_unclipped).to(tl.float32)
+            tl.store(partials_ptr + pid * 8 + 4, tl.sum(weight * vf_clip_flag, axis=0))
         else:
-            clipped_value = value
-            value_in_range = valid
-        error = value - target
-        clipped_error = clipped_value - target
-        vf_unclipped = error * error
-        vf_clipped = clipped_error * clipped_error
-        vf = 0.5 * tl.maximum(vf_unclipped, vf_clipped)
-        grad_vf = _max_branch_grad(vf_unclipped, vf_clipped, error, tl.where(value_in_range, clipped_error, 0.0))
+            # Both branches are the plain squared error, and the clip fraction stays 0 (partials start zeroed).
+            # Written out rather than as a max of equal terms: Triton 3.6's ptxas spilled a register on that form.
+            vf = 0.5 * error * error
+            grad_vf = error
         tl.store(grad_values_ptr + offsets, tl.where(valid, (weight * vf_coef) * grad_vf, 0.0), mask=inside)
-        vf_clip_flag = (vf_clipped > vf_unclipped).to(tl.float32)
         tl.store(partials_ptr + pid * 8 + 1, tl.sum(tl.where(valid, weight * vf, 0.0), axis=0))
-        tl.store(partials_ptr + pid * 8 + 4, tl.sum(weight * vf_clip_flag, axis=0))
 
 
 def ppo_loss_forward(logprobs, old_logprobs, advantages, mask, weights, *, weight_mode=WEIGHT_SCALAR,
