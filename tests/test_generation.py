@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          MistralConfig, OPTConfig)
+                          MistralConfig, OPTConfig, Qwen2Config)
 
 from rto_fast import generation
 from rto_fast.generation import SamplingSettings, decode, draw_tokens, filter_logits, generate
@@ -41,6 +41,12 @@ def tiny_model(kind: str):
     elif kind == "opt":  # learned positions with an offset, computed by the model from the attention mask
         config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=256, word_embed_proj_dim=32, tie_word_embeddings=False)
+    elif kind == "qwen2":  # biases on q, k, v
+        config = Qwen2Config(num_key_value_heads=2, **common)
+    elif kind == "qwen3":  # per-head RMS norms on q and k
+        from transformers import Qwen3Config
+
+        config = Qwen3Config(num_key_value_heads=2, head_dim=8, **common)
     elif kind == "gemma2":  # eager attention with logit softcapping, sliding and full layers alternating
         config = Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=6, **common)
     else:  # a window shorter than the sequences, so the sliding layers matter
@@ -99,7 +105,7 @@ def left_padded(prompts):
     return ids, mask
 
 
-@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2", "qwen2", "qwen3", "mistral"])
 def test_fixed_shape_steps_decode_what_growing_steps_decode(kind):
     """The fixed-shape steps (what CUDA graphs replay: whole-cache attention, in-place inputs, rows kept to the
     end) give the growing steps' tokens: greedy with eos, and sampled under one seed (no rows dropped). Mistral's
@@ -119,6 +125,54 @@ def test_fixed_shape_steps_decode_what_growing_steps_decode(kind):
         torch.manual_seed(7)
         runs.append(decode(model, ids, mask, sampled, fixed_shapes=fixed_shapes, **kwargs))
     assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2", "qwen2", "qwen3"])
+def test_a_fixed_shape_step_reads_nothing_back_from_the_device(kind, monkeypatch):
+    """A CUDA graph cannot capture a step that reads a tensor's value on the host (`.item()`, a tensor in an `if`,
+    `.tolist()`, `nonzero`): capture fails and decoding silently falls back to eager steps. The model's decode step
+    (transformers' forward with our cache and prepared mask) must read none; counted here on CPU, where the same
+    Python runs."""
+    reads = []
+    inside = {"step": False}
+
+    def counting(original, name):
+        def read(*args, **kwargs):
+            if inside["step"]:
+                reads.append(name)
+            return original(*args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), name))
+    monkeypatch.setattr(torch, "nonzero", counting(torch.nonzero, "torch.nonzero"))
+    eager_step = generation._FixedShapeSteps._eager
+
+    def watched_step(self):
+        inside["steps"] = inside.get("steps", 0) + 1
+        inside["step"] = True
+        try:
+            return eager_step(self)
+        finally:
+            inside["step"] = False
+
+    monkeypatch.setattr(generation._FixedShapeSteps, "_eager", watched_step)
+    inside["step"] = True  # the counter counts: a read inside a step
+    bool(torch.ones(()) > 0)
+    inside["step"] = False
+    assert reads == ["__bool__"]
+    reads.clear()
+    model = tiny_model(kind)
+    ids, mask = left_padded(random_prompts([5, 9, 2]))
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0, ban_eos=True)
+    with generation.generation_attention(model):
+        tokens = decode(model, ids, mask, settings, eos_token_id=VOCAB - 1, pad_token_id=PAD, fixed_shapes=True)
+    assert tokens.shape == (3, 6)
+    import transformers
+
+    # transformers 4 builds the mask in every layer: no fixed-shape steps there (growing steps instead)
+    assert inside.get("steps") == 5 or int(transformers.__version__.split(".")[0]) < 5
+    assert reads == [], f"the decode step reads tensor values on the host: {reads}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

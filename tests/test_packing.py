@@ -182,7 +182,19 @@ def tiny_neox(implementation):
     return AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
 
 
-BUILDERS = {"llama": tiny_llama, "neox": tiny_neox}
+def tiny_qwen(implementation, version=2):
+    """Qwen2 (biases on q, k, v) or Qwen3 (RMS norms on q and k per head)."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = (transformers.Qwen2Config(**common) if version == 2
+              else transformers.Qwen3Config(head_dim=16, **common))
+    return AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "neox": tiny_neox, "qwen2": tiny_qwen,
+            "qwen3": lambda implementation: tiny_qwen(implementation, version=3)}
 
 
 @pytest.fixture
@@ -214,7 +226,7 @@ def own_logits(model, sequences, batch):
 
 
 @pytest.mark.parametrize("attention_backend", ["sdpa", "flex", "packed-sdpa"], indirect=True)
-@pytest.mark.parametrize("kind", ["llama", "neox"])
+@pytest.mark.parametrize("kind", ["llama", "neox", "qwen2", "qwen3"])
 def test_packed_logits_equal_each_sequence_alone(kind, attention_backend):
     model = model_for(kind, attention_backend)
     sequences = random_sequences([7, 1, 19, 4, 12])
