@@ -8,8 +8,9 @@
 - sampling: `filter_logits` removes exactly the tokens transformers' temperature / top-k / top-p warpers remove;
   `draw_tokens` draws each token with its probability (frequencies over many draws), never a zero-probability one,
   also at the extreme uniform numbers; seeded runs repeat, other seeds differ;
-- fixed-shape steps (the CUDA-graph path, run eagerly on CPU) decode what the growing steps decode; on a GPU, the
-  replayed graph decodes what eager steps decode;
+- fixed-shape steps (the CUDA-graph path, run eagerly on CPU) decode what the growing steps decode (Qwen2 and
+  Qwen3 too) and read no tensor value back on the host (which graph capture cannot take); on a GPU, the replayed
+  graph decodes what eager steps decode;
 - the cache: preallocated layers hand out views of the filled part, refuse to overflow, keep a subset of rows;
 - settings: unknown engine, static cache without the transformers engine.
 """

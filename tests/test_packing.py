@@ -2,7 +2,7 @@
 
 - planning: first-fit-decreasing respects the budget, places every sequence once; rank balancing;
 - packing: labels shifted within each sequence, position_ids, cu_seqlens, unpacking helpers;
-- attention: for a tiny Llama and a tiny GPT-NeoX (fp32, random weights) packed logits equal each sequence's own
+- attention: for a tiny Llama, GPT-NeoX, Qwen2 and Qwen3 (fp32, random weights) packed logits equal each sequence's own
   logits on every CPU path; packed calls never touch the KV cache (the cross-sequence contamination trap);
 - models: the shipped tokenizer, the tiny model, ValueHeadModel save/load.
 """
