@@ -170,6 +170,7 @@ def run_ours(spec: dict) -> dict:
         f"model.dtype={'bf16' if spec['device'] == 'cuda' else 'fp32'}", f"model.tokenizer={spec['paths']['policy']}",
         f"model.fused_output_layer={str(spec['fused_output_layer']).lower()}",
         f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}",
+        f"rl.offload_frozen_models={str(spec.get('offload_frozen', False)).lower()}",
         f"runtime.profile_step={spec['profile']}", "runtime.profile_trace=false"]
     if main(overrides) != 0:
         raise SystemExit("the rto_fast run failed")
@@ -361,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                              "shipped tokenizer's 259 for tiny, Pythia's 50304 for the Pythia shapes")
     parser.add_argument("--fused-output-layer", action="store_true",
                         help="rto_fast computes log-probs from the output layer's input (model.fused_output_layer)")
+    parser.add_argument("--offload-frozen", action="store_true",
+                        help="rto_fast keeps its frozen models (reference, reward model) in host memory outside "
+                             "their scoring passes (rl.offload_frozen_models; TRL has no such option, so the memory "
+                             "ratio then compares different setups)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="activation checkpointing in the trained models, on both sides")
     parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
@@ -391,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path,
                 "generation": args.generation, "fused_output_layer": args.fused_output_layer,
                 "gradient_checkpointing": args.gradient_checkpointing, "profile": args.profile,
+                "offload_frozen": args.offload_frozen,
                 "vocab": args.vocab or (None if model == "tiny" else PYTHIA_VOCAB)}
         if spec["rollout_batch"] % spec["micro_batch"]:
             raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
@@ -425,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{spec['response_length']} tokens, {spec['ppo_epochs']} PPO epochs with one optimizer step each, "
              f"micro-batches of {spec['micro_batch']} responses; rto_fast's generation: {spec['generation']}"
              f"{'; fused output layer' if spec['fused_output_layer'] else ''}"
+             f"{'; rto_fast offloads its frozen models to host memory (TRL cannot)' if spec['offload_frozen'] else ''}"
              f"{'; gradient checkpointing on both sides' if spec['gradient_checkpointing'] else ''}; "
              f"rto_fast's packed attention: {results['ours'].get('attention', '?')}; "
              f"mean of {ours['timed_iterations']} timed iterations "

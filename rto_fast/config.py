@@ -198,6 +198,11 @@ class RLConfig:
     ppo_epochs: int = option(2, "passes of PPO updates over each rollout batch")
     mini_batch_size: int = option(16, "responses per optimizer step")
     micro_batch_tokens: int = option(4096, "token budget of one packed micro-batch (scoring and training)")
+    offload_frozen_models: bool = option(False, "keep the frozen models (reference, DPO, reward model) in pinned "
+                                                "host memory and copy each to the GPU only for its scoring pass: "
+                                                "their GPU memory is free for training, for one host-to-device "
+                                                "copy of their weights per iteration (no effect on CPU; under "
+                                                "ZeRO-3 use zero_optimization.offload_param)")
     clip_eps: float = option(0.2, "PPO ratio clip epsilon")
     clip_eps_high: float | None = option(None, "upper ratio clip (decoupled clipping); null: clip_eps")
     value_clip: float = option(0.2, "value clip around the rollout values")

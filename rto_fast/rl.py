@@ -7,10 +7,11 @@ One iteration:
 1. rollouts: `rl.rollout_batch_size` prompts (each `rl.samples_per_prompt` times), sampled from the policy with the
    KV cache (rto_fast.generation); a response stops at eos or is cut at `max_new_tokens` (then it has no eos, its
    last token is the last generated one, and `rl.missing_eos_penalty` can charge for it);
-2. scoring passes on packed prompt + response streams, in inference mode, micro-batch by micro-batch (no model's
-   logits are held beyond one micro-batch): policy (old log-probs), reference, DPO model (rto and dppo; and for the
-   DPO implicit-reward metric whenever a DPO model exists), critic (values), reward model (score at the last token:
-   the eos when there is one; never a padding position, there is none);
+2. scoring passes on packed prompt + response streams, in inference mode, model by model over the micro-batches (no
+   model's logits are held beyond one micro-batch): policy (old log-probs), reference, DPO model (rto and dppo; and
+   for the DPO implicit-reward metric whenever a DPO model exists), critic (values), reward model (score at the last
+   token: the eos when there is one; never a padding position, there is none); with `rl.offload_frozen_models` the
+   frozen models live in host memory and each is copied to the GPU for its pass only (rto_fast.offload);
 3. `ops.token_rewards` (mode rto / ppo / dppo), `ops.gae` per packed micro-batch (the recursion restarts at every
    sequence), then advantage whitening over all response tokens of the rollout batch;
 4. `rl.ppo_epochs` passes over the rollouts in shuffled mini-batches of `rl.mini_batch_size` responses, each packed
@@ -61,6 +62,7 @@ from . import ops
 from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
 from .models import TINY, ValueHeadModel, load_causal_lm
+from .offload import HostResident, offload_saves_memory, on_device
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import ProgressBar
@@ -232,6 +234,9 @@ class RLTrainer:
 
     def build(self, resume_from: Path | None) -> None:
         config = self.config
+        if self.settings.offload_frozen_models and distributed.zero_stage(self.dist) == 3:
+            raise ValueError("rl.offload_frozen_models: under ZeRO-3 the frozen models are partitioned; offload "
+                             "them with runtime.deepspeed.zero_optimization.offload_param instead")
         paths = self.model_paths()
         self.paths = paths
         seed = config.runtime.seed + STAGE_SEED_OFFSET[self.mode]
@@ -264,6 +269,27 @@ class RLTrainer:
             torch.manual_seed(seed + 1)
         self.critic = self._load_trained(critic_source, settings.critic_lr, lambda: ValueHeadModel.from_pretrained(
             critic_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing))
+        self.residents: dict[int, HostResident] = {}
+        if settings.offload_frozen_models:
+            self._offload_frozen_models()
+
+    def _offload_frozen_models(self) -> None:
+        """rl.offload_frozen_models: reference, DPO and reward model into host memory (after the policy may have
+        been copied from the reference)."""
+        if not offload_saves_memory(self.device):
+            logger.info("rl.offload_frozen_models: no effect on a %s device (nothing to offload to)",
+                        self.device.type)
+            return
+        for model in (self.reference, self.dpo_model, self.reward_model):
+            if model is not None:
+                self.residents[id(model)] = HostResident(model, self.device)
+        moved = sum(resident.nbytes for resident in self.residents.values()) / 2**20
+        logger.info("rl.offload_frozen_models: %d frozen model(s), %.0f MiB, kept in host memory", len(self.residents),
+                    moved)
+
+    def frozen_on_device(self, model):
+        """Context: `model` with its weights on the device (a copy when it is offloaded, else the model itself)."""
+        return on_device(self.residents.get(id(model)), model)
 
     def _optimizer_settings(self, lr: float) -> SimpleNamespace:
         settings = self.settings
@@ -370,43 +396,50 @@ class RLTrainer:
                                                       "advantages", "returns")}
         dpo_rewards = torch.zeros(count) if self.dpo_model is not None else None
         scores = torch.zeros(count) if self.reward_model is not None else None
-        batches = build_micro_batches(sequences, settings.micro_batch_tokens)
-        # Partitioned frozen models (ZeRO-3) gather their weights in every forward: every rank runs as many passes;
-        # the extra ones repeat a batch through the frozen models only, and are dropped.
-        passes = self.dist.max(len(batches)) if distributed.zero_stage(self.dist) == 3 else len(batches)
+        host_batches = build_micro_batches(sequences, settings.micro_batch_tokens)
+        orders = [batch.sequence_index.tolist() for batch in host_batches]  # read on the host: no device sync
+        batches = [batch.to(self.device) for batch in host_batches]
+        # Model by model over all micro-batches (the per-token results are small): an offloaded frozen model is on
+        # the device for its one pass only. Partitioned frozen models (ZeRO-3) gather their weights in every forward:
+        # every rank runs as many passes through them; the extra ones repeat the last batch and are dropped.
+        frozen_passes = self.dist.max(len(batches)) if distributed.zero_stage(self.dist) == 3 else len(batches)
         fused = self.config.model.fused_output_layer
-        for index in range(passes):
-            host_batch = batches[min(index, len(batches) - 1)]
-            order = host_batch.sequence_index.tolist()  # read on the host: no device sync
-            batch = host_batch.to(self.device)
-            padding = index >= len(batches)  # only the frozen models' (collective) forwards run
-            with _autocast(self.context):
-                with phase("policy_logprobs"):
-                    logprobs = packed_logprobs(policy, batch, fused_output_layer=fused) if not padding else None
-                with phase("reference_logprobs"):
-                    ref_logprobs = packed_logprobs(self.reference, batch, fused_output_layer=fused)
-                with phase("dpo_logprobs"):
-                    dpo_logprobs = (packed_logprobs(self.dpo_model, batch, fused_output_layer=fused)
-                                    if self.dpo_model is not None else None)
-                with phase("critic_values"):
-                    values = packed_values(critic, batch) if not padding else None
-                with phase("reward_model_scores"):
-                    batch_scores = (last_token_scores(self.reward_model, batch) if self.reward_model is not None
-                                    else None)
-            if padding:
-                continue
+
+        def each_batch(name: str, model, score, passes: int = len(batches)) -> list:
+            if model is None:
+                return [None] * len(batches)
+            results = []
+            with phase(name), self.frozen_on_device(model) as model, _autocast(self.context):
+                for index in range(passes):
+                    result = score(model, batches[min(index, len(batches) - 1)])
+                    if index < len(batches):
+                        results.append(result)
+            return results
+
+        def logprobs_of(model, batch):
+            return packed_logprobs(model, batch, fused_output_layer=fused)
+
+        logprobs = each_batch("policy_logprobs", policy, logprobs_of)
+        ref_logprobs = each_batch("reference_logprobs", self.reference, logprobs_of, frozen_passes)
+        dpo_logprobs = each_batch("dpo_logprobs", self.dpo_model, logprobs_of, frozen_passes)
+        values = each_batch("critic_values", critic, packed_values)
+        batch_scores = each_batch("reward_model_scores", self.reward_model, last_token_scores, frozen_passes)
+        for index, (batch, order) in enumerate(zip(batches, orders)):
             with phase("rewards_gae"):
                 rewards, advantages, returns = self.rewards_and_advantages(
-                    batch, logprobs, ref_logprobs, dpo_logprobs, values, batch_scores,
-                    finished=torch.tensor([rollouts[i].finished for i in order], device=self.device))
-            for name, tensor in (("old_logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
-                                 ("rewards", rewards), ("advantages", advantages), ("returns", returns)):
-                for index, piece in zip(order, _split_per_sequence(tensor, batch)):
-                    fields[name][index] = piece
+                    batch, logprobs[index], ref_logprobs[index], dpo_logprobs[index], values[index],
+                    batch_scores[index], finished=torch.tensor([rollouts[i].finished for i in order],
+                                                               device=self.device))
+            for name, tensor in (("old_logprobs", logprobs[index]), ("ref_logprobs", ref_logprobs[index]),
+                                 ("values", values[index]), ("rewards", rewards), ("advantages", advantages),
+                                 ("returns", returns)):
+                for sequence, piece in zip(order, _split_per_sequence(tensor, batch)):
+                    fields[name][sequence] = piece
             if dpo_rewards is not None:
-                dpo_rewards[order] = implicit_dpo_rewards(dpo_logprobs, ref_logprobs, batch, settings.dpo_coef).cpu()
+                dpo_rewards[order] = implicit_dpo_rewards(dpo_logprobs[index], ref_logprobs[index], batch,
+                                                          settings.dpo_coef).cpu()
             if scores is not None:
-                scores[order] = batch_scores.float().cpu()
+                scores[order] = batch_scores[index].float().cpu()
         return RolloutBatch(prompts=prompts, rollouts=rollouts, dpo_rewards=dpo_rewards, scores=scores, **fields)
 
     def rewards_and_advantages(self, batch, logprobs, ref_logprobs, dpo_logprobs, values, scores, finished):
@@ -610,11 +643,14 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
             rollouts = generate(policy, [prompt.prompt_ids for prompt in prompts], sampling,
                                 eos_token_id=trainer.tokenizer.eos_token_id,
                                 pad_token_id=trainer.tokenizer.pad_token_id)
-    judges = Judges(reward_model=trainer.reward_model, dpo_model=trainer.dpo_model, ref_model=trainer.reference,
-                    beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic,
-                    fused_output_layer=trainer.config.model.fused_output_layer)
-    scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens,
-                            dist=trainer.dist if distributed.zero_stage(trainer.dist) == 3 else None)
+    with (trainer.frozen_on_device(trainer.reward_model) as reward_model,
+          trainer.frozen_on_device(trainer.dpo_model) as dpo_model,
+          trainer.frozen_on_device(trainer.reference) as ref_model):
+        judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model,
+                        beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic,
+                        fused_output_layer=trainer.config.model.fused_output_layer)
+        scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens,
+                                dist=trainer.dist if distributed.zero_stage(trainer.dist) == 3 else None)
     names = {"truth": "eval_true_reward", "dpo": "eval_dpo_reward", "rm": "eval_rm_score", "length": "eval_length",
              "finished": "eval_eos_fraction"}
     return {names.get(key, f"eval_{key}"): float(np.mean(values)) for key, values in scores.items()}

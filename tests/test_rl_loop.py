@@ -1,7 +1,9 @@
 """The RL stages (rto, ppo, dppo) on tiny models on CPU: each mode runs and logs what it promises; the rewards, returns
 and log-probs the loop uses equal the float64 reference computed from plain unpacked forwards; the score lands on a
-response's last token (eos, or the last generated token of a cut response); responses of one token work; a resumed
-RL stage ends bitwise equal to an uninterrupted one; wrong settings fail early with exit code 2."""
+response's last token (eos, or the last generated token of a cut response); responses of one token work; with the
+frozen models offloaded to host memory (forced on CPU) a run trains bitwise the same and the frozen models are on the
+device only while they score; a resumed RL stage ends bitwise equal to an uninterrupted one; wrong settings fail
+early with exit code 2."""
 
 import copy
 import json
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from rto_fast import checkpoint as ckpt
-from rto_fast import data, models, reference, rl
+from rto_fast import data, models, offload, reference, rl
 from rto_fast.config import load_config
 from rto_fast.generation import Rollout
 from rto_fast.run_log import MetricsLog, read_metrics
@@ -296,6 +298,72 @@ def test_extra_scoring_passes_for_partitioned_frozen_models_change_nothing(tmp_p
             assert torch.equal(a, b), name
     assert torch.equal(plain.scores, padded.scores) and torch.equal(plain.dpo_rewards, padded.dpo_rewards)
     assert rl.evaluate_policy(trainer, trainer.context.eval_prompts[:5]) == plain_eval
+
+
+# ------------------------------------------------------------------------------------------------ offloaded frozen models
+
+def host_pointers(model):
+    return [tensor.data_ptr() for tensor in [*model.parameters(), *model.buffers()]]
+
+
+def test_offload_is_a_no_op_on_a_cpu_device(tmp_path, assets):
+    trainer = make_trainer(assets, tmp_path, "rto", "rl.offload_frozen_models=true")
+    assert trainer.residents == {}
+
+
+@pytest.fixture
+def offload_on_cpu(monkeypatch):
+    monkeypatch.setattr(offload, "OFFLOAD_DEVICE_TYPES", ("cuda", "cpu"))
+
+
+def test_rl_with_offloaded_frozen_models_trains_bitwise_the_same(tmp_path, assets, offload_on_cpu, capsys):
+    overrides = ["stages=[rto]", "rl.iterations=2", "rl.reward_model=true", "rl.eval_every=1", "rl.eval_prompts=4",
+                 "runtime.checkpoint_every=0"]
+    results = {}
+    for name, switch in (("plain", "false"), ("offloaded", "true")):
+        run_dir = tmp_path / name
+        assert run_cli(run_dir, assets, *overrides, f"rl.offload_frozen_models={switch}") == 0
+        results[name] = [{key: value for key, value in record.items() if key not in TIME_KEYS}
+                         for record in read_metrics(run_dir / "metrics.jsonl") if record["stage"] == "rto"]
+    assert results["plain"] == results["offloaded"]
+    assert "3 frozen model(s)" in capsys.readouterr().err  # reference, DPO and reward model were offloaded
+    assert any("eval_dpo_reward" in record for record in results["plain"])
+
+
+def test_frozen_models_are_on_the_device_only_while_they_score(tmp_path, assets, offload_on_cpu):
+    """Forward hooks record whether each frozen model ran on its host tensors (offloaded) or on a device copy."""
+    trainer = make_trainer(assets, tmp_path, "rto", "rl.offload_frozen_models=true", "rl.reward_model=true")
+    frozen = {"reference": trainer.reference, "dpo": trainer.dpo_model, "reward": trainer.reward_model}
+    assert set(trainer.residents) == {id(model) for model in frozen.values()}
+    host = {name: host_pointers(model) for name, model in frozen.items()}
+    seen = []
+    for name, model in frozen.items():
+        model.register_forward_hook(lambda module, args, output, name=name: seen.append(
+            (name, host_pointers(module) == host[name])))
+
+    def is_offloaded():
+        return {name: host_pointers(model) == host[name] for name, model in frozen.items()}
+
+    prompts = trainer.context.train_prompts[:4]
+    torch.manual_seed(1)
+    rollouts = trainer.sample(prompts)
+    assert all(is_offloaded().values())
+    rollout = trainer.gather(trainer.score(prompts, rollouts))
+    assert {name for name, _ in seen} == set(frozen) and not any(on_host for _, on_host in seen)
+    assert all(is_offloaded().values())
+    training_forwards = []
+    trainer.policy.register_forward_hook(lambda *args: training_forwards.append(is_offloaded()))
+    trainer.train(rollout, iteration=1)
+    assert training_forwards and all(all(state.values()) for state in training_forwards)
+    seen.clear()
+    rl.evaluate_policy(trainer, trainer.context.eval_prompts[:3])
+    assert seen and not any(on_host for _, on_host in seen)
+
+
+def test_offload_under_zero3_names_the_setting_to_use(tmp_path, assets, offload_on_cpu, monkeypatch):
+    monkeypatch.setattr(rl.distributed, "zero_stage", lambda dist: 3)
+    with pytest.raises(ValueError, match="offload_param"):
+        make_trainer(assets, tmp_path, "rto", "rl.offload_frozen_models=true")
 
 
 # ------------------------------------------------------------------------------------------------ resume
