@@ -4,8 +4,8 @@
 #   2. the rest of the suite (trainer stages on the GPU), while the tiny pipeline trains on the GPU beside it,
 #   3. the benchmarks: bench_logprobs, tune_logprobs (kernel launch settings), bench_rl_step (against TRL 1.12,
 #      Pythia-410M-shaped with Pythia's vocabulary, one iteration of each side profiled), bench_generation,
-#      bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and with it and
-#      activation checkpointing on both sides (rl_step_cuda_lean.md).
+#      bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and with it,
+#      activation checkpointing on both sides and our frozen models offloaded (rl_step_cuda_lean.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed. The limits add up to more than one 600 s call: ONLY
 # names the steps to run (the rest are skipped), so the suite can be split over calls.
@@ -68,9 +68,10 @@ step bench_rl_step_fused 130 python3 bench/bench_rl_step.py --device cuda --mode
 # The DPO stage against TRL's DPOTrainer (needs trl and datasets importable, e.g. from the TRL path).
 step bench_dpo_step 120 env PYTHONPATH="${trl_path}${PYTHONPATH:+:$PYTHONPATH}" python3 bench/bench_train_step.py \
     --stage dpo --device cuda --model pythia-410m
-# Memory-lean: the fused output layer and activation checkpointing (on both sides).
+# Memory-lean: the fused output layer, activation checkpointing (on both sides) and rto_fast's frozen models offloaded
+# to host memory (rl.offload_frozen_models; TRL has no such option).
 step bench_rl_step_lean 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
-    --response-length 256 --iterations 3 --fused-output-layer --gradient-checkpointing \
+    --response-length 256 --iterations 3 --fused-output-layer --gradient-checkpointing --offload-frozen \
     --output bench/results/rl_step_cuda_lean.md "${trl_args[@]}"
 
 cat "$out/summary.log"
