@@ -17,7 +17,10 @@ One iteration:
 4. `rl.ppo_epochs` passes over the rollouts in shuffled mini-batches of `rl.mini_batch_size` responses, each packed
    into micro-batches of `rl.micro_batch_tokens`: fused log-probs (+ entropy) of the policy, critic values,
    `ops.ppo_loss`; gradients of a mini-batch add up over its micro-batches (each weighted by its share of the
-   mini-batch's tokens, or responses for seq-mean-token-mean), then clipping and one optimizer step.
+   mini-batch's tokens, or responses for seq-mean-token-mean), then clipping and one optimizer step. The policy runs
+   over all micro-batches of a mini-batch, then the critic (each loss reads only its own model): one model's
+   activations are alive at a time, and with separate optimizers the actor steps and frees its gradients before the
+   critic's exist.
 
 Actor and critic: separate Adam optimizers and learning rates (`rl.critic_optimizer: separate`, the official RTO
 code's choice; the loss is pg + vf, each model gets its own gradient), or one optimizer over both with the loss
@@ -493,27 +496,30 @@ class RLTrainer:
                     self.actor_optimizer.zero_grad(set_to_none=True)
                     if separate:
                         self.critic_optimizer.zero_grad(set_to_none=True)
-                for index, (chosen, pass_weight) in enumerate(passes):
-                    batch = pack(sequences, chosen).to(self.device)
+                micro_batches = []
+                for chosen, pass_weight in passes:
                     share = pass_weight * (sum(response_lengths[i] for i in chosen) / mini_tokens
                                            if settings.agg == "token-mean" else len(chosen) / len(members))
-                    stats = self._micro_batch_step(batch, rollout, chosen, share, vf_coef,
-                                                   boundary=index == len(passes) - 1)
+                    micro_batches.append((pack(sequences, chosen).to(self.device), chosen, share, pass_weight))
+
+                def accumulate(stats, share, pass_weight):
                     if pass_weight:  # device tensors: read back once, after the last pass
                         for key, value in stats.items():
                             totals[key] = totals.get(key, 0.0) + value * share
-                        shares += share
-                if engines:
-                    with phase("optimizer_step"):
-                        norms.append((self.actor_engine.step(), self.critic_engine.step()))
-                    continue
-                with phase("optimizer_step"):
-                    norms.append(self._clip_gradients(separate))
-                    self.actor_optimizer.step()
-                    self.actor_scheduler.step()
-                    if separate:
-                        self.critic_optimizer.step()
-                        self.critic_scheduler.step()
+
+                # The policy over every micro-batch, then the critic: the clipped surrogate (and the entropy bonus)
+                # reads only the policy and the value loss only the critic, so this gives the joint loss's gradients,
+                # one model's activations are alive at a time, and with separate optimizers the actor steps and
+                # frees its gradients before the critic's exist.
+                for index, (batch, chosen, share, pass_weight) in enumerate(micro_batches):
+                    accumulate(self._policy_pass(batch, rollout, chosen, share, boundary=index == len(passes) - 1),
+                               share, pass_weight)
+                    shares += share if pass_weight else 0.0
+                actor_norm = self._step_actor() if separate else None
+                for index, (batch, chosen, share, pass_weight) in enumerate(micro_batches):
+                    accumulate(self._critic_pass(batch, rollout, chosen, share, vf_coef,
+                                                 boundary=index == len(passes) - 1), share, pass_weight)
+                norms.append(self._step_critic(actor_norm) if separate else self._step_shared())
         keys = sorted(totals)
         values = [float(value) for value in torch.stack([totals[key].double() for key in keys])] if keys else []
         totals = dist.sum_dicts({**dict(zip(keys, values)), "count": shares})
@@ -524,43 +530,77 @@ class RLTrainer:
         stats["optimizer_steps"] = len(norms)
         return stats
 
-    def _micro_batch_step(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
-                          vf_coef: float, boundary: bool = True) -> dict:
-        """Forward and backward of one micro-batch: the policy's, then the critic's. The clipped surrogate (and the
-        entropy bonus) reads only the policy and the value loss only the critic, so two backward passes give exactly
-        the gradients of the joint loss, and only one model's activations are alive at a time (the peak holds one
-        model's, not both)."""
-        settings = self.settings
-        old_logprobs = _scatter_to_stream(rollout.old_logprobs, batch, chosen)
-        old_values = _scatter_to_stream(rollout.values, batch, chosen)
-        advantages = _scatter_to_stream(rollout.advantages, batch, chosen)
-        returns = _scatter_to_stream(rollout.returns, batch, chosen)
-        clipping = dict(clip_eps=settings.clip_eps, clip_eps_high=settings.clip_eps_high,
-                        value_clip=settings.value_clip, agg=settings.agg, cu_seqlens=batch.cu_seqlens)
+    def _stream_inputs(self, rollout: RolloutBatch, batch: PackedBatch, chosen: list[int], *names: str):
+        return [_scatter_to_stream(getattr(rollout, name), batch, chosen) for name in names]
 
+    def _clipping(self, batch: PackedBatch) -> dict:
+        settings = self.settings
+        return dict(clip_eps=settings.clip_eps, clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip,
+                    agg=settings.agg, cu_seqlens=batch.cu_seqlens)
+
+    def _policy_pass(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
+                     boundary: bool = True) -> dict:
+        """Forward and backward of the policy on one micro-batch (clipped surrogate, entropy bonus); its stats."""
+        settings = self.settings
+        old_logprobs, advantages = self._stream_inputs(rollout, batch, chosen, "old_logprobs", "advantages")
         with _autocast(self.context), phase("policy_forward"):
             logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True,
                                                 fused_output_layer=self.config.model.fused_output_layer)
         with phase("policy_loss"):
-            policy_loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask, **clipping)
+            policy_loss, stats = ops.ppo_loss(logprobs, old_logprobs, advantages, batch.response_mask,
+                                              **self._clipping(batch))
             mean_entropy = self._aggregate(entropy, batch)
             if settings.entropy_coef:
                 policy_loss = policy_loss - settings.entropy_coef * mean_entropy
         with phase("policy_backward"):
             self._backward(self.actor_engine, policy_loss * share, boundary)
+        stats = {name: value.detach() for name, value in stats.items() if name not in ("vf_loss", "vf_clipfrac")}
+        return {**stats, "entropy": mean_entropy.detach()}
 
+    def _critic_pass(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
+                     vf_coef: float, boundary: bool = True) -> dict:
+        """Forward and backward of the critic on one micro-batch (clipped value loss); its stats. The loss is the
+        joint one with the rollout's log-probs in the policy's place: its policy term is a constant, so only the
+        value loss has a gradient."""
+        old_logprobs, advantages, old_values, returns = self._stream_inputs(
+            rollout, batch, chosen, "old_logprobs", "advantages", "values", "returns")
         with _autocast(self.context), phase("critic_forward"):
             values = packed_values(self.critic, batch)
-        # The joint loss with the policy's log-probs detached: its gradient reaches the critic only.
         with phase("critic_loss"):
-            critic_loss, value_stats = ops.ppo_loss(logprobs.detach(), old_logprobs, advantages,
-                                                    batch.response_mask, values=values.float(),
-                                                    old_values=old_values, returns=returns, vf_coef=vf_coef,
-                                                    **clipping)
+            critic_loss, stats = ops.ppo_loss(old_logprobs, old_logprobs, advantages, batch.response_mask,
+                                              values=values.float(), old_values=old_values, returns=returns,
+                                              vf_coef=vf_coef, **self._clipping(batch))
         with phase("critic_backward"):
             self._backward(self.critic_engine, critic_loss * share, boundary)
-        stats.update(vf_loss=value_stats["vf_loss"], vf_clipfrac=value_stats["vf_clipfrac"])
-        return {**{name: value.detach() for name, value in stats.items()}, "entropy": mean_entropy.detach()}
+        return {"vf_loss": stats["vf_loss"].detach(), "vf_clipfrac": stats["vf_clipfrac"].detach()}
+
+    def _step_actor(self) -> torch.Tensor:
+        """Clip and step the actor (separate optimizers), then free its gradients; returns the norm before clipping."""
+        with phase("optimizer_step"):
+            if self.actor_engine is not None:
+                return self.actor_engine.step()
+            norm = self._clip_gradients(self.actor_parameters)
+            self.actor_optimizer.step()
+            self.actor_scheduler.step()
+            self.actor_optimizer.zero_grad(set_to_none=True)  # free before the critic's gradients exist
+            return norm
+
+    def _step_critic(self, actor_norm) -> tuple:
+        with phase("optimizer_step"):
+            if self.critic_engine is not None:
+                return actor_norm, self.critic_engine.step()
+            norm = self._clip_gradients(self.critic_parameters)
+            self.critic_optimizer.step()
+            self.critic_scheduler.step()
+            return actor_norm, norm
+
+    def _step_shared(self) -> tuple:
+        """One optimizer over actor and critic: one norm over both (clipped together), one step."""
+        with phase("optimizer_step"):
+            norm = self._clip_gradients(self.actor_parameters + self.critic_parameters)
+            self.actor_optimizer.step()
+            self.actor_scheduler.step()
+            return norm, norm
 
     @staticmethod
     def _backward(engine, loss: torch.Tensor, boundary: bool) -> None:
@@ -580,15 +620,11 @@ class RLTrainer:
         per_sequence = sequence_sums(masked, batch) / sequence_sums(mask.float(), batch).clamp_min(1)
         return per_sequence.mean()
 
-    def _clip_gradients(self, separate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clip (actor, critic) gradients to rl.max_grad_norm, each model on its own unless they share an optimizer;
-        returns the norms before clipping (device tensors, read back at the end of train)."""
+    def _clip_gradients(self, parameters: list) -> torch.Tensor:
+        """Clip the gradients of `parameters` to rl.max_grad_norm; returns their norm before clipping (a device
+        tensor, read back at the end of train)."""
         clip = self.settings.max_grad_norm if self.settings.max_grad_norm is not None else float("inf")
-        if separate:
-            return (torch.nn.utils.clip_grad_norm_(self.actor_parameters, clip),
-                    torch.nn.utils.clip_grad_norm_(self.critic_parameters, clip))
-        norm = torch.nn.utils.clip_grad_norm_(self.actor_parameters + self.critic_parameters, clip)
-        return norm, norm
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
 
     # --- checkpoints
     def save(self, folder: Path) -> None:

@@ -234,9 +234,9 @@ def test_micro_batch_budget_does_not_change_the_update(tmp_path, assets):
 
 @pytest.mark.parametrize("critic_optimizer", ["separate", "shared"])
 def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, assets, critic_optimizer):
-    """A PPO micro-batch runs the policy forward and backward before the critic's forward (one model's activations
-    alive at a time); the gradients are those of the joint loss (clipped surrogate - entropy bonus + value loss)
-    taken through both forwards at once, with the reference ppo_loss."""
+    """The policy's pass (forward and backward) and then the critic's on a micro-batch (one model's activations alive
+    at a time) give the gradients of the joint loss (clipped surrogate - entropy bonus + value loss) taken through
+    both forwards at once, with the reference ppo_loss."""
     from rto_fast.packing import pack
     from rto_fast.scoring import packed_logprobs, packed_values
 
@@ -254,7 +254,8 @@ def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, as
         model.register_forward_hook(lambda module, args, output, name=name: events.append(("forward", name)))
         first = next(model.parameters())
         first.register_hook(lambda grad, name=name: events.append(("backward", name)))
-    trainer._micro_batch_step(batch, rollout, chosen, share=1.0, vf_coef=vf_coef)
+    trainer._policy_pass(batch, rollout, chosen, share=1.0)
+    trainer._critic_pass(batch, rollout, chosen, share=1.0, vf_coef=vf_coef)
     assert events == [("forward", "policy"), ("backward", "policy"), ("forward", "critic"), ("backward", "critic")]
     models_ = (trainer.policy, trainer.critic)
     split = [[parameter.grad.clone() for parameter in model.parameters()] for model in models_]
@@ -274,6 +275,39 @@ def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, as
         assert any(grad.abs().sum() > 0 for grad in grads)
         for parameter, grad in zip(model.parameters(), grads):
             torch.testing.assert_close(grad, parameter.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("critic_optimizer", ["separate", "shared"])
+def test_actor_steps_and_frees_its_gradients_before_the_critic_pass(tmp_path, assets, critic_optimizer):
+    """A mini-batch runs the policy over all its micro-batches, then the critic. With separate optimizers the actor
+    has stepped and its gradients are freed when the critic's forwards run (the peak holds one model's gradients);
+    with one shared optimizer both step together after the critic's pass."""
+    trainer = make_trainer(assets, tmp_path, "rto", f"rl.critic_optimizer={critic_optimizer}",
+                           "rl.micro_batch_tokens=128", "rl.ppo_epochs=1")
+    prompts = trainer.context.train_prompts[:8]
+    torch.manual_seed(3)
+    rollout = trainer.gather(trainer.score(prompts, trainer.sample(prompts)))
+    events = []
+    optimizer = trainer.actor_optimizer
+    trainer.policy.register_forward_hook(lambda *args: events.append("policy"))
+    trainer.critic.register_forward_hook(lambda *args: events.append(
+        ("critic", optimizer.state_dict()["state"] != {},
+         all(parameter.grad is None for parameter in trainer.actor_parameters))))
+    stats = trainer.train(rollout, iteration=1)
+    mini_batches = stats["optimizer_steps"]
+    assert mini_batches == 2
+    critic_events = [event for event in events if event != "policy"]
+    per_mini_batch = len(events) // mini_batches
+    assert per_mini_batch > 2  # several micro-batches per mini-batch
+    for start in range(0, len(events), per_mini_batch):  # all policy passes, then all critic passes
+        block = events[start:start + per_mini_batch]
+        assert block == ["policy"] * (per_mini_batch // 2) + [e for e in block if e != "policy"]
+    first_critic_stepped, first_actor_freed = critic_events[0][1:]
+    if critic_optimizer == "separate":
+        assert first_critic_stepped and all(event[1:] == (True, True) for event in critic_events)
+    else:
+        assert not first_critic_stepped and not first_actor_freed
+    assert {"vf_loss", "vf_clipfrac", "pg_loss", "entropy"} <= set(stats)
 
 
 def test_extra_scoring_passes_for_partitioned_frozen_models_change_nothing(tmp_path, assets, monkeypatch):
