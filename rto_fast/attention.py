@@ -238,8 +238,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         _warn_fp32_fallback(backend)
         backend = "flex"
     if dropout > 0.0 and backend != "flash":
-        raise NotImplementedError(f"attention dropout {dropout} is not supported by the {backend} packed backend; "
-                                  "set the model config's attention dropout to 0")
+        raise NotImplementedError(f"attention dropout {dropout} is not supported by the {backend} packed backend "
+                                  "(flash-attn's is the only one that applies it): turn the model's dropout off "
+                                  "(the trainer does unless model.keep_dropout is set; rto_fast.models."
+                                  "disable_dropout)")
     cu_seqlens = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
     if backend == "flash":
         output_THD = _flash(query, key, value, cu_seqlens, int(max_length_q), dropout, scaling)

@@ -65,6 +65,10 @@ class ModelConfig:
                                           "shipped byte-level tokenizer)")
     dtype: str = option("fp32", "dtype the weights are loaded and trained in", DTYPE_CHOICES)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    keep_dropout: bool = option(False, "keep the checkpoint's dropout in trained models; false: every dropout of a "
+                                       "trained model is set to 0 (as TRL's disable_dropout), so PPO's ratio, the "
+                                       "KL and DPO's log-ratios see the same network as scoring does (attention "
+                                       "dropout also needs flash-attn: the other packed backends refuse it)")
     fused_output_layer: bool = option(False, "log-probs straight from the output layer's input "
                                              "(ops.linear_token_logprobs): the (tokens, vocabulary) logits are never "
                                              "held, which saves their memory at large vocabularies; a trained "

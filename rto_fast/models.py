@@ -177,11 +177,29 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool) -> nn.Module:
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability inside `model` to 0: `nn.Dropout` modules and the float attributes named
+    `*dropout*` / `*pdrop*` that attention layers pass to their attention function (Llama's `attention_dropout`,
+    OPT's `dropout`). Returns how many were nonzero. The config is left as it was (a saved model keeps its own)."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            changed += module.p != 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and value and ("dropout" in name or "pdrop" in name):
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
+def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool, keep_dropout: bool = False) -> nn.Module:
     if trainable:
         model.train()
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if not keep_dropout:
+            disable_dropout(model)
     else:
         model.eval()
         model.requires_grad_(False)
@@ -191,12 +209,13 @@ def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool) ->
 
 
 def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", gradient_checkpointing: bool = False,
-                   trainable: bool = True, vocab_size: int | None = None):
+                   trainable: bool = True, vocab_size: int | None = None, keep_dropout: bool = False):
     """AutoModelForCausalLM for the policy, reference or DPO model.
 
     `"tiny"` builds `tiny_model_config()` with random weights (seed the RNG first for reproducible weights);
     anything else goes to `from_pretrained`. Frozen models (`trainable=False`) are in eval mode with
-    requires_grad False. The attention implementation is the one `rto_fast.attention` chose for this process."""
+    requires_grad False; trained ones have their dropout set to 0 unless `keep_dropout` (`disable_dropout`). The
+    attention implementation is the one `rto_fast.attention` chose for this process."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(dtype)
@@ -207,7 +226,7 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
     else:
         check_model_source(path_or_tiny)
         model = AutoModelForCausalLM.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation=attn)
-    return _prepare(model, gradient_checkpointing, trainable)
+    return _prepare(model, gradient_checkpointing, trainable, keep_dropout)
 
 
 def _load_backbone(auto_class, path: str, dtype: torch.dtype, attn: str):
@@ -271,7 +290,7 @@ class ValueHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32",
                         gradient_checkpointing: bool = False, trainable: bool = True,
-                        vocab_size: int | None = None) -> "ValueHeadModel":
+                        vocab_size: int | None = None, keep_dropout: bool = False) -> "ValueHeadModel":
         """Backbone from a causal LM or value-head folder ('tiny': random tiny Llama); head from
         value_head.safetensors when the folder has one, else zeros."""
         from transformers import AutoModel
@@ -290,7 +309,7 @@ class ValueHeadModel(nn.Module):
 
             state = load_file(str(head_file))
             model.value_head.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()})
-        return _prepare(model, gradient_checkpointing, trainable)
+        return _prepare(model, gradient_checkpointing, trainable, keep_dropout)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

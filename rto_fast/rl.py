@@ -64,7 +64,7 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
-from .models import TINY, ValueHeadModel, load_causal_lm
+from .models import TINY, ValueHeadModel, disable_dropout, load_causal_lm
 from .offload import HostResident, offload_saves_memory, on_device
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
@@ -260,18 +260,22 @@ class RLTrainer:
         if resume_from is None and policy_source == paths["reference"] == TINY:
             # pi_0 = pi_ref with random 'tiny' weights: a copy of the frozen reference.
             self.policy = copy.deepcopy(self.reference).requires_grad_(True).train()
+            if not config.model.keep_dropout:
+                disable_dropout(self.policy)
             if checkpointing:
                 from .models import enable_gradient_checkpointing
 
                 enable_gradient_checkpointing(self.policy)
         else:
             self.policy = self._load_trained(policy_source, settings.actor_lr, lambda: load_causal_lm(
-                policy_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing))
+                policy_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
+                keep_dropout=config.model.keep_dropout))
         critic_source = str(resume_from / CRITIC_DIR / MODEL_DIR) if resume_from is not None else paths["critic"]
         if critic_source == TINY:
             torch.manual_seed(seed + 1)
         self.critic = self._load_trained(critic_source, settings.critic_lr, lambda: ValueHeadModel.from_pretrained(
-            critic_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing))
+            critic_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
+            keep_dropout=config.model.keep_dropout))
         self.residents: dict[int, HostResident] = {}
         if settings.offload_frozen_models:
             self._offload_frozen_models()

@@ -48,7 +48,7 @@ from . import distributed
 from .attention import packed_forward
 from .config import RL_MODES, STAGES, Config, StageConfig
 from .distributed import Distributed, EngineTrainer
-from .models import TINY, ValueHeadModel, load_causal_lm
+from .models import TINY, ValueHeadModel, disable_dropout, load_causal_lm
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import MetricsLog, ProgressBar
@@ -243,7 +243,8 @@ def _load_lm(path: str, config: Config, trainable: bool, seed: int | None = None
     if path == TINY and seed is not None:
         torch.manual_seed(seed)  # the tiny model's random weights must be the same in every process
     return load_causal_lm(path, dtype=config.model.dtype, trainable=trainable,
-                          gradient_checkpointing=config.model.gradient_checkpointing and trainable)
+                          gradient_checkpointing=config.model.gradient_checkpointing and trainable,
+                          keep_dropout=config.model.keep_dropout)
 
 
 class SFTStage(Stage):
@@ -280,6 +281,8 @@ class DPOStage(Stage):
         elif init_path == ref_path == TINY:
             # The same random weights (ZeRO-3 partitions this whole copy when the engine starts).
             self.model = copy.deepcopy(self.reference).requires_grad_(True).train().to(self.context.device)
+            if not self.config.model.keep_dropout:
+                disable_dropout(self.model)
         else:
             self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
         # Under ZeRO-3 the reference is partitioned too (its forwards are then collective; see run_stage's passes).
@@ -362,7 +365,8 @@ class RMStage(Stage):
             torch.manual_seed(self.config.runtime.seed + STAGE_SEED_OFFSET[self.name])
         self.model = self.load_trained(path, lambda: ValueHeadModel.from_pretrained(
             path, dtype=self.config.model.dtype, trainable=True,
-            gradient_checkpointing=self.config.model.gradient_checkpointing))
+            gradient_checkpointing=self.config.model.gradient_checkpointing,
+            keep_dropout=self.config.model.keep_dropout))
 
     def loss(self, batch, extra, denominator):
         values = packed_forward(self.model, batch)  # (1, N) float32

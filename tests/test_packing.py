@@ -4,7 +4,7 @@
 - packing: labels shifted within each sequence, position_ids, cu_seqlens, unpacking helpers;
 - attention: for a tiny Llama, GPT-NeoX, Qwen2 and Qwen3 (fp32, random weights) packed logits equal each sequence's own
   logits on every CPU path; packed calls never touch the KV cache (the cross-sequence contamination trap);
-- models: the shipped tokenizer, the tiny model, ValueHeadModel save/load.
+- models: the shipped tokenizer, the tiny model, ValueHeadModel save/load; trained models lose their dropout.
 """
 
 import json
@@ -441,6 +441,54 @@ def test_tiny_model_and_loaders():
         assert attention.packed_forward(frozen, batch).logits.shape == (1, 8, config.vocab_size)
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_causal_lm("tiny", dtype="fp16")
+
+
+def dropout_model_config(kind: str):
+    """A tiny config of `kind` whose checkpoint would train with dropout (every dropout setting at 0.1)."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    return {
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256),
+        "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                              num_attention_heads=4, max_position_embeddings=256,
+                                              word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1),
+        "llama": lambda: transformers.LlamaConfig(attention_dropout=0.1, **common),
+        "neox": lambda: transformers.GPTNeoXConfig(attention_dropout=0.1, hidden_dropout=0.1, **common),
+        "qwen2": lambda: transformers.Qwen2Config(attention_dropout=0.1, num_key_value_heads=2, **common),
+        "phi": lambda: transformers.PhiConfig(attention_dropout=0.1, resid_pdrop=0.1, embd_pdrop=0.1, **common),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "llama", "neox", "qwen2", "phi"])
+def test_trained_models_load_without_dropout(tmp_path, kind):
+    """A checkpoint with dropout (GPT-2 and OPT ship with 0.1) trains on packed streams: a trained model's dropout
+    is 0 (two training-mode forwards agree, the packed attention gets no dropout to refuse), its saved config keeps
+    the checkpoint's values; model.keep_dropout keeps it (then only flash-attn's packed attention takes it)."""
+    torch.manual_seed(0)
+    folder = tmp_path / kind
+    AutoModelForCausalLM.from_config(dropout_model_config(kind)).save_pretrained(folder)
+    batch = pack(random_sequences([9, 5, 12]))
+    model = load_causal_lm(str(folder))
+    assert model.training
+    first, second = (attention.packed_forward(model, batch).logits for _ in range(2))
+    assert torch.equal(first, second)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    original = json.loads((folder / "config.json").read_text())
+    assert {key: saved[key] for key in original if "drop" in key} == {key: original[key] for key in original
+                                                                     if "drop" in key}
+    critic = ValueHeadModel.from_pretrained(str(folder))
+    assert torch.equal(*(attention.packed_forward(critic, batch) for _ in range(2)))
+
+    kept = load_causal_lm(str(folder), keep_dropout=True)
+    try:
+        outputs = [attention.packed_forward(kept, batch).logits for _ in range(2)]
+    except NotImplementedError as error:  # attention dropout on a backend that cannot apply it
+        assert "keep_dropout" in str(error)
+    else:
+        assert not torch.equal(*outputs)
 
 
 def test_check_model_source(tmp_path):
