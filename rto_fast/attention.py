@@ -20,8 +20,14 @@ Backends, decided once per process and device type and logged (`logging`, logger
 Force one with RTO_FAST_ATTENTION=packed_sdpa|sdpa|flex|flash|varlen (or `set_backend(name)` in tests); on CPU "flex" runs
 FlexAttention unfused (slow, forward only: torch has no CPU flex backward; for testing the registered path).
 
+Attention the fused backends do not take runs written out per sequence (one batched call over the sequences padded
+to the longest; float32 scores, memory quadratic in the longest sequence; one warning): Gemma-2's soft-capped scores,
+gpt-oss's attention sinks, a sliding window shorter than a sequence of the micro-batch.
+
 Calls that are not packed streams (generation: a padding mask, a KV cache, several rows) take a plain masked sdpa
-path inside the registered function, so `model.generate` still works with the packed implementation set.
+path inside the registered function, so `model.generate` still works with the packed implementation set; the
+trainer samples under `generation_attention` (transformers' sdpa, or its eager attention for models without sdpa
+support, such as Gemma-2).
 """
 
 from __future__ import annotations
@@ -139,17 +145,22 @@ def configure_packed_attention(model: torch.nn.Module, device: torch.device | st
 def generation_attention(model: torch.nn.Module):
     """Run `model.generate` under transformers' own "sdpa": it builds the causal + padding mask once per forward
     pass, where the packed implementation's padded fallback (`_masked_sdpa`) rebuilds it in every layer, ~10 small
-    kernels per layer and decode step. Restores the model's implementation afterwards; a model that cannot switch
-    keeps its own."""
+    kernels per layer and decode step. A model without sdpa support (Gemma-2) runs transformers' "eager", which
+    builds its soft-capped, sliding-window attention. Restores the model's implementation afterwards; a model that
+    can switch to neither keeps its own."""
     config = _model_config(model)
     original = config._attn_implementation
     switched = False
     if original == PACKED_IMPLEMENTATION:
-        try:
-            model.set_attn_implementation("sdpa")
-            switched = config._attn_implementation == "sdpa"
-        except (ValueError, ImportError, AttributeError) as error:
-            logger.debug("generation keeps %s attention: %s", original, error)
+        for implementation in ("sdpa", "eager"):  # eager: models without sdpa support (Gemma-2's soft-capping)
+            try:
+                model.set_attn_implementation(implementation)
+            except (ValueError, ImportError, AttributeError) as error:
+                logger.debug("generation cannot use %s attention: %s", implementation, error)
+                continue
+            switched = config._attn_implementation == implementation
+            if switched:
+                break
     try:
         yield
     finally:
@@ -215,10 +226,13 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     kv_length = key.shape[2]
     if scaling is None:
         scaling = head_dim**-0.5
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("rto_fast packed attention supports neither logit softcapping nor attention sinks")
     packed_stream = batch_size == 1 and attention_mask is None and q_length == kv_length
     if not packed_stream:
+        if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sliding_window")):
+            # generation_attention switches such models to transformers' eager attention, which builds their masks
+            raise NotImplementedError("rto_fast packed attention: a padded or cached call of a model with score "
+                                      "soft-capping, attention sinks or a sliding window; run it under "
+                                      "rto_fast.attention.generation_attention (transformers' own attention)")
         return _masked_sdpa(query, key, value, attention_mask, scaling), None
 
     if cu_seq_lens_q is None:
@@ -228,10 +242,20 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         cu_seq_lens_q, max_length_q = cu_seqlens_from_position_ids(position_ids)
     elif max_length_q is None:
         max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-    sliding_window = kwargs.get("sliding_window")
-    if sliding_window is not None and max_length_q > sliding_window:
-        raise NotImplementedError(f"sequence of {max_length_q} tokens exceeds the model's sliding window "
-                                  f"({sliding_window}); rto_fast packed attention has no sliding windows")
+    softcap, sinks, sliding_window = kwargs.get("softcap"), kwargs.get("s_aux"), kwargs.get("sliding_window")
+    if sliding_window is not None and max_length_q <= sliding_window:
+        sliding_window = None  # every sequence fits in the window: plain causal attention
+    if softcap is not None or sinks is not None or sliding_window is not None:
+        # What the fused backends here do not take (Gemma-2's score soft-capping, gpt-oss's attention sinks, a
+        # sliding window shorter than a sequence): exact attention per sequence, written out (quadratic memory).
+        if dropout > 0.0:
+            raise NotImplementedError(f"attention dropout {dropout} with soft-capping, sinks or a sliding window: "
+                                      "turn the model's dropout off (model.keep_dropout: false, the default)")
+        _warn_written_out_attention(softcap is not None, sinks is not None, sliding_window is not None)
+        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).long().to(query.device)
+        output_THD = _padded_attention(query, key, value, cu_seq_lens_q.long().to(query.device), lengths, scaling,
+                                       softcap=softcap, sinks=sinks, sliding_window=sliding_window)
+        return output_THD.unsqueeze(0), None
 
     backend = select_backend(query.device)
     if backend in ("flash", "varlen") and query.dtype not in (torch.float16, torch.bfloat16):
@@ -368,7 +392,7 @@ def _per_sequence_sdpa(query, key, value, cu_seqlens, scaling, padded: bool | No
         longest = int(lengths.max())
         padded = lengths.numel() * longest**2 <= PADDED_WASTE_LIMIT * float((lengths.float() ** 2).sum())
     if padded:
-        return _padded_sdpa(query, key, value, cu_seqlens.long(), lengths, scaling)
+        return _padded_attention(query, key, value, cu_seqlens.long(), lengths, scaling)
     num_heads = query.shape[1]
     key, value = _repeat_kv_heads(key, num_heads), _repeat_kv_heads(value, num_heads)
     outputs = []
@@ -382,8 +406,21 @@ def _per_sequence_sdpa(query, key, value, cu_seqlens, scaling, padded: bool | No
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def _padded_sdpa(query, key, value, cu_seqlens, lengths, scaling):
-    """(N, H, D) causal attention of each sequence of a (1, H, N, D) stream, as one sdpa call on (S, H, L, D).
+@functools.cache
+def _warn_written_out_attention(softcap: bool, sinks: bool, window: bool) -> None:
+    needs = [name for name, needed in (("score soft-capping", softcap), ("attention sinks", sinks),
+                                       ("a sliding window shorter than its sequences", window)) if needed]
+    logger.warning("rto_fast packed attention: the model needs %s, which the fused backends here do not take: "
+                   "attention runs per sequence, written out (memory quadratic in the longest sequence)",
+                   " and ".join(needs))
+
+
+def _padded_attention(query, key, value, cu_seqlens, lengths, scaling, softcap=None, sinks=None,
+                      sliding_window=None):
+    """(N, H, D) causal attention of each sequence of a (1, H, N, D) stream, as one batched call on (S, H, L, D):
+    sdpa, or written out when the model soft-caps its scores (`softcap`: c * tanh(s / c), Gemma-2), has per-head
+    attention sinks (`sinks`: an extra logit in each softmax row, dropped after it, gpt-oss) or a `sliding_window`
+    (key j seen from query i when i - window < j <= i).
 
     Rows are gathered with index_select on the (N, H, D) token-major view (what the projections wrote; one row copy
     per token, and its backward is an index_add) into a (S, L, H, D) buffer that sdpa reads through a transposed
@@ -398,19 +435,41 @@ def _padded_sdpa(query, key, value, cu_seqlens, lengths, scaling):
         rows = tensor[0].transpose(0, 1)  # (N, h, D)
         return rows.index_select(0, index).view(sequences, longest, *rows.shape[1:]).transpose(1, 2)
 
+    written_out = softcap is not None or sinks is not None or sliding_window is not None
     gqa = {}
     if key.shape[1] != query.shape[1]:
-        if _SDPA_GQA:
+        if _SDPA_GQA and not written_out:
             gqa = {"enable_gqa": True}
         else:
             key, value = _repeat_kv_heads(key, query.shape[1]), _repeat_kv_heads(value, query.shape[1])
     causal = torch.ones(longest, longest, dtype=torch.bool, device=query.device).tril()
-    # Padded keys are masked out; padded query rows still see their causal prefix (never an empty row).
-    mask = causal[None, None] & valid[:, None, None, :]
-    output = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), attn_mask=mask, scale=scaling,
-                                            **gqa)
+    if sliding_window is not None:
+        causal &= torch.ones_like(causal).triu(1 - sliding_window)
+    # Padded keys are masked out; padded query rows still see their causal prefix, and themselves: never an empty
+    # row (a window can leave a padded row no valid key), whose NaN would reach the gradients through the backward.
+    mask = (causal[None, None] & valid[:, None, None, :]) | torch.eye(longest, dtype=torch.bool, device=query.device)
+    if written_out:
+        output = _written_out_attention(gather(query), gather(key), gather(value), mask, scaling, softcap, sinks)
+    else:
+        output = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), attn_mask=mask,
+                                                scale=scaling, **gqa)
     rows = output.transpose(1, 2).reshape(sequences * longest, query.shape[1], query.shape[3])
     return rows.index_select(0, valid.reshape(-1).nonzero().squeeze(1))
+
+
+def _written_out_attention(query, key, value, mask, scaling, softcap, sinks):
+    """softmax over (scores, soft-capped) with a boolean `mask` (True: attend), in float32; (B, H, L, D) each."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(value.dtype), value)
 
 
 def _masked_sdpa(query, key, value, attention_mask, scaling):

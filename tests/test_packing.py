@@ -3,7 +3,9 @@
 - planning: first-fit-decreasing respects the budget, places every sequence once; rank balancing;
 - packing: labels shifted within each sequence, position_ids, cu_seqlens, unpacking helpers;
 - attention: for a tiny Llama, GPT-NeoX, Qwen2 and Qwen3 (fp32, random weights) packed logits equal each sequence's own
-  logits on every CPU path; packed calls never touch the KV cache (the cross-sequence contamination trap);
+  logits on every CPU path; Gemma-2 (soft-capping, sliding window) and gpt-oss (sinks) against transformers' eager
+  attention, gradients and generation included; packed calls never touch the KV cache (the cross-sequence
+  contamination trap);
 - models: the shipped tokenizer, the tiny model, ValueHeadModel save/load; trained models lose their dropout.
 """
 
@@ -235,6 +237,65 @@ def test_packed_logits_equal_each_sequence_alone(kind, attention_backend):
         packed = attention.packed_forward(model, batch).logits[0]
         alone = own_logits(model, sequences, batch)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def written_out_model(kind: str):
+    """A tiny Gemma-2 (soft-capped scores, sliding and global layers) or gpt-oss (attention sinks, a mixture of
+    experts), eager attention: transformers' own implementation, the reference."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=256, sliding_window=6)  # shorter than most sequences below
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(intermediate_size=64, attn_logit_softcapping=2.0, **common)
+    else:
+        config = transformers.GptOssConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                           **common)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if kind == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_()  # nonzero sinks, so that they matter
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+def test_packed_attention_writes_out_softcapping_sinks_and_sliding_windows(kind, monkeypatch, caplog):
+    """Attention the fused backends do not take (Gemma-2's soft-capped scores, gpt-oss's sinks, sliding windows
+    shorter than the sequences) runs written out per sequence: packed logits and gradients equal transformers' eager
+    attention on each sequence alone, and greedy generation (which switches to transformers' eager) is unchanged."""
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    model = written_out_model(kind)
+    sequences = random_sequences([7, 1, 19, 4, 12])
+    batch = pack(sequences, [2, 0, 4, 1, 3])
+    alone = own_logits(model, sequences, batch)
+    prompts = [[3, 9, 4, 11, 7, 2, 8, 5], [6, 1, 12]]
+    from rto_fast.generation import SamplingSettings, generate
+
+    settings = SamplingSettings(max_new_tokens=9, temperature=0.0, ban_eos=True)
+    expected_tokens = generate(model, prompts, settings, eos_token_id=VOCAB - 1, pad_token_id=0)
+    loss_alone = sum(torch.nn.functional.cross_entropy(
+        model(input_ids=pack([sequence]).input_ids, use_cache=False).logits[0], pack([sequence]).labels[0],
+        ignore_index=IGNORE_INDEX, reduction="sum") for sequence in sequences)
+    alone_grads = torch.autograd.grad(loss_alone, list(model.parameters()), allow_unused=True)
+
+    attention.register_packed_attention()
+    model.set_attn_implementation(attention.PACKED_IMPLEMENTATION)
+    caplog.set_level(logging.WARNING, logger="rto_fast.attention")
+    attention._warn_written_out_attention.cache_clear()
+    logits = attention.packed_forward(model, batch).logits
+    torch.testing.assert_close(logits[0].detach(), alone, atol=1e-5, rtol=1e-5)
+    assert "written out" in caplog.text
+    loss = torch.nn.functional.cross_entropy(logits[0], batch.labels[0], ignore_index=IGNORE_INDEX, reduction="sum")
+    packed_grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    for packed_grad, alone_grad in zip(packed_grads, alone_grads):
+        if alone_grad is None:  # an expert no token was routed to
+            assert packed_grad is None or not packed_grad.any()
+            continue
+        torch.testing.assert_close(packed_grad, alone_grad, atol=2e-5, rtol=1e-4)
+    assert generate(model, prompts, settings, eos_token_id=VOCAB - 1, pad_token_id=0) == expected_tokens
+    assert model.config._attn_implementation == attention.PACKED_IMPLEMENTATION  # restored after generation
 
 
 # FlexAttention has no backward on CPU (torch raises), so the registered function is checked via its sdpa fallback.
