@@ -152,11 +152,39 @@ def check_model_source(path: str) -> None:
     if local.exists():
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"model folder {path!r} has no config.json")
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(local))
+        except Exception:  # noqa: BLE001 - a config only its own code reads (remote code): loading will tell
+            return
+        check_attention_interface(config, path)
         return
     # A Hub name is "name" or "org/name"; anything else that does not exist is a mistyped local path.
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
     if looks_local or not path.strip():
         raise FileNotFoundError(f"model path {path!r} does not exist (and is not a Hub name like 'org/model')")
+
+
+def check_attention_interface(config, name: str) -> None:
+    """ValueError when the causal LM class of `config` does not take the attention functions transformers lets a
+    trainer plug in (its `_supports_attention_backend` is False: Falcon, Bloom, MPT): packed sequences need one,
+    and such a class fails while being built with it."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is not None and getattr(model_class, "_supports_attention_backend", True) is False:
+        raise ValueError(f"model {name!r}: {model_class.__name__} does not take plug-in attention functions "
+                         "(transformers' attention interface), which packed sequences need; models on it include "
+                         "Llama, Qwen, Mistral, Gemma, GPT-NeoX, GPT-2, OPT and Phi")
+
+
+def _check_source_and_interface(path: str) -> None:
+    check_model_source(path)  # a local folder's attention interface is checked there
+    if not Path(path).expanduser().exists():
+        from transformers import AutoConfig
+
+        check_attention_interface(AutoConfig.from_pretrained(path), path)
 
 
 def _attention_implementation() -> str:
@@ -224,7 +252,7 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
         config = tiny_model_config(vocab_size)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
-        check_model_source(path_or_tiny)
+        _check_source_and_interface(path_or_tiny)
         model = AutoModelForCausalLM.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation=attn)
     return _prepare(model, gradient_checkpointing, trainable, keep_dropout)
 
@@ -300,7 +328,7 @@ class ValueHeadModel(nn.Module):
         if path_or_tiny == TINY:
             backbone = AutoModel.from_config(tiny_model_config(vocab_size), dtype=dtype, attn_implementation=attn)
         else:
-            check_model_source(path_or_tiny)
+            _check_source_and_interface(path_or_tiny)
             backbone = _load_backbone(AutoModel, path_or_tiny, dtype, attn)
         model = cls(backbone)
         head_file = Path(path_or_tiny) / VALUE_HEAD_FILE

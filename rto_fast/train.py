@@ -95,7 +95,7 @@ def preflight(config: Config) -> None:
             continue
         try:
             check_model_source(path)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             raise UsageError(f"{key}: {error}") from None
     _check_distributed(config)
     training = [stage for stage in config.stages if stage in TRAINING_STAGES]

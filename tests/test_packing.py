@@ -553,6 +553,15 @@ def test_trained_models_load_without_dropout(tmp_path, kind):
 
 
 def test_check_model_source(tmp_path):
+    import transformers
+
+    falcon = tmp_path / "falcon"  # a class off transformers' attention interface: refused before it is built
+    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    config.save_pretrained(falcon)
+    with pytest.raises(ValueError, match="FalconForCausalLM does not take plug-in attention functions"):
+        check_model_source(str(falcon))
+    with pytest.raises(ValueError, match="attention interface"):
+        load_causal_lm(str(falcon))
     check_model_source("tiny")
     check_model_source("EleutherAI/pythia-70m")  # looks like a Hub name: left to from_pretrained
     with pytest.raises(FileNotFoundError, match="does not exist"):
