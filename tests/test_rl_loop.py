@@ -334,7 +334,7 @@ def test_extra_scoring_passes_for_partitioned_frozen_models_change_nothing(tmp_p
     assert rl.evaluate_policy(trainer, trainer.context.eval_prompts[:5]) == plain_eval
 
 
-# ------------------------------------------------------------------------------------------------ offloaded frozen models
+# ------------------------------------------------------------------------------------------------ offloaded models
 
 def host_pointers(model):
     return [tensor.data_ptr() for tensor in [*model.parameters(), *model.buffers()]]
