@@ -20,9 +20,11 @@ Backends, decided once per process and device type and logged (`logging`, logger
 Force one with RTO_FAST_ATTENTION=packed_sdpa|sdpa|flex|flash|varlen (or `set_backend(name)` in tests); on CPU "flex" runs
 FlexAttention unfused (slow, forward only: torch has no CPU flex backward; for testing the registered path).
 
-Attention the fused backends do not take runs written out per sequence (one batched call over the sequences padded
-to the longest; float32 scores, memory quadratic in the longest sequence; one warning): Gemma-2's soft-capped scores,
-gpt-oss's attention sinks, a sliding window shorter than a sequence of the micro-batch.
+Gemma-2's soft-capped scores and sliding windows shorter than a sequence go to flash-attn (its softcap and
+window_size) or FlexAttention (a score_mod and a windowed document mask; torch's varlen kernel takes neither). What
+no backend here takes runs written out per sequence (one batched call over the sequences padded to the longest;
+float32 scores, memory quadratic in the longest sequence; one warning): gpt-oss's attention sinks, and on CPU the
+soft-capping and windows too.
 
 Calls that are not packed streams (generation: a padding mask, a KV cache, several rows) take a plain masked sdpa
 path inside the registered function, so `model.generate` still works with the packed implementation set; the
@@ -245,22 +247,19 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     softcap, sinks, sliding_window = kwargs.get("softcap"), kwargs.get("s_aux"), kwargs.get("sliding_window")
     if sliding_window is not None and max_length_q <= sliding_window:
         sliding_window = None  # every sequence fits in the window: plain causal attention
-    if softcap is not None or sinks is not None or sliding_window is not None:
-        # What the fused backends here do not take (Gemma-2's score soft-capping, gpt-oss's attention sinks, a
-        # sliding window shorter than a sequence): exact attention per sequence, written out (quadratic memory).
-        if dropout > 0.0:
-            raise NotImplementedError(f"attention dropout {dropout} with soft-capping, sinks or a sliding window: "
-                                      "turn the model's dropout off (model.keep_dropout: false, the default)")
-        _warn_written_out_attention(softcap is not None, sinks is not None, sliding_window is not None)
-        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).long().to(query.device)
-        output_THD = _padded_attention(query, key, value, cu_seq_lens_q.long().to(query.device), lengths, scaling,
-                                       softcap=softcap, sinks=sinks, sliding_window=sliding_window)
-        return output_THD.unsqueeze(0), None
+    shaped = softcap is not None or sliding_window is not None  # what flash-attn and FlexAttention take, varlen not
 
     backend = select_backend(query.device)
     if backend in ("flash", "varlen") and query.dtype not in (torch.float16, torch.bfloat16):
         _warn_fp32_fallback(backend)
         backend = "flex"
+    if backend == "varlen" and shaped:
+        backend = "flex"  # torch's varlen kernel has no score soft-capping
+    if sinks is not None or (shaped and backend in ("packed_sdpa", "sdpa")):
+        # What no backend here takes (gpt-oss's attention sinks; on CPU also Gemma-2's soft-capping and windows
+        # shorter than a sequence): exact attention per sequence, written out (memory quadratic in its length).
+        backend = "written_out"
+        _warn_written_out_attention(softcap is not None, sinks is not None, sliding_window is not None)
     if dropout > 0.0 and backend != "flash":
         raise NotImplementedError(f"attention dropout {dropout} is not supported by the {backend} packed backend "
                                   "(flash-attn's is the only one that applies it): turn the model's dropout off "
@@ -268,11 +267,16 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                   "disable_dropout)")
     cu_seqlens = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
     if backend == "flash":
-        output_THD = _flash(query, key, value, cu_seqlens, int(max_length_q), dropout, scaling)
+        output_THD = _flash(query, key, value, cu_seqlens, int(max_length_q), dropout, scaling, softcap,
+                            sliding_window)
     elif backend == "varlen":
         output_THD = _varlen(query, key, value, cu_seqlens, int(max_length_q), scaling)
     elif backend == "flex":
-        return _flex(query, key, value, cu_seqlens, scaling), None
+        return _flex(query, key, value, cu_seqlens, scaling, softcap, sliding_window), None
+    elif backend == "written_out":
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        output_THD = _padded_attention(query, key, value, cu_seqlens.long(), lengths, scaling, softcap=softcap,
+                                       sinks=sinks, sliding_window=sliding_window)
     else:
         output_THD = _per_sequence_sdpa(query, key, value, cu_seqlens, scaling)
     return output_THD.unsqueeze(0), None
@@ -288,12 +292,18 @@ def _to_THD(tensor_BHTD: torch.Tensor) -> torch.Tensor:
     return tensor_BHTD[0].transpose(0, 1).contiguous()
 
 
-def _flash(query, key, value, cu_seqlens, max_seqlen, dropout, scaling):
+def _flash(query, key, value, cu_seqlens, max_seqlen, dropout, scaling, softcap=None, sliding_window=None):
     from flash_attn import flash_attn_varlen_func
 
+    options = {}
+    if softcap is not None:
+        options["softcap"] = softcap
+    if sliding_window is not None:  # key j seen from query i when i - window < j <= i
+        options["window_size"] = (sliding_window - 1, 0)
     # flash-attn handles grouped-query attention itself (fewer KV heads).
     return flash_attn_varlen_func(_to_THD(query), _to_THD(key), _to_THD(value), cu_seqlens, cu_seqlens,
-                                  max_seqlen, max_seqlen, dropout_p=dropout, softmax_scale=scaling, causal=True)
+                                  max_seqlen, max_seqlen, dropout_p=dropout, softmax_scale=scaling, causal=True,
+                                  **options)
 
 
 def _repeat_kv_heads(tensor_BHTD: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -326,19 +336,23 @@ def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling):
                        **options)
 
 
-_block_mask_cache: tuple = (None, None, None)
+_block_mask_cache: tuple = (None, None, {})  # (cu_seqlens, inference mode, {window: BlockMask})
 
 
-def _document_block_mask(cu_seqlens: torch.Tensor, length: int):
-    """BlockMask for causal attention within documents; cached for the last cu_seqlens tensor, which every layer
-    of one forward pass shares. A mask made in inference mode holds inference tensors that autograd refuses, and
-    DPO scores a batch with the frozen reference (inference mode) before the policy trains on the same batch: the
-    mode is part of the cache key."""
+def _document_block_mask(cu_seqlens: torch.Tensor, length: int, sliding_window: int | None = None):
+    """BlockMask for causal attention within documents (and within `sliding_window` when given); cached for the last
+    cu_seqlens tensor, which every layer of one forward pass shares (per window: sliding and global layers
+    alternate in some models). A mask made in inference mode holds inference tensors that autograd refuses, and DPO
+    scores a batch with the frozen reference (inference mode) before the policy trains on the same batch: the mode
+    is part of the cache key."""
     global _block_mask_cache
     inference = torch.is_inference_mode_enabled()
-    cached_cu_seqlens, cached_inference, cached_mask = _block_mask_cache
-    if cached_cu_seqlens is cu_seqlens and cached_inference == inference:
-        return cached_mask
+    cached_cu_seqlens, cached_inference, cached_masks = _block_mask_cache
+    if cached_cu_seqlens is not cu_seqlens or cached_inference != inference:
+        cached_masks = {}
+        _block_mask_cache = (cu_seqlens, inference, cached_masks)
+    if sliding_window in cached_masks:
+        return cached_masks[sliding_window]
     from torch.nn.attention.flex_attention import create_block_mask
 
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -347,11 +361,15 @@ def _document_block_mask(cu_seqlens: torch.Tensor, length: int):
     def document_causal(batch, head, q_index, kv_index):
         return (document_ids[q_index] == document_ids[kv_index]) & (kv_index <= q_index)
 
+    def document_causal_window(batch, head, q_index, kv_index):
+        return document_causal(batch, head, q_index, kv_index) & (kv_index > q_index - sliding_window)
+
     options = {}
     if cu_seqlens.is_cuda and "_compile" in inspect.signature(create_block_mask).parameters:
         options["_compile"] = True  # uncompiled, create_block_mask materializes the (N, N) mask first
-    block_mask = create_block_mask(document_causal, None, None, length, length, device=cu_seqlens.device, **options)
-    _block_mask_cache = (cu_seqlens, inference, block_mask)
+    block_mask = create_block_mask(document_causal if sliding_window is None else document_causal_window, None, None,
+                                   length, length, device=cu_seqlens.device, **options)
+    cached_masks[sliding_window] = block_mask
     return block_mask
 
 
@@ -369,11 +387,17 @@ def _flex_attention_function(device_type: str):
     return flex_attention
 
 
-def _flex(query, key, value, cu_seqlens, scaling):
-    block_mask = _document_block_mask(cu_seqlens, query.shape[2])
+def _flex(query, key, value, cu_seqlens, scaling, softcap=None, sliding_window=None):
+    block_mask = _document_block_mask(cu_seqlens, query.shape[2], sliding_window)
     flex_attention = _flex_attention_function(query.device.type)
+    options = {}
+    if softcap is not None:
+        def soft_capped(score, batch, head, q_index, kv_index):
+            return torch.tanh(score / softcap) * softcap
+
+        options["score_mod"] = soft_capped
     output_BHTD = flex_attention(query, key, value, block_mask=block_mask, scale=scaling,
-                                 enable_gqa=key.shape[1] != query.shape[1])
+                                 enable_gqa=key.shape[1] != query.shape[1], **options)
     return output_BHTD.transpose(1, 2).contiguous()
 
 
@@ -410,7 +434,7 @@ _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2,
 def _warn_written_out_attention(softcap: bool, sinks: bool, window: bool) -> None:
     needs = [name for name, needed in (("score soft-capping", softcap), ("attention sinks", sinks),
                                        ("a sliding window shorter than its sequences", window)) if needed]
-    logger.warning("rto_fast packed attention: the model needs %s, which the fused backends here do not take: "
+    logger.warning("rto_fast packed attention: the model needs %s, which the packed backend here does not take: "
                    "attention runs per sequence, written out (memory quadratic in the longest sequence)",
                    " and ".join(needs))
 

@@ -296,6 +296,29 @@ def test_packed_attention_writes_out_softcapping_sinks_and_sliding_windows(kind,
         torch.testing.assert_close(packed_grad, alone_grad, atol=2e-5, rtol=1e-4)
     assert generate(model, prompts, settings, eos_token_id=VOCAB - 1, pad_token_id=0) == expected_tokens
     assert model.config._attn_implementation == attention.PACKED_IMPLEMENTATION  # restored after generation
+    if kind == "gemma2":  # FlexAttention takes soft-capping (a score_mod) and the window (its document mask)
+        attention.set_backend("flex")
+        try:
+            with torch.no_grad():  # CPU FlexAttention has no backward
+                flex = attention.packed_forward(model, batch).logits[0]
+        finally:
+            attention.set_backend(None)
+        torch.testing.assert_close(flex, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_block_mask_is_cached_per_window():
+    """Sliding and global layers alternate in one forward pass (one cu_seqlens tensor): one mask per window."""
+    cu_seqlens = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    full = attention._document_block_mask(cu_seqlens, 17)
+    windowed = attention._document_block_mask(cu_seqlens, 17, sliding_window=3)
+    assert attention._document_block_mask(cu_seqlens, 17) is full
+    assert attention._document_block_mask(cu_seqlens, 17, sliding_window=3) is windowed
+    q, k = torch.arange(17)[:, None], torch.arange(17)[None, :]
+    document = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 9, 3]))
+    same = document[:, None] == document[None, :]
+    expected = same & (k <= q) & (k > q - 3)
+    dense = torch.nn.attention.flex_attention.create_mask(windowed.mask_mod, None, None, 17, 17)[0, 0]
+    assert torch.equal(dense, expected)
 
 
 # FlexAttention has no backward on CPU (torch raises), so the registered function is checked via its sdpa fallback.
