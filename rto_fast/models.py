@@ -208,14 +208,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 def disable_dropout(model: nn.Module) -> int:
     """Set every dropout probability inside `model` to 0: `nn.Dropout` modules and the float attributes named
     `*dropout*` / `*pdrop*` that attention layers pass to their attention function (Llama's `attention_dropout`,
-    OPT's `dropout`). Returns how many were nonzero. The config is left as it was (a saved model keeps its own)."""
+    OPT's `dropout`), and LayerDrop rates (`*layerdrop*`, OPT's skipped layers). Returns how many were nonzero. The
+    config is left as it was (a saved model keeps its own)."""
     changed = 0
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             changed += module.p != 0
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if isinstance(value, float) and value and ("dropout" in name or "pdrop" in name):
+            if isinstance(value, float) and value and any(part in name for part in ("dropout", "pdrop", "layerdrop")):
                 setattr(module, name, 0.0)
                 changed += 1
     return changed
