@@ -21,7 +21,8 @@ Force one with RTO_FAST_ATTENTION=packed_sdpa|sdpa|flex|flash|varlen (or `set_ba
 FlexAttention unfused (slow, forward only: torch has no CPU flex backward; for testing the registered path).
 
 Gemma-2's soft-capped scores and sliding windows shorter than a sequence go to flash-attn (its softcap and
-window_size) or FlexAttention (a score_mod and a windowed document mask; torch's varlen kernel takes neither). What
+window_size) or FlexAttention (a score_mod and a windowed document mask; torch's varlen kernel takes windows, not
+soft-capping). What
 no backend here takes runs written out per sequence (one batched call over the sequences padded to the longest;
 float32 scores, memory quadratic in the longest sequence; one warning): gpt-oss's attention sinks, and on CPU the
 soft-capping and windows too.
@@ -253,8 +254,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if backend in ("flash", "varlen") and query.dtype not in (torch.float16, torch.bfloat16):
         _warn_fp32_fallback(backend)
         backend = "flex"
-    if backend == "varlen" and shaped:
-        backend = "flex"  # torch's varlen kernel has no score soft-capping
+    if backend == "varlen" and (softcap is not None or (sliding_window is not None and not _varlen_takes_windows())):
+        backend = "flex"  # torch's varlen kernel has no score soft-capping (and before 2.10-ish no window_size)
     if sinks is not None or (shaped and backend in ("packed_sdpa", "sdpa")):
         # What no backend here takes (gpt-oss's attention sinks; on CPU also Gemma-2's soft-capping and windows
         # shorter than a sequence): exact attention per sequence, written out (memory quadratic in its length).
@@ -270,7 +271,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         output_THD = _flash(query, key, value, cu_seqlens, int(max_length_q), dropout, scaling, softcap,
                             sliding_window)
     elif backend == "varlen":
-        output_THD = _varlen(query, key, value, cu_seqlens, int(max_length_q), scaling)
+        output_THD = _varlen(query, key, value, cu_seqlens, int(max_length_q), scaling, sliding_window)
     elif backend == "flex":
         return _flex(query, key, value, cu_seqlens, scaling, softcap, sliding_window), None
     elif backend == "written_out":
@@ -311,13 +312,19 @@ def _repeat_kv_heads(tensor_BHTD: torch.Tensor, num_heads: int) -> torch.Tensor:
     return tensor_BHTD if repeats == 1 else tensor_BHTD.repeat_interleave(repeats, dim=1)
 
 
-def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling):
+def _varlen_takes_windows() -> bool:
+    varlen_attn = _torch_varlen_attn()
+    return varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def _varlen(query, key, value, cu_seqlens, max_seqlen, scaling, sliding_window=None):
     varlen_attn = _torch_varlen_attn()
     parameters = inspect.signature(varlen_attn).parameters
     options = {}
     # The causal switch changed name across torch versions (is_causal in 2.10, window_size later).
     if "window_size" in parameters:
-        options["window_size"] = (-1, 0)
+        # (left, right): key j seen from query i when i - left <= j <= i + right; -1 is unbounded.
+        options["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
     elif "is_causal" in parameters:
         options["is_causal"] = True
     else:

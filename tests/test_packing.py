@@ -306,6 +306,38 @@ def test_packed_attention_writes_out_softcapping_sinks_and_sliding_windows(kind,
         torch.testing.assert_close(flex, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_varlen_call_maps_causal_windows_scale_and_grouped_heads(monkeypatch):
+    """torch's varlen_attn (CUDA only) is replaced by a stand-in with its documented semantics (window_size =
+    (left, right): key j seen from query i when i - left <= j <= i + right, -1 unbounded; scale; enable_gqa):
+    what `_varlen` asks of it equals the written-out attention, with and without a sliding window."""
+    def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                         enable_gqa=False):
+        outputs = []
+        for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+            q, k, v = (tensor[start:end].transpose(0, 1) for tensor in (query, key, value))  # (H, L, D)
+            if enable_gqa:
+                k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+            i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
+            left, right = window_size
+            allowed = ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
+            scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+            outputs.append((scores.softmax(-1) @ v).transpose(0, 1))
+        return torch.cat(outputs)
+
+    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: fake_varlen_attn)
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 4, 23, 8, generator=generator)
+    key, value = (torch.randn(1, 2, 23, 8, generator=generator) for _ in range(2))
+    cu_seqlens = torch.tensor([0, 9, 10, 23], dtype=torch.int32)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    for window in (None, 4):
+        got = attention._varlen(query, key, value, cu_seqlens, 13, 0.3, sliding_window=window)
+        expected = attention._padded_attention(query, key, value, cu_seqlens.long(), lengths, 0.3,
+                                               sliding_window=window)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert attention._varlen_takes_windows()
+
+
 def test_windowed_block_mask_is_cached_per_window():
     """Sliding and global layers alternate in one forward pass (one cu_seqlens tensor): one mask per window."""
     cu_seqlens = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
