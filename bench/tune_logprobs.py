@@ -8,7 +8,7 @@ The defaults (kernels/logprobs.py: 4096-column blocks, 8 warps, a vocabulary spl
 2 programs per SM, no prefetch; kernels/rewards.py: 4096-column blocks, 8 warps) were set on the first H200 run.
 That run read 16384 x 151936 logits at 71% of copy bandwidth but 4096 x 128256 at 31%, though every row is a program
 either way; scoring micro-batches hold a few thousand response tokens, so the small-row case is the one the trainer
-meets. Prefetch (the next block's load issued before the current block's max reduction, so a load stays in flight
+meets (4096 x 50304, the RL benchmark's shape, comes first, with the training forward's entropy too). Prefetch (the next block's load issued before the current block's max reduction, so a load stays in flight
 through it) costs registers: 48 -> 64 per thread for the bf16 forward, 5 -> 4 programs per SM
 (bench/results/kernel_resources_sm90.md); only a GPU says which wins.
 For each kernel and shape this times every setting in the grid (CUDA events, median of --repeats calls after
@@ -32,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import copy_bandwidth_gbs, hardware, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-GPU_SHAPES = [(4096, 32000), (4096, 128256), (16384, 151936)]
+# The RL benchmark's training shape first (a micro-batch's response tokens, Pythia's vocabulary; its forward also
+# computes the entropy), then the target shape, then the small-row shapes: a run stopped at its time limit
+# keeps the shapes it finished.
+GPU_SHAPES = [(4096, 50304), (16384, 151936), (4096, 128256), (4096, 32000)]
+ENTROPY_SHAPES = {(4096, 50304)}
 SMOKE_SHAPES = [(7, 300)]
 
 
@@ -160,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         sections.append((f"token_logprobs forward, {rows_count} x {vocab}", default,
                          sweep(f"forward {rows_count} x {vocab}", grid, default, forward, close, logit_bytes,
                                device, repeats)))
+        if (rows_count, vocab) in ENTROPY_SHAPES or args.smoke:
+            # The training forward (log-probs and entropy): more registers per thread, so its best setting may differ.
+            def forward_entropy(setting):
+                block, num_warps, split, prefetch = setting
+                return lp_kernels.logprobs_forward(logits, labels, block=block, num_warps=num_warps, split=split,
+                                                   prefetch=prefetch, return_entropy=True)
+
+            grid = list(itertools.product(blocks, warps, (default_split,), (False, True)))
+            sections.append((f"token_logprobs forward with entropy, {rows_count} x {vocab}", default,
+                             sweep(f"forward+entropy {rows_count} x {vocab}", grid, default, forward_entropy, close,
+                                   logit_bytes, device, repeats)))
 
         _, stats, _ = lp_kernels.logprobs_forward(logits, labels)
         grad = torch.randn(rows_count, device=device)

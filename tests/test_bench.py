@@ -38,8 +38,9 @@ def test_tune_logprobs_smoke_run_reports_every_setting(tmp_path):
     output = tmp_path / "tune.md"
     assert tune_logprobs.main(["--smoke", "--output", str(output)]) == 0
     text = output.read_text()
-    assert text.count("Default setting:") == 3 and "outputs differ" not in text and "Error" not in text
-    assert text.count("1.00x") == 3  # the default is timed in each section
+    # forward, forward with entropy, backward, three log-probs
+    assert text.count("Default setting:") == 4 and "outputs differ" not in text and "Error" not in text
+    assert text.count("1.00x") == 4  # the default is timed in each section
 
 
 @pytest.mark.slow
