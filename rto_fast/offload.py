@@ -50,9 +50,10 @@ class HostResident:
                 if id(tensor) in seen:
                     continue
                 seen.add(id(tensor))
-                host = tensor.data if tensor.device.type == "cpu" else tensor.data.cpu()
-                if pin:
-                    host = host.pin_memory()
+                if tensor.device.type == "cpu":
+                    host = tensor.data.pin_memory() if pin else tensor.data
+                else:  # one copy, straight into pinned memory
+                    host = torch.empty_like(tensor.data, device="cpu", pin_memory=pin).copy_(tensor.data)
                 tensor.data = host
                 self.tensors.append((tensor, host))
 

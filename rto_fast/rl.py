@@ -245,21 +245,25 @@ class RLTrainer:
         seed = config.runtime.seed + STAGE_SEED_OFFSET[self.mode]
         dtype = config.model.dtype
         checkpointing = config.model.gradient_checkpointing
-        # Frozen models first, in a fixed order, so a fresh and a resumed run draw the same random numbers.
+        # Frozen models first, in a fixed order, so a fresh and a resumed run draw the same random numbers; straight
+        # into host memory when they are offloaded.
+        offload = self.settings.offload_frozen_models and offload_saves_memory(self.device)
+        frozen_device = torch.device("cpu") if offload else self.device
         if paths["reference"] == TINY:
             torch.manual_seed(seed)
         self.reference = self._load_frozen(paths["reference"], lambda path: load_causal_lm(path, dtype=dtype,
-                                                                                          trainable=False))
+                                                                                          trainable=False),
+                                           frozen_device)
         self.dpo_model = (self._load_frozen(paths["dpo"], lambda path: load_causal_lm(path, dtype=dtype,
-                                                                                     trainable=False))
+                                                                                     trainable=False), frozen_device)
                           if paths["dpo"] else None)
         self.reward_model = (self._load_frozen(paths["reward"], lambda path: ValueHeadModel.from_pretrained(
-            path, dtype=dtype, trainable=False)) if paths["reward"] else None)
+            path, dtype=dtype, trainable=False), frozen_device) if paths["reward"] else None)
         settings = self.settings
         policy_source = str(resume_from / MODEL_DIR) if resume_from is not None else paths["policy"]
         if resume_from is None and policy_source == paths["reference"] == TINY:
             # pi_0 = pi_ref with random 'tiny' weights: a copy of the frozen reference.
-            self.policy = copy.deepcopy(self.reference).requires_grad_(True).train()
+            self.policy = copy.deepcopy(self.reference).requires_grad_(True).train().to(self.device)
             if not config.model.keep_dropout:
                 disable_dropout(self.policy)
             if checkpointing:
@@ -303,10 +307,10 @@ class RLTrainer:
         return SimpleNamespace(lr=lr, weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
                                adam_beta2=settings.adam_beta2, max_grad_norm=settings.max_grad_norm)
 
-    def _load_frozen(self, path: str, load):
+    def _load_frozen(self, path: str, load, device: torch.device):
         """A frozen model: straight into ZeRO-3 partitions under ZeRO-3 (build_optimizers then wraps it in an engine;
-        not the random tiny model, which the policy copies whole), else whole on the device."""
-        return distributed.load_model(lambda: load(path), self.dist, self.device, enabled=path != TINY)
+        not the random tiny model, which the policy copies whole), else whole on `device`."""
+        return distributed.load_model(lambda: load(path), self.dist, device, enabled=path != TINY)
 
     def _load_trained(self, path: str, lr: float, load):
         """A model this stage trains: straight into ZeRO-3 partitions under ZeRO-3 (not the random tiny model, see
