@@ -3,6 +3,7 @@ from_pretrained, the CLI fails early and clearly, checkpoints are atomic and pru
 bitwise the same weights."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -200,6 +201,41 @@ def test_step_gradient_does_not_depend_on_micro_batching(name):
     assert whole_count == 1 and split_count > 3
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2"])
+def test_every_stage_runs_on_other_architectures(tmp_path, kind):
+    """The whole pipeline (SFT, DPO, RM, RTO, eval) from a saved model other than the tiny Llama: GPT-2 as shipped
+    (dropout 0.1: trained models lose it) and Gemma-2 (soft-capped attention scores, written out on CPU; eager
+    attention for sampling; its final logit soft-capping keeps the logits path of the fused output layer)."""
+    import transformers
+
+    tokenizer = models.build_tokenizer()
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                         **special)
+    else:
+        config = transformers.Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=8, sliding_window=16, attn_logit_softcapping=5.0, **special)
+    torch.manual_seed(0)
+    folder = tmp_path / kind
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run_dir = run_main(tmp_path / "run", "stages=[sft,dpo,rm,rto,eval]", f"model.name_or_path={folder}",
+                       "sft.max_steps=3", "dpo.max_steps=3", "rm.max_steps=3", "rl.iterations=2",
+                       "rl.rollout_batch_size=8", "rl.mini_batch_size=8", "rl.max_new_tokens=8",
+                       "rl.micro_batch_tokens=512", "rl.eval_prompts=0", "eval.num_prompts=8",
+                       "eval.max_new_tokens=8", "eval.micro_batch_tokens=512", "model.fused_output_layer=true")
+    for stage in ("sft", "dpo", "rm", "rto"):
+        records = stage_records(run_dir, stage)
+        assert records and all(math.isfinite(value) for record in records for value in record.values()
+                               if isinstance(value, float)), stage
+    assert (run_dir / "eval" / "win_rates.json").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "rto" / "model")
+    assert type(reloaded).__name__.lower().startswith(kind)
 
 
 def test_lr_schedule_warmup_then_cosine():
