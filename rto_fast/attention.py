@@ -231,11 +231,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         scaling = head_dim**-0.5
     packed_stream = batch_size == 1 and attention_mask is None and q_length == kv_length
     if not packed_stream:
-        if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sliding_window")):
+        window = kwargs.get("sliding_window")
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or (window and kv_length > window):
             # generation_attention switches such models to transformers' eager attention, which builds their masks
             raise NotImplementedError("rto_fast packed attention: a padded or cached call of a model with score "
-                                      "soft-capping, attention sinks or a sliding window; run it under "
-                                      "rto_fast.attention.generation_attention (transformers' own attention)")
+                                      "soft-capping, attention sinks or a sliding window shorter than the keys; run "
+                                      "it under rto_fast.attention.generation_attention (transformers' attention)")
         return _masked_sdpa(query, key, value, attention_mask, scaling), None
 
     if cu_seq_lens_q is None:
@@ -248,7 +249,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     softcap, sinks, sliding_window = kwargs.get("softcap"), kwargs.get("s_aux"), kwargs.get("sliding_window")
     if sliding_window is not None and max_length_q <= sliding_window:
         sliding_window = None  # every sequence fits in the window: plain causal attention
-    shaped = softcap is not None or sliding_window is not None  # what flash-attn and FlexAttention take, varlen not
+    shaped = softcap is not None or sliding_window is not None  # flash-attn and FlexAttention take both
 
     backend = select_backend(query.device)
     if backend in ("flash", "varlen") and query.dtype not in (torch.float16, torch.bfloat16):
