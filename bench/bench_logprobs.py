@@ -6,7 +6,8 @@ Writes bench/results/logprobs_<device>.md (hardware, versions, command, tables, 
 
 token_logprobs peers, same logits and labels, forward and forward+backward (sum of the log-probs):
 - "rto_fast": `ops.token_logprobs` (Triton on CUDA, the C++ row kernels of csrc/logprobs.cpp on CPU); "rto_fast inplace" adds
-  `inplace_backward=True` (the gradient overwrites the logits).
+  `inplace_backward=True` (the gradient overwrites the logits); "rto_fast kernel" (CUDA, forward) launches the
+  forward kernel alone, without the op's checks and dispatch: the difference is the op's host overhead.
 - "TRL": `trl.trainer.utils.selective_log_softmax` on (B, T, V) logits with B = 8 rows (a padded batch; on CPU it
   loops over B; on CUDA it runs TRL's own Triton kernel). "TRL packed" is the same call on a packed (1, N, V)
   stream, the layout this project trains on.
@@ -119,9 +120,17 @@ def logprob_impls(device):
     def trl_packed(logits, labels):
         return _trl()(logits.unsqueeze(0), labels.unsqueeze(0)).reshape(-1)
 
+    def kernel_only(logits, labels):
+        from rto_fast.kernels.logprobs import logprobs_forward
+
+        return logprobs_forward(logits, labels)[0]
+
     return {
         "rto_fast": lambda logits, labels: ops.token_logprobs(logits, labels),
         "rto_fast inplace": lambda logits, labels: ops.token_logprobs(logits, labels, inplace_backward=True),
+        # The forward kernel's launch alone: no argument checks, label check (and its host sync) or custom-op
+        # dispatch; against "rto_fast" it shows the op's host overhead, which a call from an idle GPU pays in full.
+        "rto_fast kernel": kernel_only if device == "cuda" else None,
         "TRL": trl_batched if has_trl else None,
         "TRL packed": trl_packed if has_trl else None,
         "plain": lambda logits, labels: torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0],
@@ -326,7 +335,7 @@ def reward_impls():
 def _available(spec, device):
     """False for peers that cannot run here (no need to start a subprocess to find out)."""
     kind, impl = spec["kind"], spec["impl"]
-    if kind == "forward" and impl == "rto_fast inplace":
+    if (kind == "forward" and impl == "rto_fast inplace") or (kind == "backward" and impl == "rto_fast kernel"):
         return False
     table = {"forward": logprob_impls, "backward": logprob_impls, "linear_forward": linear_impls,
              "linear_backward": linear_impls, "rewards": lambda device: reward_impls()}[kind](device)
@@ -448,8 +457,8 @@ def main():
         lines += [f"## token_logprobs, {title}", "",
                   "| N x V dtype | " + " | ".join(f"{n} ms" for n in names) + " | "
                   + " | ".join(f"{n} MiB" for n in names) + " | rto_fast x TRL | rto_fast x TRL packed |"
-                  + (" rto_fast GB/s |" if bandwidth else ""),
-                  "|" + "---|" * (2 * len(names) + 3 + (1 if bandwidth else 0))]
+                  + (" rto_fast GB/s | rto_fast kernel GB/s |" if bandwidth else ""),
+                  "|" + "---|" * (2 * len(names) + 3 + (2 if bandwidth else 0))]
         for n, v, dtype in shapes:
             results = {}
             for name in names:
@@ -468,8 +477,9 @@ def main():
                 # Bytes that must move: the logits read once (forward); read twice and the gradient written (both).
                 element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
                 moved = n * v * element * (1 if kind == "forward" else 3)
-                achieved = moved / ours[0] / 1e6 if _ok(ours) else None
-                row += f" {achieved:.0f} ({achieved / bandwidth:.0%}) |" if achieved else " n/a |"
+                for result in (ours, results["rto_fast kernel"]):
+                    achieved = moved / result[0] / 1e6 if _ok(result) else None
+                    row += f" {achieved:.0f} ({achieved / bandwidth:.0%}) |" if achieved else " n/a |"
             lines.append(row)
             errors.append((f"{n} x {v} {dtype}", results))
         lines.append("")
