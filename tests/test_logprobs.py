@@ -220,10 +220,12 @@ def test_cpu_implementations(cpu_impl, dtype, shape, vocab_size, temperature):
     expected = _grads(logits.double(), labels, temperature, weights, reference.token_logprobs)
     baseline = _grads(logits, labels, temperature, weights, reference.token_logprobs)
     assert grad.dtype == dtype
-    # Both CPU paths rebuild p from the saved row statistics (exp(z - m - log s)), so p carries the rounding of the
-    # row's log-sum, which autograd's softmax does not: over 300 random draws at V = 32000 (fp32) the worst errors
-    # were 1.4x (ATen) and 1.04x (C++) the slack-2 budget, hence slack 3.
-    assert_within_budget(grad, expected, baseline, dtype=dtype, name=f"{cpu_impl} grad logits", slack=3.0)
+    # Both CPU paths rebuild p and log p from the saved row statistics, whose rounding autograd's softmax does not
+    # carry; the entropy term (log p + H) adds the rounding of H. Over 3000 random draws of the (2,) x 32000 fp32 case
+    # at temperature 0.7 the worst errors were 0.94x (C++) and 1.67x (ATen, 2.21x before its log-sum was summed in
+    # float64) the slack-2 budget: slack 3, and 4 for the ATen fallback.
+    slack = 4.0 if cpu_impl == "aten" else 3.0
+    assert_within_budget(grad, expected, baseline, dtype=dtype, name=f"{cpu_impl} grad logits", slack=slack)
     assert torch.all(grad[ignored] == 0)
     # In place: the same numbers, written over the logits.
     inplace = logits.detach().clone().requires_grad_() * 1  # a non-leaf, as an LM head's output

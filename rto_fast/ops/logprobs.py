@@ -161,9 +161,11 @@ def _forward_torch(logits, labels, temperature, ignore_index, return_entropy, ne
         log_p = torch.log_softmax(z, dim=-1, out=log_p_buffer[:count])
         logprobs[start:stop] = log_p.gather(-1, safe_labels[start:stop]).squeeze(-1)
         if need_stats:
-            # log_p = z - lse keeps the order of z, so both maxima sit at the same column: max log_p = -log s.
-            row_stats[start:stop, 0] = z.amax(-1)
-            row_stats[start:stop, 1] = log_p.amax(-1).neg_()
+            # log s summed in float64 (log_softmax's own float32 log-sum-exp is a few ulp off): backward rebuilds every
+            # p of the row from it, so its rounding is every gradient's relative error.
+            row_max = z.amax(-1, keepdim=True)
+            row_stats[start:stop, 0] = row_max.squeeze(-1)
+            row_stats[start:stop, 1] = torch.sub(z, row_max).exp_().sum(-1, dtype=torch.float64).log_()
         if return_entropy:
             # Below the floor p is exactly 0: the clamp changes no value and keeps 0 * -inf (masked logits) out.
             p = torch.exp(log_p, out=scaled_buffer[:count])
@@ -194,6 +196,9 @@ def _backward_torch(logits, labels, row_stats, entropy, grad_logprobs, grad_entr
     g_h = torch.where(valid, grad_entropy.to(dtype), 0.0).unsqueeze(-1) if grad_entropy is not None else None
     row_max = row_stats[:, 0:1].to(dtype)
     log_sum = row_stats[:, 1:2].to(dtype)
+    # p = exp(z - m) / s, not exp((z - m) - log s): the large p of a row keep exp's own accuracy, as in a softmax,
+    # instead of the rounding of (z - m) - log s near -log s.
+    inverse_sum = torch.exp(-row_stats[:, 1:2].double()).to(dtype)
     entropy = entropy.to(dtype).unsqueeze(-1) if g_h is not None else None
     rows = min(_chunk_rows(vocab_size), max(n_rows, 1))
     log_p_buffer = torch.empty(rows, vocab_size, device=logits.device, dtype=dtype)
@@ -216,9 +221,10 @@ def _backward_torch(logits, labels, row_stats, entropy, grad_logprobs, grad_entr
             if temperature != 1.0:
                 log_p.div_(temperature)
             log_p.sub_(row_max[start:stop])
+        # log_p (z - m so far) holds everything needed from the logits chunk, so `out` may overwrite it now
+        # (in-place backward).
+        p = torch.exp(log_p, out=out[start:stop] if direct else p_buffer[:count]).mul_(inverse_sum[start:stop])
         log_p.sub_(log_sum[start:stop])  # (z - m) - log s: see kernels/logprobs.py
-        # log_p holds everything needed from the logits chunk, so `out` may overwrite it now (in-place backward).
-        p = torch.exp(log_p, out=out[start:stop] if direct else p_buffer[:count])
         if g_h is not None:
             # grad = -p * (g_lp + g_h * (log p + H)) + g_lp * onehot (log p clamped where p = 0, as in the forward)
             factor = log_p.clamp_(min=_LOG_P_FLOOR[dtype]).add_(entropy[start:stop]).mul_(g_h[start:stop])
