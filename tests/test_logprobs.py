@@ -131,6 +131,13 @@ def _grads(logits, labels, temperature, weights, fn, **kwargs):
     return leaf.grad
 
 
+# Every backward rebuilds p and log p from the forward's saved row statistics (max, log-sum), whose rounding the
+# float32 autograd baseline does not carry, and the entropy term adds the rounding of the saved entropy: gradients
+# get 3 roundings of slack, not 2 (measured worst cases at the cases' shapes: see test_cpu_implementations; the
+# Triton backward reached 1.24x of the slack-2 budget in one CI run at 9 x 1000, temperature 0.7).
+GRAD_SLACK = 3.0
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,vocab_size,temperature", GRAD_CASES)
@@ -144,7 +151,7 @@ def test_token_logprobs_gradients(backend, device, dtype, shape, vocab_size, tem
     expected = _grads(logits.double(), labels, temperature, (w_lp, w_h), reference.token_logprobs)
     baseline = _grads(logits, labels, temperature, (w_lp, w_h), reference.token_logprobs)
     assert grad.dtype == dtype
-    assert_within_budget(grad, expected, baseline, dtype=dtype, name=f"grad logits ({through})")
+    assert_within_budget(grad, expected, baseline, dtype=dtype, name=f"grad logits ({through})", slack=GRAD_SLACK)
     assert torch.all(grad[labels == IGNORE] == 0)
 
 
@@ -157,7 +164,7 @@ def test_token_logprobs_gradients_large_vocab(backend, device):
     grad = _grads(logits, labels, 0.7, weights, ops.token_logprobs)
     expected = _grads(logits.double(), labels, 0.7, weights, reference.token_logprobs)
     baseline = _grads(logits, labels, 0.7, weights, reference.token_logprobs)
-    assert_within_budget(grad, expected, baseline, name="grad logits (V=32000)")
+    assert_within_budget(grad, expected, baseline, name="grad logits (V=32000)", slack=GRAD_SLACK)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -220,11 +227,10 @@ def test_cpu_implementations(cpu_impl, dtype, shape, vocab_size, temperature):
     expected = _grads(logits.double(), labels, temperature, weights, reference.token_logprobs)
     baseline = _grads(logits, labels, temperature, weights, reference.token_logprobs)
     assert grad.dtype == dtype
-    # Both CPU paths rebuild p and log p from the saved row statistics, whose rounding autograd's softmax does not
-    # carry; the entropy term (log p + H) adds the rounding of H. Over 3000 random draws of the (2,) x 32000 fp32 case
-    # at temperature 0.7 the worst errors were 0.94x (C++) and 1.67x (ATen, 2.21x before its log-sum was summed in
-    # float64) the slack-2 budget: slack 3, and 4 for the ATen fallback.
-    slack = 4.0 if cpu_impl == "aten" else 3.0
+    # Over 3000 random draws of the (2,) x 32000 fp32 case at temperature 0.7 the worst errors were 0.94x (C++) and
+    # 1.67x (ATen, 2.21x before its log-sum was summed in float64) the slack-2 budget: GRAD_SLACK, and 4 for the ATen
+    # fallback.
+    slack = 4.0 if cpu_impl == "aten" else GRAD_SLACK
     assert_within_budget(grad, expected, baseline, dtype=dtype, name=f"{cpu_impl} grad logits", slack=slack)
     assert torch.all(grad[ignored] == 0)
     # In place: the same numbers, written over the logits.
@@ -294,7 +300,7 @@ def test_kernel_vocab_split(device, split, block, vocab_size, dtype):
     kernels.logprobs_backward(logits, labels, row_stats, entropy, grad_lp, grad_h, temperature=0.7, out=grad_out)
     expected = _grads(logits.double(), labels, 0.7, (grad_lp, grad_h), reference.token_logprobs)
     baseline = _grads(logits, labels, 0.7, (grad_lp, grad_h), reference.token_logprobs)
-    assert_within_budget(grad_out, expected, baseline, dtype=dtype, name="kernel grad")
+    assert_within_budget(grad_out, expected, baseline, dtype=dtype, name="kernel grad", slack=GRAD_SLACK)
 
 
 @pytest.mark.parametrize("split,block,vocab_size", [(1, 128, 1000), (4, 64, 1000), (2, 256, 4999)])
