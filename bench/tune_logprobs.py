@@ -8,8 +8,9 @@ The defaults (kernels/logprobs.py: 4096-column blocks, 8 warps, a vocabulary spl
 2 programs per SM, no prefetch; kernels/rewards.py: 4096-column blocks, 8 warps) were set on the first H200 run.
 That run read 16384 x 151936 logits at 71% of copy bandwidth but 4096 x 128256 at 31%, though every row is a program
 either way; scoring micro-batches hold a few thousand response tokens, so the small-row case is the one the trainer
-meets (4096 x 50304, the RL benchmark's shape, comes first, with the training forward's entropy too). Prefetch (the next block's load issued before the current block's max reduction, so a load stays in flight
-through it) costs registers: 48 -> 64 per thread for the bf16 forward, 5 -> 4 programs per SM
+meets (4096 x 50304, the RL benchmark's shape, comes first, with the training forward's entropy too). Prefetch
+(the next block's load issued before the current block's max reduction, so a load stays in flight through it) costs
+registers: 48 -> 64 per thread for the bf16 forward, 5 -> 4 programs per SM
 (bench/results/kernel_resources_sm90.md); only a GPU says which wins.
 For each kernel and shape this times every setting in the grid (CUDA events, median of --repeats calls after
 warm-up), checks that each setting gives the default's outputs, and reports GB/s, the share of the measured copy

@@ -22,10 +22,9 @@ FlexAttention unfused (slow, forward only: torch has no CPU flex backward; for t
 
 Gemma-2's soft-capped scores and sliding windows shorter than a sequence go to flash-attn (its softcap and
 window_size) or FlexAttention (a score_mod and a windowed document mask; torch's varlen kernel takes windows, not
-soft-capping). What
-no backend here takes runs written out per sequence (one batched call over the sequences padded to the longest;
-float32 scores, memory quadratic in the longest sequence; one warning): gpt-oss's attention sinks, and on CPU the
-soft-capping and windows too.
+soft-capping). What no backend here takes runs written out per sequence (one batched call over the sequences padded
+to the longest; float32 scores, memory quadratic in the longest sequence; one warning): gpt-oss's attention sinks,
+and on CPU the soft-capping and windows too.
 
 Calls that are not packed streams (generation: a padding mask, a KV cache, several rows) take a plain masked sdpa
 path inside the registered function, so `model.generate` still works with the packed implementation set; the

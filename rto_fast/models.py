@@ -14,6 +14,7 @@ Packed micro-batches go through `rto_fast.attention.packed_forward`, which works
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -235,6 +236,13 @@ def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool, ke
     # Packed streams must never go through the KV cache (DESIGN.md "Traps"): make it off by default too.
     model.config.use_cache = False
     return model
+
+
+def trainable_copy(model: nn.Module, device: torch.device, gradient_checkpointing: bool = False,
+                   keep_dropout: bool = False) -> nn.Module:
+    """A trained model that starts as a copy of a frozen one (pi_0 = pi_ref with the random tiny weights), prepared as
+    a loaded trained model is."""
+    return _prepare(copy.deepcopy(model).requires_grad_(True).to(device), gradient_checkpointing, True, keep_dropout)
 
 
 def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", gradient_checkpointing: bool = False,

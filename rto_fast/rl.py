@@ -49,7 +49,6 @@ every rank and advantages whitened over all of them, and each PPO mini-batch is 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -64,7 +63,7 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
-from .models import TINY, ValueHeadModel, disable_dropout, load_causal_lm
+from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
 from .offload import HostResident, offload_saves_memory, on_device
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
@@ -263,13 +262,7 @@ class RLTrainer:
         policy_source = str(resume_from / MODEL_DIR) if resume_from is not None else paths["policy"]
         if resume_from is None and policy_source == paths["reference"] == TINY:
             # pi_0 = pi_ref with random 'tiny' weights: a copy of the frozen reference.
-            self.policy = copy.deepcopy(self.reference).requires_grad_(True).train().to(self.device)
-            if not config.model.keep_dropout:
-                disable_dropout(self.policy)
-            if checkpointing:
-                from .models import enable_gradient_checkpointing
-
-                enable_gradient_checkpointing(self.policy)
+            self.policy = trainable_copy(self.reference, self.device, checkpointing, config.model.keep_dropout)
         else:
             self.policy = self._load_trained(policy_source, settings.actor_lr, lambda: load_causal_lm(
                 policy_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
@@ -508,7 +501,8 @@ class RLTrainer:
                 for chosen, pass_weight in passes:
                     share = pass_weight * (sum(response_lengths[i] for i in chosen) / mini_tokens
                                            if settings.agg == "token-mean" else len(chosen) / len(members))
-                    micro_batches.append((pack(sequences, chosen).to(self.device), chosen, share, pass_weight))
+                    batch = pack(sequences, chosen).to(self.device)
+                    micro_batches.append((batch, self._stream_inputs(rollout, batch, chosen), share, pass_weight))
 
                 def accumulate(stats, share, pass_weight):
                     if pass_weight:  # device tensors: read back once, after the last pass
@@ -519,14 +513,14 @@ class RLTrainer:
                 # reads only the policy and the value loss only the critic, so this gives the joint loss's gradients,
                 # one model's activations are alive at a time, and with separate optimizers the actor steps and
                 # frees its gradients before the critic's exist.
-                for index, (batch, chosen, share, pass_weight) in enumerate(micro_batches):
-                    accumulate(self._policy_pass(batch, rollout, chosen, share, boundary=index == len(passes) - 1),
+                for index, (batch, inputs, share, pass_weight) in enumerate(micro_batches):
+                    accumulate(self._policy_pass(batch, inputs, share, boundary=index == len(passes) - 1),
                                share, pass_weight)
                     shares += share if pass_weight else 0.0
                 actor_norm = self._step_actor() if separate else None
-                for index, (batch, chosen, share, pass_weight) in enumerate(micro_batches):
-                    accumulate(self._critic_pass(batch, rollout, chosen, share, vf_coef,
-                                                 boundary=index == len(passes) - 1), share, pass_weight)
+                for index, (batch, inputs, share, pass_weight) in enumerate(micro_batches):
+                    accumulate(self._critic_pass(batch, inputs, share, vf_coef, boundary=index == len(passes) - 1),
+                               share, pass_weight)
                 norms.append(self._step_critic(actor_norm) if separate else self._step_shared())
         keys = sorted(totals)
         values = [float(value) for value in torch.stack([totals[key].double() for key in keys])] if keys else []
@@ -538,19 +532,22 @@ class RLTrainer:
         stats["optimizer_steps"] = len(norms)
         return stats
 
-    def _stream_inputs(self, rollout: RolloutBatch, batch: PackedBatch, chosen: list[int], *names: str):
-        return [_scatter_to_stream(getattr(rollout, name), batch, chosen) for name in names]
+    @staticmethod
+    def _stream_inputs(rollout: RolloutBatch, batch: PackedBatch, chosen: list[int]) -> dict:
+        """The rollout's per-token fields the losses read, on the micro-batch's stream (made once for both passes)."""
+        return {name: _scatter_to_stream(getattr(rollout, name), batch, chosen)
+                for name in ("old_logprobs", "advantages", "values", "returns")}
 
     def _clipping(self, batch: PackedBatch) -> dict:
         settings = self.settings
         return dict(clip_eps=settings.clip_eps, clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip,
                     agg=settings.agg, cu_seqlens=batch.cu_seqlens)
 
-    def _policy_pass(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
-                     boundary: bool = True) -> dict:
-        """Forward and backward of the policy on one micro-batch (clipped surrogate, entropy bonus); its stats."""
+    def _policy_pass(self, batch: PackedBatch, inputs: dict, share: float, boundary: bool = True) -> dict:
+        """Forward and backward of the policy on one micro-batch (clipped surrogate, entropy bonus); its stats.
+        `inputs`: `_stream_inputs` of the batch."""
         settings = self.settings
-        old_logprobs, advantages = self._stream_inputs(rollout, batch, chosen, "old_logprobs", "advantages")
+        old_logprobs, advantages = inputs["old_logprobs"], inputs["advantages"]
         with _autocast(self.context), phase("policy_forward"):
             logprobs, entropy = packed_logprobs(self.policy, batch, return_entropy=True, inplace_backward=True,
                                                 fused_output_layer=self.config.model.fused_output_layer)
@@ -565,18 +562,18 @@ class RLTrainer:
         stats = {name: value.detach() for name, value in stats.items() if name not in ("vf_loss", "vf_clipfrac")}
         return {**stats, "entropy": mean_entropy.detach()}
 
-    def _critic_pass(self, batch: PackedBatch, rollout: RolloutBatch, chosen: list[int], share: float,
-                     vf_coef: float, boundary: bool = True) -> dict:
+    def _critic_pass(self, batch: PackedBatch, inputs: dict, share: float, vf_coef: float,
+                     boundary: bool = True) -> dict:
         """Forward and backward of the critic on one micro-batch (clipped value loss); its stats. The loss is the
         joint one with the rollout's log-probs in the policy's place: its policy term is a constant, so only the
         value loss has a gradient."""
-        old_logprobs, advantages, old_values, returns = self._stream_inputs(
-            rollout, batch, chosen, "old_logprobs", "advantages", "values", "returns")
+        old_logprobs, advantages = inputs["old_logprobs"], inputs["advantages"]
         with _autocast(self.context), phase("critic_forward"):
             values = packed_values(self.critic, batch)
         with phase("critic_loss"):
             critic_loss, stats = ops.ppo_loss(old_logprobs, old_logprobs, advantages, batch.response_mask,
-                                              values=values.float(), old_values=old_values, returns=returns,
+                                              values=values.float(), old_values=inputs["values"],
+                                              returns=inputs["returns"],
                                               vf_coef=vf_coef, **self._clipping(batch))
         with phase("critic_backward"):
             self._backward(self.critic_engine, critic_loss * share, boundary)

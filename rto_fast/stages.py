@@ -30,7 +30,6 @@ summed over ranks and rank 0 alone writes logs, checkpoints' metadata and the fi
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -48,7 +47,7 @@ from . import distributed
 from .attention import packed_forward
 from .config import RL_MODES, STAGES, Config, StageConfig
 from .distributed import Distributed, EngineTrainer
-from .models import TINY, ValueHeadModel, disable_dropout, load_causal_lm
+from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import MetricsLog, ProgressBar
@@ -280,9 +279,8 @@ class DPOStage(Stage):
             self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.config, True))
         elif init_path == ref_path == TINY:
             # The same random weights (ZeRO-3 partitions this whole copy when the engine starts).
-            self.model = copy.deepcopy(self.reference).requires_grad_(True).train().to(self.context.device)
-            if not self.config.model.keep_dropout:
-                disable_dropout(self.model)
+            self.model = trainable_copy(self.reference, self.context.device,
+                                        keep_dropout=self.config.model.keep_dropout)
         else:
             self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
         # Under ZeRO-3 the reference is partitioned too (its forwards are then collective; see run_stage's passes).

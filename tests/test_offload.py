@@ -12,16 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from rto_fast import offload
+from tests.utils import storage_pointers
 
 
 def tied_gpt2():
     config = GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=2, n_positions=64, tie_word_embeddings=True)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-
-
-def host_pointers(model):
-    return [tensor.data_ptr() for tensor in [*model.parameters(), *model.buffers()]]
 
 
 def test_on_device_swaps_every_parameter_and_buffer_and_back():
@@ -31,18 +28,18 @@ def test_on_device_swaps_every_parameter_and_buffer_and_back():
     assert model.lm_head.weight is model.transformer.wte.weight
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     resident = offload.HostResident(model, torch.device("cpu"))
-    host = host_pointers(model)
+    host = storage_pointers(model)
     assert resident.nbytes == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
     with resident.on_device() as inside:
         assert inside is model
-        copies = host_pointers(model)
+        copies = storage_pointers(model)
         assert not set(copies) & set(host)  # every parameter and buffer is a copy
         assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor
         with resident.on_device():  # nested: the same copy, not a second one
-            assert host_pointers(model) == copies
-        assert host_pointers(model) == copies
-    assert host_pointers(model) == host
+            assert storage_pointers(model) == copies
+        assert storage_pointers(model) == copies
+    assert storage_pointers(model) == host
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
@@ -52,15 +49,15 @@ def test_on_device_copies_carry_the_values_and_leave_the_host_copy_alone():
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     resident = offload.HostResident(model, torch.device("cpu"))
-    host = host_pointers(model)
+    host = storage_pointers(model)
     calls = []
     model.transformer.h[0].register_forward_hook(lambda *args: calls.append(1))  # hooks survive the swap
     with torch.inference_mode(), resident.on_device() as inside:
-        copies = host_pointers(inside)
+        copies = storage_pointers(inside)
         assert not set(copies) & set(host)
         logits = inside(input_ids=ids).logits
     assert torch.equal(logits, expected) and calls == [1]
-    assert host_pointers(model) == host
+    assert storage_pointers(model) == host
 
 
 def test_a_trained_model_is_refused():

@@ -23,6 +23,7 @@ from rto_fast.generation import Rollout
 from rto_fast.run_log import MetricsLog, read_metrics
 from rto_fast.stages import RunContext
 from rto_fast.train import main, prompt_data_config
+from tests.utils import storage_pointers
 
 RL_BASE = ["runtime.device=cpu", "runtime.progress_bar=false", "runtime.seed=5", "data.max_prompt_length=48",
            "data.max_response_length=10", "data.max_eval_samples=8", "rl.rollout_batch_size=8",
@@ -254,8 +255,9 @@ def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, as
         model.register_forward_hook(lambda module, args, output, name=name: events.append(("forward", name)))
         first = next(model.parameters())
         first.register_hook(lambda grad, name=name: events.append(("backward", name)))
-    trainer._policy_pass(batch, rollout, chosen, share=1.0)
-    trainer._critic_pass(batch, rollout, chosen, share=1.0, vf_coef=vf_coef)
+    inputs = trainer._stream_inputs(rollout, batch, chosen)
+    trainer._policy_pass(batch, inputs, share=1.0)
+    trainer._critic_pass(batch, inputs, share=1.0, vf_coef=vf_coef)
     assert events == [("forward", "policy"), ("backward", "policy"), ("forward", "critic"), ("backward", "critic")]
     models_ = (trainer.policy, trainer.critic)
     split = [[parameter.grad.clone() for parameter in model.parameters()] for model in models_]
@@ -336,10 +338,6 @@ def test_extra_scoring_passes_for_partitioned_frozen_models_change_nothing(tmp_p
 
 # ------------------------------------------------------------------------------------------------ offloaded models
 
-def host_pointers(model):
-    return [tensor.data_ptr() for tensor in [*model.parameters(), *model.buffers()]]
-
-
 def test_offload_is_a_no_op_on_a_cpu_device(tmp_path, assets):
     trainer = make_trainer(assets, tmp_path, "rto", "rl.offload_frozen_models=true")
     assert trainer.residents == {}
@@ -369,14 +367,14 @@ def test_frozen_models_are_on_the_device_only_while_they_score(tmp_path, assets,
     trainer = make_trainer(assets, tmp_path, "rto", "rl.offload_frozen_models=true", "rl.reward_model=true")
     frozen = {"reference": trainer.reference, "dpo": trainer.dpo_model, "reward": trainer.reward_model}
     assert set(trainer.residents) == {id(model) for model in frozen.values()}
-    host = {name: host_pointers(model) for name, model in frozen.items()}
+    host = {name: storage_pointers(model) for name, model in frozen.items()}
     seen = []
     for name, model in frozen.items():
         model.register_forward_hook(lambda module, args, output, name=name: seen.append(
-            (name, host_pointers(module) == host[name])))
+            (name, storage_pointers(module) == host[name])))
 
     def is_offloaded():
-        return {name: host_pointers(model) == host[name] for name, model in frozen.items()}
+        return {name: storage_pointers(model) == host[name] for name, model in frozen.items()}
 
     prompts = trainer.context.train_prompts[:4]
     torch.manual_seed(1)

@@ -36,3 +36,8 @@ def cpu_isas() -> list[str]:
 
     names = ["baseline", "avx2", "avx512"]
     return names[: names.index(_C.cpu_isa()) + 1]
+
+
+def storage_pointers(model) -> list[int]:
+    """Where each parameter and buffer of `model` lives (to tell host tensors from device copies)."""
+    return [tensor.data_ptr() for tensor in [*model.parameters(), *model.buffers()]]
