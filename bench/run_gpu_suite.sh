@@ -5,7 +5,8 @@
 #   3. the benchmarks: bench_logprobs, tune_logprobs (kernel launch settings), bench_rl_step (against TRL 1.12,
 #      Pythia-410M-shaped with Pythia's vocabulary, one iteration of each side profiled), bench_generation,
 #      bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and with it,
-#      activation checkpointing on both sides and our frozen models offloaded (rl_step_cuda_lean.md).
+#      activation checkpointing on both sides and our frozen models offloaded (rl_step_cuda_lean.md), then both
+#      sides with float32 master weights (rl_step_cuda_master.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed. The limits add up to more than one 600 s call: ONLY
 # names the steps to run (the rest are skipped), so the suite can be split over calls.
@@ -73,5 +74,10 @@ step bench_dpo_step 120 env PYTHONPATH="${trl_path}${PYTHONPATH:+:$PYTHONPATH}" 
 step bench_rl_step_lean 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 --fused-output-layer --gradient-checkpointing --offload-frozen \
     --output bench/results/rl_step_cuda_lean.md "${trl_args[@]}"
+# Both sides training with float32 master weights (rto_fast: bf16 weights + float32 masters; TRL: float32 weights
+# under bf16 autocast), the setups that keep AdamW's small updates.
+step bench_rl_step_master 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
+    --response-length 256 --iterations 3 --master-weights --output bench/results/rl_step_cuda_master.md \
+    "${trl_args[@]}"
 
 cat "$out/summary.log"

@@ -64,6 +64,12 @@ class ModelConfig:
     tokenizer: str | None = option(None, "tokenizer folder or Hub name; null: the base model's own ('tiny': the "
                                           "shipped byte-level tokenizer)")
     dtype: str = option("fp32", "dtype the weights are loaded and trained in", DTYPE_CHOICES)
+    master_weights: bool = option(True, "train bf16 weights through float32 master copies in the optimizer (4 more "
+                                         "bytes per trained parameter, float32 AdamW states): a bf16 weight only "
+                                         "moves when the step is at least half its spacing (|w| * 2^-9 or more), so "
+                                         "at RL learning rates most updates of pure bf16 AdamW are rounded away; "
+                                         "false: pure bf16 weights and AdamW states. DeepSpeed keeps its own master "
+                                         "weights (its bf16 section)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     keep_dropout: bool = option(False, "keep the checkpoint's dropout in trained models; false: every dropout of a "
                                        "trained model is set to 0 (as TRL's disable_dropout), so PPO's ratio, the "

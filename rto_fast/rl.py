@@ -65,13 +65,14 @@ from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
 from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
 from .offload import HostResident, offload_saves_memory, on_device
+from .optim import adamw
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
 from . import distributed
 from .distributed import EngineTrainer
-from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _autocast, adamw,
+from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _autocast,
                      lr_factor, resume_point, seed_everything, split_even, stage_init_path, stage_output)
 
 logger = logging.getLogger(__name__)
@@ -337,12 +338,14 @@ class RLTrainer:
         actor_parameters = [p for p in self.policy.parameters() if p.requires_grad]
         critic_parameters = [p for p in self.critic.parameters() if p.requires_grad]
         self.actor_parameters, self.critic_parameters = actor_parameters, critic_parameters
+        master_weights = self.config.model.master_weights
         if settings.critic_optimizer == "shared":
-            self.actor_optimizer = adamw(actor_parameters + critic_parameters, settings.actor_lr, settings)
+            self.actor_optimizer = adamw(actor_parameters + critic_parameters, settings.actor_lr, settings,
+                                         master_weights)
             self.critic_optimizer = None
         else:
-            self.actor_optimizer = adamw(actor_parameters, settings.actor_lr, settings)
-            self.critic_optimizer = adamw(critic_parameters, settings.critic_lr, settings)
+            self.actor_optimizer = adamw(actor_parameters, settings.actor_lr, settings, master_weights)
+            self.critic_optimizer = adamw(critic_parameters, settings.critic_lr, settings, master_weights)
         self.actor_scheduler = schedule(self.actor_optimizer)
         self.critic_scheduler = schedule(self.critic_optimizer) if self.critic_optimizer is not None else None
 

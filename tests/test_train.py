@@ -406,28 +406,6 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         assert [record["loss"] for record in resumed_records] == reference_losses
 
 
-def test_adamw_is_fused_where_torch_has_it_and_steps_like_torch_adamw():
-    """stages.adamw: the fused AdamW (no foreach temporaries) on CPU, with the stage's settings, moving the weights as
-    torch's default AdamW does."""
-    settings = load_config(None).sft
-    settings.weight_decay, settings.adam_beta1, settings.adam_beta2 = 0.01, 0.8, 0.95
-    torch.manual_seed(0)
-    start = [torch.randn(7, 5), torch.randn(5)]
-    fused_parameters = [torch.nn.Parameter(t.clone()) for t in start]
-    plain_parameters = [torch.nn.Parameter(t.clone()) for t in start]
-    fused = stages.adamw(fused_parameters, 3e-3, settings)
-    plain = torch.optim.AdamW(plain_parameters, lr=3e-3, weight_decay=0.01, betas=(0.8, 0.95))
-    assert fused.param_groups[0]["fused"] and fused.param_groups[0]["betas"] == (0.8, 0.95)
-    for _ in range(3):
-        for parameters in (fused_parameters, plain_parameters):
-            for parameter in parameters:
-                parameter.grad = torch.cos(parameter.detach() * 3)
-        fused.step()
-        plain.step()
-    for a, b in zip(fused_parameters, plain_parameters):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-
-
 def test_profile_step_writes_phases_top_operators_and_a_trace(tmp_path):
     """runtime.profile_step=N: step N of each stage is recorded by torch.profiler; the summary names the trainer's
     phases and the operators that took the time, and the Chrome trace is valid JSON."""
