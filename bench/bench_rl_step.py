@@ -171,7 +171,7 @@ def run_ours(spec: dict) -> dict:
         f"model.fused_output_layer={str(spec['fused_output_layer']).lower()}",
         f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}",
         f"rl.offload_frozen_models={str(spec.get('offload_frozen', False)).lower()}",
-        f"model.master_weights={str(spec.get('master_weights', False)).lower()}",
+        f"model.bf16_optimizer={spec.get('bf16_optimizer', 'pure')}",
         f"runtime.profile_step={spec['profile']}", "runtime.profile_trace=false"]
     if main(overrides) != 0:
         raise SystemExit("the rto_fast run failed")
@@ -213,9 +213,9 @@ def run_trl(spec: dict) -> dict:
     # fingerprinting fails to pickle pyarrow's MonthDayNano type under Python 3.12 (datasets 5.2, pyarrow 24-26).
     dataset = [{"input_ids": row} for row in ids]
     dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
-    # --master-weights: TRL's way of training with float32 weights (bf16 autocast from bf16=True) for the two
-    # trained models; the frozen ones stay bf16.
-    trained_dtype = torch.float32 if spec.get("master_weights") else dtype
+    # --bf16-optimizer other than pure: TRL's way of keeping small updates, float32 weights (bf16 autocast from
+    # bf16=True) for the two trained models; the frozen ones stay bf16.
+    trained_dtype = torch.float32 if spec.get("bf16_optimizer", "pure") != "pure" else dtype
     policy = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=trained_dtype)
     ref = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["paths"]["reward_hf"], dtype=dtype)
@@ -370,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="rto_fast keeps its frozen models (reference, reward model) in host memory outside "
                              "their scoring passes (rl.offload_frozen_models; TRL has no such option, so the memory "
                              "ratio then compares different setups)")
-    parser.add_argument("--master-weights", action="store_true",
-                        help="on cuda, train the policy and critic with float32 master weights: rto_fast's "
-                             "model.master_weights (bf16 weights, float32 masters and AdamW states) against TRL's "
-                             "float32 weights under bf16 autocast (16 bytes per trained parameter each). Default: "
-                             "both sides train pure bf16 weights (TRL's setup when handed a bf16 model)")
+    parser.add_argument("--bf16-optimizer", choices=("pure", "master_weights", "stochastic_rounding"), default="pure",
+                        help="on cuda, how the trained bf16 models are updated: pure (both sides: bf16 weights and "
+                             "AdamW states, round-to-nearest; TRL's setup when handed a bf16 model), master_weights "
+                             "(ours: float32 masters and states) or stochastic_rounding (ours: bf16 weights and "
+                             "states, 8 bytes per parameter); with either of those TRL trains float32 weights under "
+                             "bf16 autocast, its way of keeping AdamW's small updates (16 bytes per parameter)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="activation checkpointing in the trained models, on both sides")
     parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_prompt": 64, "threads": args.threads, "trl_path": args.trl_path,
                 "generation": args.generation, "fused_output_layer": args.fused_output_layer,
                 "gradient_checkpointing": args.gradient_checkpointing, "profile": args.profile,
-                "offload_frozen": args.offload_frozen, "master_weights": args.master_weights and gpu,
+                "offload_frozen": args.offload_frozen, "bf16_optimizer": args.bf16_optimizer if gpu else "pure",
                 "vocab": args.vocab or (None if model == "tiny" else PYTHIA_VOCAB)}
         if spec["rollout_batch"] % spec["micro_batch"]:
             raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
@@ -430,10 +431,9 @@ def main(argv: list[str] | None = None) -> int:
 
     precision = ""
     if gpu:
-        precision = ("; trained models: rto_fast bf16 weights with float32 master weights and AdamW states, TRL "
-                     "float32 weights under bf16 autocast" if spec["master_weights"] else
-                     "; trained models: pure bf16 weights and AdamW states on both sides (--master-weights: the "
-                     "float32-master setups)")
+        precision = ("; trained models: pure bf16 weights and AdamW states on both sides" if spec["bf16_optimizer"] ==
+                     "pure" else f"; trained models: rto_fast bf16 weights with model.bf16_optimizer="
+                     f"{spec['bf16_optimizer']}, TRL float32 weights under bf16 autocast")
     command = "python bench/bench_rl_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# A whole RL iteration: rto_fast vs TRL {results['trl'].get('trl_version', '?')} PPOTrainer "
              f"({args.device})", "",

@@ -5,8 +5,8 @@
 #   3. the benchmarks: bench_logprobs, tune_logprobs (kernel launch settings), bench_rl_step (against TRL 1.12,
 #      Pythia-410M-shaped with Pythia's vocabulary, one iteration of each side profiled), bench_generation,
 #      bench_gae_ppo, then bench_rl_step with the fused output layer (rl_step_cuda_fused.md) and with it,
-#      activation checkpointing on both sides and our frozen models offloaded (rl_step_cuda_lean.md), then both
-#      sides with float32 master weights (rl_step_cuda_master.md).
+#      activation checkpointing on both sides and our frozen models offloaded (rl_step_cuda_lean.md), then the
+#      precision setups that keep small updates (rl_step_cuda_stochastic_rounding.md, rl_step_cuda_master_weights.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed. The limits add up to more than one 600 s call: ONLY
 # names the steps to run (the rest are skipped), so the suite can be split over calls.
@@ -74,10 +74,13 @@ step bench_dpo_step 120 env PYTHONPATH="${trl_path}${PYTHONPATH:+:$PYTHONPATH}" 
 step bench_rl_step_lean 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 --fused-output-layer --gradient-checkpointing --offload-frozen \
     --output bench/results/rl_step_cuda_lean.md "${trl_args[@]}"
-# Both sides training with float32 master weights (rto_fast: bf16 weights + float32 masters; TRL: float32 weights
-# under bf16 autocast), the setups that keep AdamW's small updates.
+# The setups that keep AdamW's small updates: rto_fast's bf16 weights with stochastic rounding (8 bytes per trained
+# parameter) against TRL's float32 weights under bf16 autocast (16), then rto_fast's float32 master weights (16).
+step bench_rl_step_sr 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
+    --response-length 256 --iterations 3 --bf16-optimizer stochastic_rounding \
+    --output bench/results/rl_step_cuda_stochastic_rounding.md "${trl_args[@]}"
 step bench_rl_step_master 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
-    --response-length 256 --iterations 3 --master-weights --output bench/results/rl_step_cuda_master.md \
-    "${trl_args[@]}"
+    --response-length 256 --iterations 3 --bf16-optimizer master_weights \
+    --output bench/results/rl_step_cuda_master_weights.md "${trl_args[@]}"
 
 cat "$out/summary.log"

@@ -33,6 +33,8 @@ STAGES = (*TRAINING_STAGES, *RL_MODES, "eval")
 PAPER_KL_COEF = {"rto": 0.03, "ppo": 0.05, "dppo": 0.05}
 DATA_FORMATS = ("hh-rlhf", "preference", "prompt")
 DTYPE_CHOICES = ("fp32", "bf16")
+# How AdamW updates bf16 weights (rto_fast.optim).
+BF16_OPTIMIZERS = ("master_weights", "stochastic_rounding", "pure")
 # Names people carry over from other trainers, mapped to ours, for the "did you mean" hint.
 KEY_ALIASES = {
     "learning_rate": "lr", "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
@@ -64,12 +66,15 @@ class ModelConfig:
     tokenizer: str | None = option(None, "tokenizer folder or Hub name; null: the base model's own ('tiny': the "
                                           "shipped byte-level tokenizer)")
     dtype: str = option("fp32", "dtype the weights are loaded and trained in", DTYPE_CHOICES)
-    master_weights: bool = option(True, "train bf16 weights through float32 master copies in the optimizer (4 more "
-                                         "bytes per trained parameter, float32 AdamW states): a bf16 weight only "
-                                         "moves when the step is at least half its spacing (|w| * 2^-9 or more), so "
-                                         "at RL learning rates most updates of pure bf16 AdamW are rounded away; "
-                                         "false: pure bf16 weights and AdamW states. DeepSpeed keeps its own master "
-                                         "weights (its bf16 section)")
+    bf16_optimizer: str = option("master_weights", "how AdamW updates bf16 weights (without DeepSpeed, which keeps "
+                                                   "its own float32 master weights): master_weights: float32 copies "
+                                                   "and float32 states in the optimizer, 16 bytes per trained "
+                                                   "parameter; stochastic_rounding: bf16 weights and states written "
+                                                   "back with stochastic rounding (small updates survive on "
+                                                   "average), 8 bytes; pure: bf16 with round-to-nearest, 8 bytes, "
+                                                   "but a weight only moves when its step reaches half its spacing "
+                                                   "(|w| * 2^-9 or more), so most updates at RL learning rates are "
+                                                   "lost", BF16_OPTIMIZERS)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     keep_dropout: bool = option(False, "keep the checkpoint's dropout in trained models; false: every dropout of a "
                                        "trained model is set to 0 (as TRL's disable_dropout), so PPO's ratio, the "

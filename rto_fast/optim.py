@@ -11,6 +11,14 @@ rounded. Forward and backward stay in bf16. This is DeepSpeed's bf16 scheme with
 parameter (bf16 weights 2 + bf16 gradients 2 + masters 4 + states 8), the same as float32 weights under bf16
 autocast, but with bf16 weights for the matmuls and half the gradient memory. Under DeepSpeed its own bf16 optimizer
 does this.
+
+`StochasticRoundingAdamW` is the memory-lean alternative (8 bytes per trained parameter, as pure bf16): the update is
+computed in float32 and the weight and both AdamW states are written back to bf16 with stochastic rounding, up or
+down with probabilities that make the rounding exact on average. A step far below the spacing then moves the weight
+by a whole spacing with a probability proportional to the step, so small updates add up in expectation instead of
+vanishing (at the cost of rounding noise: after T steps of size d against spacing s, a spread of about
+sqrt(T * d * s)). Both states need it too: with beta2 = 0.999, AdamW's second moment changes by 0.1% per step, below
+bf16's relative spacing, and would never move under round-to-nearest.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from .config import BF16_OPTIMIZERS
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +37,29 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 BUCKET_ELEMENTS = 1 << 26
 
 
-def adamw(parameters, lr: float, settings, master_weights: bool = True) -> torch.optim.Optimizer:
+def adamw(parameters, lr: float, settings, bf16_optimizer: str = "master_weights") -> torch.optim.Optimizer:
     """torch's AdamW with a stage's settings (`weight_decay`, `adam_beta1`, `adam_beta2`), fused (one kernel over all
     tensors) where torch has it for the parameters' device: the multi-tensor (foreach) version materializes
     temporaries the size of all parameters in every step, and on 2 CPU cores it took 105 ms per step for 30 M
-    parameters against the fused version's 15 ms. With `master_weights` (the default) bf16 / fp16 parameters are
-    trained through float32 master copies (`MasterWeightAdamW`); without, their AdamW states and updates are bf16."""
+    parameters against the fused version's 15 ms. bf16 / fp16 parameters follow `bf16_optimizer`: float32 master
+    copies (`MasterWeightAdamW`), stochastic rounding (`StochasticRoundingAdamW`, bf16 only) or pure (torch's AdamW
+    on the bf16 weights: round-to-nearest loses small updates)."""
+    if bf16_optimizer not in BF16_OPTIMIZERS:
+        raise ValueError(f"bf16_optimizer: expected one of {BF16_OPTIMIZERS}, got {bf16_optimizer!r}")
     parameters = list(parameters)
     options = dict(lr=lr, weight_decay=settings.weight_decay, betas=(settings.adam_beta1, settings.adam_beta2))
     low_precision = any(parameter.dtype in LOW_PRECISION for parameter in parameters)
-    if low_precision and master_weights:
+    if low_precision and bf16_optimizer == "master_weights":
         return MasterWeightAdamW(parameters, **options)
+    if low_precision and bf16_optimizer == "stochastic_rounding":
+        # Seeded from the stage's seed (seed_everything) and the parameters' size (actor and critic draw apart),
+        # without consuming the global RNG.
+        seed = torch.initial_seed() + sum(parameter.numel() for parameter in parameters)
+        return StochasticRoundingAdamW(parameters, seed=seed % (1 << 63), **options)
     if low_precision:
-        logger.warning("model.master_weights=false: pure bf16 AdamW; a weight w only moves when its step (about the "
-                       "lr, %g here) reaches half its bf16 spacing (at least |w| * 2^-9), so most small updates are lost", lr)
+        logger.warning("model.bf16_optimizer=pure: AdamW on bf16 weights and states with round-to-nearest; a weight w "
+                       "only moves when its step (about the lr, %g here) reaches half its bf16 spacing (at least "
+                       "|w| * 2^-9), so most small updates are lost", lr)
     return _fused_adamw(parameters, **options)
 
 
@@ -139,7 +158,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         saved = state_dict.pop("master_weights", None)
         if saved is None:
             raise ValueError("MasterWeightAdamW.load_state_dict: the state has no 'master_weights' (it was saved by "
-                             "another optimizer; set model.master_weights as the run that saved it had it)")
+                             "another optimizer; set model.bf16_optimizer as the run that saved it had it)")
         if len(saved) != len(self.model_parameters):
             raise ValueError(f"MasterWeightAdamW.load_state_dict: {len(saved)} saved master weights for "
                              f"{len(self.model_parameters)} parameters")
@@ -159,3 +178,107 @@ def _fused_option(parameters) -> dict:
     devices = {parameter.device.type for parameter in parameters}
     fused_devices = ("cuda", "cpu", "xpu", "mps")
     return {"fused": True} if devices <= set(fused_devices) else {}
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+    """Write float32 `value` into bf16 `target`, rounding each entry up or down (in magnitude) with the probabilities
+    that make the result exact on average: add 16 random bits below the bf16 mantissa, then truncate. inf and NaN
+    stay what they are."""
+    bits = value.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, value.shape, device=value.device, dtype=torch.int32, generator=generator)
+    # The int32 view of a negative float is -2^31 + magnitude bits: adding noise raises the magnitude, and the mask
+    # keeps the sign bit, so negative values round in magnitude like positive ones.
+    target.copy_((bits + noise).bitwise_and_(-(1 << 16)).view(torch.float32))
+
+
+class StochasticRoundingAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights at 8 bytes per parameter (bf16 weights, gradients and states): each step computes the
+    update in float32 and writes the weight and both states back with stochastic rounding (see the module
+    docstring). Float32 parameters in the same list are updated the same way without rounding.
+
+    The rounding draws from the optimizer's own generator (one per device, seeded from `seed`; its state is in
+    `state_dict()`), so a run is reproducible, a resumed one continues the same draws, and the sampling RNG of the
+    trainer is not touched. Large tensors are processed in chunks of `chunk_elements` (float32 temporaries of
+    that size)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 seed: int = 0, chunk_elements: int = 1 << 24):
+        params = list(params)
+        if not params:
+            raise ValueError("StochasticRoundingAdamW: no parameters to optimize")
+        if isinstance(params[0], dict):
+            raise TypeError("StochasticRoundingAdamW: takes a list of parameters (one group), not parameter groups")
+        for index, parameter in enumerate(params):
+            if parameter.dtype not in (torch.bfloat16, torch.float32):
+                raise ValueError(f"params[{index}]: dtype {parameter.dtype}; stochastic rounding trains bfloat16 "
+                                 "(and float32) parameters")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.seed = int(seed)
+        self.chunk_elements = int(chunk_elements)
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed + len(self.generators))
+            self.generators[device] = generator
+        return self.generators[device]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("StochasticRoundingAdamW.step: closures are not supported")
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                state = self.state[parameter]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)  # on the host: read without a sync
+                    state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = int(state["step"].item())
+                step_size = lr / (1 - beta1**step)
+                bias_correction2 = 1 - beta2**step
+                generator = self._generator(parameter.device)
+                tensors = (parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"])
+                for weight, grad, exp_avg, exp_avg_sq in zip(*(_chunks(t, self.chunk_elements) for t in tensors)):
+                    grad = grad.float()
+                    exp_avg32 = exp_avg.float().lerp_(grad, 1 - beta1)
+                    exp_avg_sq32 = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    weight32 = weight.float()
+                    if weight_decay:
+                        weight32.mul_(1 - lr * weight_decay)
+                    denominator = (exp_avg_sq32 / bias_correction2).sqrt_().add_(eps)
+                    weight32.addcdiv_(exp_avg32, denominator, value=-step_size)
+                    for target, value in ((weight, weight32), (exp_avg, exp_avg32), (exp_avg_sq, exp_avg_sq32)):
+                        if target.dtype == torch.bfloat16:
+                            stochastic_round_(target, value, generator)
+                        else:
+                            target.copy_(value)
+        return None
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["generators"] = {str(device): generator.get_state() for device, generator in self.generators.items()}
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators", None)
+        if generators is None:
+            raise ValueError("StochasticRoundingAdamW.load_state_dict: the state has no 'generators' (it was saved by "
+                             "another optimizer; set model.bf16_optimizer as the run that saved it had it)")
+        super().load_state_dict(state_dict)
+        for device, generator_state in generators.items():
+            self._generator(torch.device(device)).set_state(generator_state)
+
+
+def _chunks(tensor: torch.Tensor, size: int):
+    """Views of a tensor's elements, `size` at a time (a non-contiguous tensor whole)."""
+    if not tensor.is_contiguous():
+        return [tensor]
+    flat = tensor.view(-1)
+    return [flat[start:start + size] for start in range(0, flat.numel(), size)]

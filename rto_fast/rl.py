@@ -338,14 +338,14 @@ class RLTrainer:
         actor_parameters = [p for p in self.policy.parameters() if p.requires_grad]
         critic_parameters = [p for p in self.critic.parameters() if p.requires_grad]
         self.actor_parameters, self.critic_parameters = actor_parameters, critic_parameters
-        master_weights = self.config.model.master_weights
+        bf16_optimizer = self.config.model.bf16_optimizer
         if settings.critic_optimizer == "shared":
             self.actor_optimizer = adamw(actor_parameters + critic_parameters, settings.actor_lr, settings,
-                                         master_weights)
+                                         bf16_optimizer)
             self.critic_optimizer = None
         else:
-            self.actor_optimizer = adamw(actor_parameters, settings.actor_lr, settings, master_weights)
-            self.critic_optimizer = adamw(critic_parameters, settings.critic_lr, settings, master_weights)
+            self.actor_optimizer = adamw(actor_parameters, settings.actor_lr, settings, bf16_optimizer)
+            self.critic_optimizer = adamw(critic_parameters, settings.critic_lr, settings, bf16_optimizer)
         self.actor_scheduler = schedule(self.actor_optimizer)
         self.critic_scheduler = schedule(self.critic_optimizer) if self.critic_optimizer is not None else None
 

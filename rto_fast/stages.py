@@ -536,7 +536,7 @@ def run_stage(name: str, context: RunContext) -> Path:
         stage.model = trainer.engine  # forward passes go through the engine (ZeRO-3 counts them for accumulation)
     else:
         optimizer = adamw(stage.trainable_parameters(), settings.lr, settings,
-                          master_weights=context.config.model.master_weights)
+                          bf16_optimizer=context.config.model.bf16_optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = {"stage": name, "tokens_seen": 0, "elapsed_s": 0.0, "evaluated_at": -1}
     step = 0

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rto_fast import optim
-from rto_fast.config import load_config
-from rto_fast.optim import MasterWeightAdamW
+from rto_fast.config import BF16_OPTIMIZERS, load_config
+from rto_fast.optim import MasterWeightAdamW, StochasticRoundingAdamW, stochastic_round_
 
 BETAS = (0.9, 0.95)
 
@@ -40,13 +40,17 @@ def test_adamw_is_fused_where_torch_has_it_and_steps_like_torch_adamw():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_adamw_chooses_master_weights_for_bf16_parameters_only():
+def test_adamw_follows_bf16_optimizer_for_bf16_parameters_only():
     settings = stage_settings()
     bf16 = [torch.nn.Parameter(torch.randn(4, 3).bfloat16())]
     assert type(optim.adamw(bf16, 1e-5, settings)) is MasterWeightAdamW
-    pure = optim.adamw(bf16, 1e-5, settings, master_weights=False)
+    assert type(optim.adamw(bf16, 1e-5, settings, "stochastic_rounding")) is StochasticRoundingAdamW
+    pure = optim.adamw(bf16, 1e-5, settings, "pure")
     assert type(pure) is torch.optim.AdamW and pure.param_groups[0]["params"][0] is bf16[0]
-    assert type(optim.adamw([torch.nn.Parameter(torch.randn(3))], 1e-5, settings)) is torch.optim.AdamW
+    for choice in BF16_OPTIMIZERS:
+        assert type(optim.adamw([torch.nn.Parameter(torch.randn(3))], 1e-5, settings, choice)) is torch.optim.AdamW
+    with pytest.raises(ValueError, match="bf16_optimizer"):
+        optim.adamw(bf16, 1e-5, settings, "kahan")
 
 
 def bf16_model_weights(seed: int) -> list[torch.nn.Parameter]:
@@ -104,17 +108,17 @@ def test_master_weights_step_like_float64_adamw_and_round_into_the_model(bucket_
 
 
 def test_pure_bf16_adamw_loses_the_updates_master_weights_keep():
-    """The failure the masters fix, measured on the same weights, steps and a steady training signal (each entry's
-    gradient keeps its sign): at an RL learning rate float64 AdamW moves the entries of a std-0.02 bf16 matrix by one
-    to several of their spacings in 40 steps. Pure bf16 AdamW rounds nearly every step away; with masters the bf16 weights show the
-    whole displacement, give or take the last rounding."""
+    """The failure the masters (and stochastic rounding) fix, measured on the same weights, steps and a steady
+    training signal (each entry's gradient keeps its sign): at an RL learning rate float64 AdamW moves the entries of
+    a std-0.02 bf16 matrix by one to several of their spacings in 40 steps. Pure bf16 AdamW rounds nearly every step
+    away; with masters the bf16 weights show the whole displacement, give or take the last rounding."""
     lr, steps = 5e-6, 40
     generator = torch.Generator().manual_seed(5)
     signal = torch.randn(96, 80, generator=generator, dtype=torch.float64)
     results = {}
-    for name in ("masters", "pure"):
+    makers = {"masters": MasterWeightAdamW, "stochastic": StochasticRoundingAdamW, "pure": torch.optim.AdamW}
+    for name, make in makers.items():
         weights = bf16_model_weights(1)
-        make = MasterWeightAdamW if name == "masters" else torch.optim.AdamW
         optimizer = make(weights, lr=lr, betas=BETAS, weight_decay=0.0)
         exact = torch.nn.Parameter(weights[0].detach().double())
         reference = torch.optim.AdamW([exact], lr=lr, betas=BETAS, weight_decay=0.0)
@@ -130,8 +134,10 @@ def test_pure_bf16_adamw_loses_the_updates_master_weights_keep():
         wanted = exact.detach() - start
         shown = ((weights[0].detach().double() - start) * wanted).sum() / (wanted * wanted).sum()
         results[name] = ((weights[0].detach().double() != start).float().mean().item(), shown.item())
-    assert results["pure"][0] < 0.2 and results["masters"][0] > 0.8, results
+    assert results["pure"][0] < 0.2 and results["masters"][0] > 0.8 and results["stochastic"][0] > 0.6, results
     assert 0.9 < results["masters"][1] < 1.1 and results["pure"][1] < 0.5, results
+    # Stochastic rounding: the whole displacement on average, give or take its rounding noise.
+    assert 0.8 < results["stochastic"][1] < 1.2, results
 
 
 def test_master_weights_skip_parameters_without_gradients_and_follow_the_scheduler():
@@ -196,3 +202,116 @@ def test_master_weights_refuse_what_they_cannot_train():
         MasterWeightAdamW([{"params": bf16_model_weights(0)}], lr=1e-3)
     with pytest.raises(ValueError, match=r"params\[1\]"):
         MasterWeightAdamW([torch.nn.Parameter(torch.randn(2)), torch.zeros(3, dtype=torch.long)], lr=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ stochastic rounding
+
+def bf16_neighbours(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and just above (in magnitude) each float32 value: truncation, and one step up."""
+    truncated = (values.view(torch.int32) & -(1 << 16)).view(torch.float32)
+    above = ((values.view(torch.int32) & -(1 << 16)) + (1 << 16)).view(torch.float32)
+    return truncated, torch.where(truncated == values, truncated, above)
+
+
+def test_stochastic_rounding_picks_a_neighbour_and_is_exact_on_average():
+    generator = torch.Generator().manual_seed(0)
+    scales = 10.0 ** torch.randint(-6, 4, (2000,), generator=generator)
+    values = torch.cat([torch.randn(2000, generator=generator) * scales,
+                        torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e38, float("inf"), float("-inf")])])
+    below, above = bf16_neighbours(values)
+    draws = torch.empty(400, values.numel(), dtype=torch.bfloat16)
+    rounding = torch.Generator().manual_seed(1)
+    for draw in draws:
+        stochastic_round_(draw, values, rounding)
+    draws = draws.float()
+    assert bool(((draws == below) | (draws == above)).all())
+    representable = below == above  # already bf16 values (0, 1, -2.5, inf) never move
+    assert representable[-7:].tolist() == [True, True, True, True, False, True, True]
+    assert bool((draws[:, representable] == values[representable]).all())
+    nan = torch.empty(1, dtype=torch.bfloat16)
+    stochastic_round_(nan, torch.tensor([float("nan")]), rounding)
+    assert bool(nan.isnan().all())
+    # Unbiased: per entry the mean of 400 draws is within 5 standard errors of the value (in units of the spacing),
+    # and over all entries together within 1% of a spacing.
+    finite = torch.isfinite(values) & ~representable
+    spacing = (above - below)[finite].double()
+    fraction = (values[finite].double() - below[finite].double()) / spacing
+    mean_fraction = (draws[:, finite].double() - below[finite].double()).mean(0) / spacing
+    standard_error = (fraction * (1 - fraction) / 400).sqrt().clamp_min(1e-3)
+    assert bool(((mean_fraction - fraction).abs() <= 5 * standard_error).all())
+    assert abs(float((mean_fraction - fraction).mean())) < 0.01
+
+
+def test_stochastic_rounding_adamw_steps_float32_weights_like_torch_adamw():
+    generator = torch.Generator().manual_seed(4)
+    start = [torch.randn(9, 4, generator=generator), torch.randn(4, generator=generator)]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    optimizer = StochasticRoundingAdamW(ours, lr=3e-3, betas=BETAS, weight_decay=0.01, chunk_elements=7)
+    reference = torch.optim.AdamW(theirs, lr=3e-3, betas=BETAS, weight_decay=0.01)
+    for step in range(5):
+        for a, b, grad in zip(ours, theirs, gradients(ours, step)):
+            a.grad, b.grad = grad, grad.clone()
+        optimizer.step()
+        reference.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_stochastic_rounding_adamw_follows_float64_adamw_on_average():
+    """bf16 weights and states, lr 5e-6, 12 steps, 64 differently seeded runs (chunked): their mean weight is float64
+    AdamW's (on the same bf16 gradients) within the rounding noise, while every run only holds bf16 values."""
+    lr, steps, runs = 5e-6, 12, 64
+    start = bf16_model_weights(6)[0].detach()
+    exact = torch.nn.Parameter(start.double())
+    reference = torch.optim.AdamW([exact], lr=lr, betas=BETAS, weight_decay=0.01)
+    grads = [gradients([start], step)[0] for step in range(steps)]
+    for grad in grads:
+        exact.grad = grad.double()
+        reference.step()
+    finals = []
+    for run in range(runs):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = StochasticRoundingAdamW([weight], lr=lr, betas=BETAS, weight_decay=0.01, seed=run,
+                                            chunk_elements=1000)
+        for grad in grads:
+            weight.grad = grad
+            optimizer.step()
+        assert weight.dtype == torch.bfloat16 and optimizer.state[weight]["exp_avg_sq"].dtype == torch.bfloat16
+        finals.append(weight.detach().double())
+    finals = torch.stack(finals)
+    mean = finals.mean(0)
+    wanted = exact.detach() - start.double()
+    shown = float(((mean - start.double()) * wanted).sum() / (wanted * wanted).sum())
+    assert 0.9 < shown < 1.1, shown
+    # Per entry: the runs' mean is within a few standard errors of float64 AdamW.
+    standard_error = finals.std(0) / runs**0.5 + 1e-9
+    assert float(((mean - exact.detach()).abs() / standard_error).quantile(0.99)) < 5
+
+
+def test_stochastic_rounding_adamw_resumes_bit_for_bit():
+    def run(weights, optimizer, steps):
+        for step in steps:
+            for weight, grad in zip(weights, gradients(weights, step)):
+                weight.grad = grad
+            optimizer.step()
+            optimizer.zero_grad()
+
+    weights = bf16_model_weights(7)
+    optimizer = StochasticRoundingAdamW(weights, lr=5e-6, betas=BETAS, weight_decay=0.01, seed=11)
+    run(weights, optimizer, range(3))
+    saved_weights = [weight.detach().clone() for weight in weights]
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    run(weights, optimizer, range(3, 7))
+    resumed = [torch.nn.Parameter(weight.clone()) for weight in saved_weights]
+    resumed_optimizer = StochasticRoundingAdamW(resumed, lr=5e-6, betas=BETAS, weight_decay=0.01, seed=999)
+    buffer.seek(0)
+    resumed_optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+    run(resumed, resumed_optimizer, range(3, 7))
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(weights, resumed))
+    with pytest.raises(ValueError, match="generators"):
+        StochasticRoundingAdamW(bf16_model_weights(7), lr=1e-3).load_state_dict(
+            torch.optim.AdamW(bf16_model_weights(7), lr=1e-3).state_dict())
+    with pytest.raises(ValueError, match=r"params\[0\].*float16"):
+        StochasticRoundingAdamW([torch.nn.Parameter(torch.randn(3).half())], lr=1e-3)

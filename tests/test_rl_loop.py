@@ -400,12 +400,14 @@ def test_offload_under_zero3_names_the_setting_to_use(tmp_path, assets, offload_
 
 # ------------------------------------------------------------------------------------------------ resume
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resume_in_the_middle_matches_an_uninterrupted_run(tmp_path, assets, dtype):
-    """bf16: the policy and critic train through float32 master weights (model.master_weights), which the
-    checkpoint carries; resuming from the saved bf16 weights alone would end elsewhere."""
+@pytest.mark.parametrize("precision", [[], ["model.dtype=bf16"],
+                                       ["model.dtype=bf16", "model.bf16_optimizer=stochastic_rounding"]])
+def test_resume_in_the_middle_matches_an_uninterrupted_run(tmp_path, assets, precision):
+    """bf16: the policy and critic train through float32 master weights (the default model.bf16_optimizer), which the
+    checkpoint carries (resuming from the saved bf16 weights alone would end elsewhere), or with stochastic rounding,
+    whose generator state it carries."""
     overrides = ["stages=[rto]", "rl.iterations=4", "runtime.checkpoint_every=2", "runtime.keep_last=5",
-                 "rl.adaptive_kl=true", "rl.kl_target=0.01", "rl.kl_horizon=100", f"model.dtype={dtype}"]
+                 "rl.adaptive_kl=true", "rl.kl_target=0.01", "rl.kl_horizon=100", *precision]
     full = tmp_path / "full"
     assert run_cli(full, assets, *overrides) == 0
     resumed = tmp_path / "resumed"
