@@ -285,6 +285,15 @@ def workloads():
                                     cu_seqlens=cu_seqlens, method="loop")
 
         cases[f"gae loop {'packed' if packed else 'padded'}"] = gae_loop
+
+    def stochastic_rounding_adamw():
+        from rto_fast.optim import StochasticRoundingAdamW
+
+        weight = torch.nn.Parameter(torch.randn(1000, 64).bfloat16())
+        weight.grad = torch.randn(1000, 64).bfloat16()
+        StochasticRoundingAdamW([weight], lr=1e-5, weight_decay=0.01).step()
+
+    cases["stochastic-rounding AdamW step bfloat16"] = stochastic_rounding_adamw
     return cases
 
 

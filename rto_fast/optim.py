@@ -28,6 +28,7 @@ import logging
 import torch
 
 from .config import BF16_OPTIMIZERS
+from .ops._common import backend_for
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +197,11 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     update in float32 and writes the weight and both states back with stochastic rounding (see the module
     docstring). Float32 parameters in the same list are updated the same way without rounding.
 
-    The rounding draws from the optimizer's own generator (one per device, seeded from `seed`; its state is in
-    `state_dict()`), so a run is reproducible, a resumed one continues the same draws, and the sampling RNG of the
-    trainer is not touched. Large tensors are processed in chunks of `chunk_elements` (float32 temporaries of
-    that size)."""
+    On CUDA (or with RTO_FAST_BACKEND=triton) a contiguous bf16 parameter takes one Triton kernel per step
+    (`rto_fast.kernels.adamw`), whose Philox bits are keyed by a seed drawn on the host; otherwise torch ops in
+    chunks of `chunk_elements` (float32 temporaries of that size). Both draw from the optimizer's own generators
+    (one per device, seeded from `seed`, their states in `state_dict()`), so a run is reproducible, a resumed one
+    continues the same draws, and the trainer's sampling RNG is not touched."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  seed: int = 0, chunk_elements: int = 1 << 24):
@@ -242,6 +244,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 step = int(state["step"].item())
                 step_size = lr / (1 - beta1**step)
                 bias_correction2 = 1 - beta2**step
+                if self._kernel_step(parameter, state, step, lr, beta1, beta2, eps, weight_decay):
+                    continue
                 generator = self._generator(parameter.device)
                 tensors = (parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"])
                 for weight, grad, exp_avg, exp_avg_sq in zip(*(_chunks(t, self.chunk_elements) for t in tensors)):
@@ -259,6 +263,21 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                         else:
                             target.copy_(value)
         return None
+
+    def _kernel_step(self, parameter, state, step: int, lr, beta1, beta2, eps, weight_decay) -> bool:
+        """The step as one Triton kernel (CUDA, or forced with RTO_FAST_BACKEND=triton) for a contiguous bf16
+        parameter; False when the torch path must run it. The kernel's seed comes from the optimizer's host generator
+        (no device sync), so its draws are reproducible and resume with the state."""
+        tensors = (parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"])
+        if backend_for(parameter) != "triton" or any(t.dtype != torch.bfloat16 or not t.is_contiguous()
+                                                     for t in tensors):
+            return False
+        from .kernels import adamw as kernels  # imports triton: only when the Triton backend runs
+
+        seed = int(torch.randint(0, 1 << 31, (1,), generator=self._generator(torch.device("cpu"))))
+        kernels.stochastic_rounding_adamw_(*tensors, seed=seed, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                           weight_decay=weight_decay, step=step)
+        return True
 
     def state_dict(self):
         state = super().state_dict()

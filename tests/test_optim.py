@@ -315,3 +315,46 @@ def test_stochastic_rounding_adamw_resumes_bit_for_bit():
             torch.optim.AdamW(bf16_model_weights(7), lr=1e-3).state_dict())
     with pytest.raises(ValueError, match=r"params\[0\].*float16"):
         StochasticRoundingAdamW([torch.nn.Parameter(torch.randn(3).half())], lr=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+def test_stochastic_rounding_adamw_backends_agree_on_average(backend, device, monkeypatch):
+    """The Triton kernel (one pass, Philox bits) and the torch path (several passes, the optimizer's generator) each
+    give AdamW's float64 result on average over seeds: per entry within a few standard errors of the float64 weight
+    and second moment after 5 steps."""
+    launches = []
+    if backend == "triton":
+        from rto_fast.kernels import adamw as kernels
+
+        launch = kernels.stochastic_rounding_adamw_
+        monkeypatch.setattr(kernels, "stochastic_rounding_adamw_",
+                            lambda *args, **kwargs: (launches.append(1), launch(*args, **kwargs))[1])
+    lr, steps, runs = 1e-4, 5, 24
+    generator = torch.Generator().manual_seed(8)
+    start = (torch.randn(37, 53, generator=generator) * 0.02).bfloat16().to(device)  # 1961 entries: a partial block
+    grads = [torch.randn(37, 53, generator=generator).bfloat16().to(device) for _ in range(steps)]
+    exact = torch.nn.Parameter(start.double())
+    reference = torch.optim.AdamW([exact], lr=lr, betas=BETAS, weight_decay=0.1)
+    for grad in grads:
+        exact.grad = grad.double()
+        reference.step()
+    weights, second_moments = [], []
+    for run in range(runs):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = StochasticRoundingAdamW([weight], lr=lr, betas=BETAS, weight_decay=0.1, seed=100 + run)
+        for grad in grads:
+            weight.grad = grad
+            optimizer.step()
+        weights.append(weight.detach().double())
+        second_moments.append(optimizer.state[weight]["exp_avg_sq"].double())
+    for draws, wanted in ((weights, exact.detach()), (second_moments, reference.state[exact]["exp_avg_sq"])):
+        draws = torch.stack(draws)
+        standard_error = draws.std(0) / runs**0.5
+        error = (draws.mean(0) - wanted).abs()
+        # Entries every run rounded the same way have no spread: there the mean must be within a spacing.
+        spacing = wanted.abs() * 2.0**-7 + 1e-30
+        assert bool((error <= torch.maximum(5 * standard_error, spacing)).all())
+        assert float((error / (standard_error + 1e-30))[standard_error > 0].median()) < 1.5
+    # Distinct seeds draw distinct bits: the runs did not all round alike.
+    assert float(torch.stack(weights).std(0).gt(0).float().mean()) > 0.2
+    assert len(launches) == (runs * steps if backend == "triton" else 0)
