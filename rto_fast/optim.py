@@ -155,11 +155,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return state
 
     def load_state_dict(self, state_dict) -> None:
-        state_dict = dict(state_dict)
-        saved = state_dict.pop("master_weights", None)
-        if saved is None:
-            raise ValueError("MasterWeightAdamW.load_state_dict: the state has no 'master_weights' (it was saved by "
-                             "another optimizer; set model.bf16_optimizer as the run that saved it had it)")
+        state_dict, saved = _pop_own_state(state_dict, "master_weights", type(self).__name__)
         if len(saved) != len(self.model_parameters):
             raise ValueError(f"MasterWeightAdamW.load_state_dict: {len(saved)} saved master weights for "
                              f"{len(self.model_parameters)} parameters")
@@ -285,14 +281,20 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict) -> None:
-        state_dict = dict(state_dict)
-        generators = state_dict.pop("generators", None)
-        if generators is None:
-            raise ValueError("StochasticRoundingAdamW.load_state_dict: the state has no 'generators' (it was saved by "
-                             "another optimizer; set model.bf16_optimizer as the run that saved it had it)")
+        state_dict, generators = _pop_own_state(state_dict, "generators", type(self).__name__)
         super().load_state_dict(state_dict)
         for device, generator_state in generators.items():
             self._generator(torch.device(device)).set_state(generator_state)
+
+
+def _pop_own_state(state_dict: dict, key: str, optimizer: str) -> tuple[dict, object]:
+    """(torch's part of a saved optimizer state, the value under `key` that this optimizer added to it)."""
+    state_dict = dict(state_dict)
+    value = state_dict.pop(key, None)
+    if value is None:
+        raise ValueError(f"{optimizer}.load_state_dict: the state has no {key!r} (it was saved by another optimizer; "
+                         "set model.bf16_optimizer as the run that saved it had it)")
+    return state_dict, value
 
 
 def _chunks(tensor: torch.Tensor, size: int):

@@ -162,9 +162,12 @@ def test_master_weights_skip_parameters_without_gradients_and_follow_the_schedul
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 5)
 
 
-def test_master_weights_resume_from_their_state_dict_bit_for_bit():
+@pytest.mark.parametrize("make, extra_state", [(MasterWeightAdamW, "master_weights"),
+                                               (StochasticRoundingAdamW, "generators")])
+def test_bf16_optimizers_resume_from_their_state_dict_bit_for_bit(make, extra_state):
     """A run saved after 3 steps and resumed into a fresh model (built from the saved bf16 weights) and optimizer
-    ends bitwise where the uninterrupted run ends: the state carries the float32 masters, not only their rounding."""
+    ends bitwise where the uninterrupted run ends: the state carries the float32 masters (not only their rounding),
+    or the stochastic rounding's generators (a fresh optimizer seeded otherwise continues the same draws)."""
     def run(weights, optimizer, steps):
         for step in steps:
             for weight, grad in zip(weights, gradients(weights, step)):
@@ -172,8 +175,10 @@ def test_master_weights_resume_from_their_state_dict_bit_for_bit():
             optimizer.step()
             optimizer.zero_grad()
 
+    options = dict(lr=5e-6, betas=BETAS, weight_decay=0.01)
+    extra = {"seed": 11} if make is StochasticRoundingAdamW else {}
     weights = bf16_model_weights(3)
-    optimizer = MasterWeightAdamW(weights, lr=5e-6, betas=BETAS, weight_decay=0.01)
+    optimizer = make(weights, **options, **extra)
     run(weights, optimizer, range(3))
     saved_weights = [weight.detach().clone() for weight in weights]
     buffer = io.BytesIO()
@@ -181,18 +186,17 @@ def test_master_weights_resume_from_their_state_dict_bit_for_bit():
     run(weights, optimizer, range(3, 7))
 
     resumed = [torch.nn.Parameter(weight.clone()) for weight in saved_weights]
-    resumed_optimizer = MasterWeightAdamW(resumed, lr=5e-6, betas=BETAS, weight_decay=0.01)
+    resumed_optimizer = make(resumed, **options, **({"seed": 999} if extra else {}))
     buffer.seek(0)
     resumed_optimizer.load_state_dict(torch.load(buffer, weights_only=True))
     run(resumed, resumed_optimizer, range(3, 7))
-    for a, b in zip(weights, resumed):
-        assert torch.equal(a.detach(), b.detach())
-    for a, b in zip(optimizer.param_groups[0]["params"], resumed_optimizer.param_groups[0]["params"]):
-        assert torch.equal(a.detach(), b.detach())
-
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(weights, resumed))
+    if make is MasterWeightAdamW:
+        for a, b in zip(optimizer.param_groups[0]["params"], resumed_optimizer.param_groups[0]["params"]):
+            assert torch.equal(a.detach(), b.detach())
     plain = torch.optim.AdamW(bf16_model_weights(3), lr=5e-6)
-    with pytest.raises(ValueError, match="master_weights"):
-        MasterWeightAdamW(bf16_model_weights(3), lr=5e-6).load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match=extra_state):
+        make(bf16_model_weights(3), lr=5e-6).load_state_dict(plain.state_dict())
 
 
 def test_master_weights_refuse_what_they_cannot_train():
@@ -202,6 +206,8 @@ def test_master_weights_refuse_what_they_cannot_train():
         MasterWeightAdamW([{"params": bf16_model_weights(0)}], lr=1e-3)
     with pytest.raises(ValueError, match=r"params\[1\]"):
         MasterWeightAdamW([torch.nn.Parameter(torch.randn(2)), torch.zeros(3, dtype=torch.long)], lr=1e-3)
+    with pytest.raises(ValueError, match=r"params\[0\].*float16"):
+        StochasticRoundingAdamW([torch.nn.Parameter(torch.randn(3).half())], lr=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ stochastic rounding
@@ -287,34 +293,6 @@ def test_stochastic_rounding_adamw_follows_float64_adamw_on_average():
     # Per entry: the runs' mean is within a few standard errors of float64 AdamW.
     standard_error = finals.std(0) / runs**0.5 + 1e-9
     assert float(((mean - exact.detach()).abs() / standard_error).quantile(0.99)) < 5
-
-
-def test_stochastic_rounding_adamw_resumes_bit_for_bit():
-    def run(weights, optimizer, steps):
-        for step in steps:
-            for weight, grad in zip(weights, gradients(weights, step)):
-                weight.grad = grad
-            optimizer.step()
-            optimizer.zero_grad()
-
-    weights = bf16_model_weights(7)
-    optimizer = StochasticRoundingAdamW(weights, lr=5e-6, betas=BETAS, weight_decay=0.01, seed=11)
-    run(weights, optimizer, range(3))
-    saved_weights = [weight.detach().clone() for weight in weights]
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
-    run(weights, optimizer, range(3, 7))
-    resumed = [torch.nn.Parameter(weight.clone()) for weight in saved_weights]
-    resumed_optimizer = StochasticRoundingAdamW(resumed, lr=5e-6, betas=BETAS, weight_decay=0.01, seed=999)
-    buffer.seek(0)
-    resumed_optimizer.load_state_dict(torch.load(buffer, weights_only=True))
-    run(resumed, resumed_optimizer, range(3, 7))
-    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(weights, resumed))
-    with pytest.raises(ValueError, match="generators"):
-        StochasticRoundingAdamW(bf16_model_weights(7), lr=1e-3).load_state_dict(
-            torch.optim.AdamW(bf16_model_weights(7), lr=1e-3).state_dict())
-    with pytest.raises(ValueError, match=r"params\[0\].*float16"):
-        StochasticRoundingAdamW([torch.nn.Parameter(torch.randn(3).half())], lr=1e-3)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
