@@ -285,18 +285,22 @@ def run(config: Config) -> Path:
                          train_examples=train_examples, eval_examples=eval_examples,
                          metrics=MetricsLog(run_dir / METRICS_FILE, trackers), train_prompts=train_prompts,
                          eval_prompts=eval_prompts, dist=dist)
+    from .stopping import StopSignals
+
+    # SIGTERM / Ctrl-C: the running stage finishes its step, saves a checkpoint and raises StopRequested (main).
     try:
-        for name in config.stages:
-            if name in TRAINING_STAGES:
-                run_stage(name, context)
-            elif name in RL_MODES:
-                from .rl import run_rl_stage
+        with StopSignals():
+            for name in config.stages:
+                if name in TRAINING_STAGES:
+                    run_stage(name, context)
+                elif name in RL_MODES:
+                    from .rl import run_rl_stage
 
-                run_rl_stage(name, context)
-            else:
-                from .evaluation import run_eval
+                    run_rl_stage(name, context)
+                else:
+                    from .evaluation import run_eval
 
-                run_eval(context)
+                    run_eval(context)
     finally:
         context.metrics.close()
     if dist.main:
@@ -314,12 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:
         parser.print_help()
         return 0
+    from .stopping import StopRequested
+
     try:
         config = load_config(args.config, args.overrides)
         run(config)
     except (ConfigError, UsageError, DistributedError) as error:
         print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except StopRequested as stop:
+        print(f"rto_fast.train: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
     return 0
 
 

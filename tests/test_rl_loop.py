@@ -3,11 +3,13 @@ and log-probs the loop uses equal the float64 reference computed from plain unpa
 response's last token (eos, or the last generated token of a cut response); responses of one token work; with the
 frozen models offloaded to host memory (forced on CPU) a run trains bitwise the same and the frozen models are on the
 device only while they score; a resumed RL stage ends bitwise equal to an uninterrupted one; wrong settings fail
-early with exit code 2."""
+early with exit code 2; SIGTERM saves a checkpoint and the rerun ends as an uninterrupted run."""
 
 import copy
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -431,6 +433,41 @@ def test_resume_in_the_middle_matches_an_uninterrupted_run(tmp_path, assets, pre
     assert len(set(kl_coefs)) > 1  # the adaptive controller moved it, and the resumed run continued from there
     state = json.loads((full / "rto" / "checkpoints" / ckpt.checkpoint_name(2) / ckpt.STATE_FILE).read_text())
     assert state["kl_coef"] == pytest.approx(kl_coefs[2])
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path, assets, monkeypatch):
+    """SIGTERM during iteration 2 (no periodic checkpoints): the iteration finishes, a checkpoint of it is saved, the
+    run exits with 128 + 15; the same command resumes from it and ends bitwise where an uninterrupted run ends."""
+    overrides = ["stages=[rto]", "rl.iterations=4", "runtime.checkpoint_every=0"]
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    full = tmp_path / "full"
+    assert run_cli(full, assets, *overrides) == 0
+    stopped = tmp_path / "stopped"
+    original = rl.run_iteration
+    calls = []
+
+    def signalled_iteration(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # mid-iteration: the handler only records it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "run_iteration", signalled_iteration)
+    assert run_cli(stopped, assets, *overrides) == 128 + signal.SIGTERM
+    checkpoints = stopped / "rto" / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == [ckpt.checkpoint_name(2)]
+    assert not (stopped / "rto" / "model").exists()
+    monkeypatch.setattr(rl, "run_iteration", original)
+    assert run_cli(stopped, assets, *overrides) == 0
+    for part in ("model", "critic"):
+        a = load_file(str(full / "rto" / part / "model.safetensors"))
+        b = load_file(str(stopped / "rto" / part / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    records = [[{k: v for k, v in r.items() if k not in TIME_KEYS} for r in read_metrics(run_dir / "metrics.jsonl")
+                if r["stage"] == "rto"] for run_dir in (full, stopped)]
+    assert records[0] == records[1] and [r["step"] for r in records[1]] == [1, 2, 3, 4]
+    # Outside the run the signals do what they did before: the handlers were restored.
+    assert {number: signal.getsignal(number) for number in handlers} == handlers
 
 
 # ------------------------------------------------------------------------------------------------ errors and units

@@ -1,6 +1,7 @@
 """The trainer end to end on the synthetic task with the tiny model: SFT, DPO and RM learn, outputs load with
 from_pretrained, the CLI fails early and clearly, checkpoints are atomic and pruned, a SIGKILLed run resumes to
-bitwise the same weights."""
+bitwise the same weights, SIGTERM stops at a step with a checkpoint, bf16 weights train through the chosen
+bf16 optimizer."""
 
 import json
 import math
@@ -20,6 +21,7 @@ from rto_fast import checkpoint as ckpt
 from rto_fast import models, stages
 from rto_fast.config import load_config
 from rto_fast.run_log import MetricsLog, read_metrics
+from rto_fast.stopping import STOP_SIGNALS, StopSignals, stop_requested
 from rto_fast.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,6 +360,68 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     assert fresh_scheduler.last_epoch == scheduler.last_epoch
     for a, b in zip(optimizer.state.values(), fresh_optimizer.state.values()):
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts():
+    before = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    with StopSignals():
+        assert stop_requested() == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop_requested() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop_requested() == signal.SIGTERM
+    assert stop_requested() == 0
+    assert {number: signal.getsignal(number) for number in STOP_SIGNALS} == before
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_matches(tmp_path):
+    """SIGTERM from outside during SFT, with no periodic checkpoints: the process finishes its step, saves a
+    checkpoint of it, exits with 128 + 15 and says how to resume; the same command then ends bitwise where an
+    uninterrupted run ends, every step logged once."""
+    common = [*BASE, "stages=[sft]", "sft.max_steps=150", "runtime.checkpoint_every=0", "data.max_eval_samples=8"]
+    stopped_dir = tmp_path / "stopped"
+    command = [sys.executable, "-m", "rto_fast.train", *common, f"runtime.output_dir={stopped_dir}"]
+    process = subprocess.Popen(command, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(record.get("step", 0) >= 2 for record in _records_so_far(stopped_dir)):
+            assert process.poll() is None, process.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no SFT step logged within 120 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, errors[-2000:]
+    assert "stopped by SIGTERM after step" in errors and "run the same command to resume" in errors
+    stopped_at = ckpt.read_state(ckpt.latest_checkpoint(stopped_dir / "sft" / "checkpoints"))["step"]
+    assert 2 <= stopped_at < 150 and not (stopped_dir / "sft" / "model").exists()
+
+    resumed = subprocess.run(command, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {stopped_dir / 'sft' / 'checkpoints' / ckpt.checkpoint_name(stopped_at)}" in resumed.stderr
+    reference_dir = run_main(tmp_path / "reference", *common[len(BASE):])
+    expected = load_file(reference_dir / "sft" / "model" / "model.safetensors")
+    actual = load_file(stopped_dir / "sft" / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert [record["step"] for record in stage_records(stopped_dir, "sft")] == list(range(1, 151))
+
+
+def _records_so_far(run_dir: Path) -> list[dict]:
+    """The metrics a running process has written (a last line may still be half-written)."""
+    path = run_dir / "metrics.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
