@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,26 +142,48 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(output_dir: Path, *extra: str, processes: int | None = None, check: bool = True, launcher: str = "torchrun"):
-    """One training run: plain `python -m rto_fast.train`, or `processes` ranks started by torchrun or by DeepSpeed's
-    launcher (which also passes --local_rank)."""
+def _environment() -> dict:
     # The repository first; the caller's PYTHONPATH after it (a suite run against other library versions).
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     environment.pop("WORLD_SIZE", None)
+    return environment
+
+
+def _run(output_dir: Path, *extra: str, processes: int | None = None, check: bool = True, launcher: str = "torchrun"):
+    """One training run: plain `python -m rto_fast.train`, or `processes` ranks started by torchrun or by DeepSpeed's
+    launcher (which also passes --local_rank)."""
+    environment = _environment()
     if processes is None:
         command = [sys.executable, "-m", "rto_fast.train"]
     elif launcher == "deepspeed":
         command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={processes}",
                    f"--master_port={_free_port()}", "--module", "rto_fast.train"]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   f"--master_port={_free_port()}", "-m", "rto_fast.train"]
+        command = _command(processes)
     result = subprocess.run(command + RUN_ARGS + [f"runtime.output_dir={output_dir}", *extra], cwd=REPO,
                             env=environment, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
+
+
+def _command(processes: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--master_port={_free_port()}", "-m", "rto_fast.train"]
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def _weights(folder: Path) -> dict:
@@ -302,6 +326,40 @@ def test_two_rank_checkpoint_resumes_identically(tmp_path):
     rto = [(r["step"], r["kl"], r["true_reward"], r["pg_loss"]) for r in _records(full) if r["stage"] == "rto"]
     assert rto == [(r["step"], r["kl"], r["true_reward"], r["pg_loss"]) for r in _records(resumed)
                    if r["stage"] == "rto"]
+
+
+@deepspeed_installed
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches one of two ranks only: the ranks agree on the step (the other one would otherwise block in
+    the next step's collectives), both save that step's checkpoint and exit; the rerun ends where an uninterrupted
+    2-rank run ends."""
+    extra = ["stages=[sft]", "sft.max_steps=40", "runtime.checkpoint_every=0", "runtime.keep_last=2"]
+    full = tmp_path / "full"
+    _run(full, *extra, processes=2)
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(_command(2) + RUN_ARGS + [f"runtime.output_dir={stopped}", *extra], cwd=REPO,
+                               env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not (stopped / "metrics.jsonl").exists() or '"step": 2,' not in (stopped / "metrics.jsonl").read_text():
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no second SFT step within 300 s"
+            time.sleep(0.05)
+        ranks = _children(process.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGTERM)
+        _, errors = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0 and "stopped by SIGTERM after step" in errors, errors[-3000:]
+    checkpoints = sorted((stopped / "sft" / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").exists(), checkpoints
+    stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert 2 <= stopped_at < 40 and not (stopped / "sft" / "model").exists()
+    _run(stopped, *extra, processes=2)
+    assert _max_difference(_weights(full / "sft" / "model"), _weights(stopped / "sft" / "model")) == 0.0
+    assert [r["step"] for r in _records(stopped)] == list(range(1, 41))
 
 
 @deepspeed_installed
