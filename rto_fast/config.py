@@ -280,6 +280,10 @@ class RuntimeConfig:
     log_every: int = option(1, "write metrics every N optimizer steps")
     checkpoint_every: int = option(100, "checkpoint every N optimizer steps (and at the end); 0: only at the end")
     keep_last: int = option(2, "checkpoints kept per stage (older ones are deleted)")
+    max_nonfinite_steps: int = option(3, "an optimizer step whose gradient norm is NaN or inf is skipped (weights and "
+                                         "optimizer states stay as they were); this many such steps in a row (RL: "
+                                         "iterations with one) stop the run with an error, before any checkpoint of "
+                                         "a broken model is written")
     resume: str = option("auto", "auto: continue from the latest checkpoint in output_dir; never; or a checkpoint "
                                  "folder")
     deepspeed: str | dict | None = option(None, "DeepSpeed config (JSON file path or inline mapping); null: plain "
@@ -557,6 +561,7 @@ def _validate(config: Config) -> Config:
     if runtime.device != "auto" and runtime.device.split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"runtime.device: must be auto, cpu, cuda or cuda:N, got {runtime.device!r}")
     _positive("runtime.log_every", runtime.log_every)
+    _positive("runtime.max_nonfinite_steps", runtime.max_nonfinite_steps)
     _positive("runtime.checkpoint_every", runtime.checkpoint_every, allow_zero=True)
     _positive("runtime.keep_last", runtime.keep_last)
     _positive("runtime.profile_step", runtime.profile_step, allow_zero=True)

@@ -24,6 +24,7 @@ bf16's relative spacing, and would never move under round-to-nearest.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -303,3 +304,43 @@ def _chunks(tensor: torch.Tensor, size: int):
         return [tensor]
     flat = tensor.view(-1)
     return [flat[start:start + size] for start in range(0, flat.numel(), size)]
+
+
+class NonFiniteGradients(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or inf gradient norm (see `NonFiniteSteps`)."""
+
+
+class NonFiniteSteps:
+    """Tells whether an optimizer step may apply its update: not when its gradient norm is NaN or inf (one bad batch
+    must not write NaN into every weight and optimizer state, and then into every later checkpoint). Skipped updates
+    are counted; `limit` bad units in a row (an optimizer step of SFT / DPO / RM, an iteration of RL: `finish_unit`)
+    raise NonFiniteGradients: the data or the model is broken, and the checkpoints on disk still hold the last good
+    state. `applied=True` (DeepSpeed, whose step has already run when its norm is known) stops at the first one."""
+
+    def __init__(self, stage: str, limit: int):
+        self.stage, self.limit = stage, limit
+        self.in_a_row = 0  # bad units in a row
+        self.skipped = 0  # skipped updates in all
+        self.unit_skipped = False
+
+    def allows(self, grad_norm: float, where: str, model: str = "model", applied: bool = False) -> bool:
+        """True when the update may be applied; `where` names the step in messages ("step 12", "iteration 3")."""
+        if math.isfinite(grad_norm):
+            return True
+        if applied:
+            raise NonFiniteGradients(f"{self.stage}: {where}: the {model}'s gradient norm is {grad_norm} and DeepSpeed "
+                                     "has applied the update; the checkpoints saved before it hold the last finite "
+                                     "weights")
+        self.skipped += 1
+        self.unit_skipped = True
+        logger.warning("%s: %s: the %s's gradient norm is %s; update skipped", self.stage, where, model, grad_norm)
+        return False
+
+    def finish_unit(self, where: str, unit: str = "optimizer steps") -> None:
+        """End of a step (RL: iteration): one more bad one in a row if it skipped an update, else the count restarts."""
+        bad, self.unit_skipped = self.unit_skipped, False
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        if self.in_a_row >= self.limit:
+            raise NonFiniteGradients(f"{self.stage}: {self.in_a_row} {unit} in a row, the last {where}, had NaN or inf "
+                                     f"gradient norms (runtime.max_nonfinite_steps={self.limit}); their updates were "
+                                     "skipped, so the weights and the checkpoints hold the last finite state")

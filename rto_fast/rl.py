@@ -65,7 +65,7 @@ from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
 from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
 from .offload import HostResident, offload_saves_memory, on_device
-from .optim import adamw
+from .optim import NonFiniteSteps, adamw
 from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import ProgressBar
@@ -212,6 +212,10 @@ class RLTrainer:
         # training passes go through; sampling and scoring use the bare models inside EngineTrainer.whole_model).
         self.actor_engine: EngineTrainer | None = None
         self.critic_engine: EngineTrainer | None = None
+        # Optimizer steps with a NaN / inf gradient norm are skipped (runtime.max_nonfinite_steps iterations in a row
+        # with one: an error); `where` names the current iteration in its messages.
+        self.nonfinite = NonFiniteSteps(mode, self.config.runtime.max_nonfinite_steps)
+        self.where = "iteration 1"
 
     # --- models
     def model_paths(self) -> dict[str, str | None]:
@@ -474,6 +478,8 @@ class RLTrainer:
     # --- 4. PPO updates
     def train(self, rollout: RolloutBatch, iteration: int) -> dict:
         settings = self.settings
+        self.where = f"iteration {iteration + 1}"
+        skipped_before = self.nonfinite.skipped
         sequences = rollout.sequences()
         count = len(sequences)
         lengths = [len(sequence.input_ids) for sequence in sequences]
@@ -534,6 +540,9 @@ class RLTrainer:
         stats["grad_norm_actor"] = float(np.mean([float(actor) for actor, _ in norms]))
         stats["grad_norm_critic"] = float(np.mean([float(critic) for _, critic in norms]))
         stats["optimizer_steps"] = len(norms)
+        if self.nonfinite.skipped > skipped_before:  # NaN / inf gradient norms: those updates were not applied
+            stats["updates_skipped"] = self.nonfinite.skipped - skipped_before
+        self.nonfinite.finish_unit(self.where, "iterations")
         return stats
 
     @staticmethod
@@ -583,13 +592,18 @@ class RLTrainer:
             self._backward(self.critic_engine, critic_loss * share, boundary)
         return {"vf_loss": stats["vf_loss"].detach(), "vf_clipfrac": stats["vf_clipfrac"].detach()}
 
-    def _step_actor(self) -> torch.Tensor:
+    # Each step below checks its gradient norm on the host (one read back per optimizer step): a NaN / inf norm skips
+    # the update (self.nonfinite), so one bad batch cannot write NaN into the weights and every later checkpoint.
+    def _step_actor(self) -> float:
         """Clip and step the actor (separate optimizers), then free its gradients; returns the norm before clipping."""
         with phase("optimizer_step"):
             if self.actor_engine is not None:
-                return self.actor_engine.step()
-            norm = self._clip_gradients(self.actor_parameters)
-            self.actor_optimizer.step()
+                norm = self.actor_engine.step()
+                self.nonfinite.allows(norm, self.where, "policy", applied=True)
+                return norm
+            norm = float(self._clip_gradients(self.actor_parameters))
+            if self.nonfinite.allows(norm, self.where, "policy"):
+                self.actor_optimizer.step()
             self.actor_scheduler.step()
             self.actor_optimizer.zero_grad(set_to_none=True)  # free before the critic's gradients exist
             return norm
@@ -597,17 +611,21 @@ class RLTrainer:
     def _step_critic(self, actor_norm) -> tuple:
         with phase("optimizer_step"):
             if self.critic_engine is not None:
-                return actor_norm, self.critic_engine.step()
-            norm = self._clip_gradients(self.critic_parameters)
-            self.critic_optimizer.step()
+                norm = self.critic_engine.step()
+                self.nonfinite.allows(norm, self.where, "critic", applied=True)
+                return actor_norm, norm
+            norm = float(self._clip_gradients(self.critic_parameters))
+            if self.nonfinite.allows(norm, self.where, "critic"):
+                self.critic_optimizer.step()
             self.critic_scheduler.step()
             return actor_norm, norm
 
     def _step_shared(self) -> tuple:
         """One optimizer over actor and critic: one norm over both (clipped together), one step."""
         with phase("optimizer_step"):
-            norm = self._clip_gradients(self.actor_parameters + self.critic_parameters)
-            self.actor_optimizer.step()
+            norm = float(self._clip_gradients(self.actor_parameters + self.critic_parameters))
+            if self.nonfinite.allows(norm, self.where, "policy and critic"):
+                self.actor_optimizer.step()
             self.actor_scheduler.step()
             return norm, norm
 
@@ -630,8 +648,7 @@ class RLTrainer:
         return per_sequence.mean()
 
     def _clip_gradients(self, parameters: list) -> torch.Tensor:
-        """Clip the gradients of `parameters` to rl.max_grad_norm; returns their norm before clipping (a device
-        tensor, read back at the end of train)."""
+        """Clip the gradients of `parameters` to rl.max_grad_norm; returns their norm before clipping."""
         clip = self.settings.max_grad_norm if self.settings.max_grad_norm is not None else float("inf")
         return torch.nn.utils.clip_grad_norm_(parameters, clip)
 

@@ -48,7 +48,7 @@ from .attention import packed_forward
 from .config import RL_MODES, STAGES, Config, StageConfig
 from .distributed import Distributed, EngineTrainer
 from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
-from .optim import adamw
+from .optim import NonFiniteSteps, adamw
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import MetricsLog, ProgressBar
@@ -567,6 +567,7 @@ def run_stage(name: str, context: RunContext) -> Path:
 
     bar = ProgressBar(total_steps, initial=step, desc=name, enabled=runtime.progress_bar and dist.main)
     parameters = stage.trainable_parameters()
+    nonfinite = NonFiniteSteps(name, runtime.max_nonfinite_steps)
     clip = settings.max_grad_norm if settings.max_grad_norm is not None else float("inf")
     try:
         while step < total_steps:
@@ -607,13 +608,18 @@ def run_stage(name: str, context: RunContext) -> Path:
                         if weight:
                             _accumulate(totals, stats)
                             tokens += batch.num_tokens
+                skipped = False
                 with phase("optimizer_step"):
                     if trainer is not None:
                         grad_norm = trainer.step()
+                        nonfinite.allows(grad_norm, f"step {step + 1}", applied=True)
                     else:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip))
-                        optimizer.step()
-                        scheduler.step()
+                        skipped = not nonfinite.allows(grad_norm, f"step {step + 1}")
+                        if not skipped:
+                            optimizer.step()
+                        scheduler.step()  # a skipped step still consumed its data: the schedule moves on
+                    nonfinite.finish_unit(f"step {step + 1}")
             if dist.parallel:
                 totals = dist.sum_dicts({**totals, "_tokens": tokens})
                 tokens = int(totals.pop("_tokens"))
@@ -625,6 +631,8 @@ def run_stage(name: str, context: RunContext) -> Path:
             record = {"stage": name, "step": step, "epoch": round(epoch, 4), "lr": lr, **_averages(totals),
                       "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(step_time, 1e-9),
                       "tokens_seen": state["tokens_seen"], "elapsed_s": round(state["elapsed_s"], 3)}
+            if skipped:
+                record["update_skipped"] = 1  # a NaN / inf gradient norm: the weights did not change
             peak = step_peak_mb(context.device)
             if peak is not None:
                 record["peak_memory_mb"] = dist.max(int(round(peak)))  # the largest rank's

@@ -32,6 +32,7 @@ from .distributed import DistributedError
 
 logger = logging.getLogger("rto_fast.train")
 EXIT_USAGE = 2
+EXIT_NONFINITE = 3  # runtime.max_nonfinite_steps optimizer steps in a row had a NaN / inf gradient norm
 
 
 class UsageError(Exception):
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:
         parser.print_help()
         return 0
+    from .optim import NonFiniteGradients
     from .stopping import StopRequested
 
     try:
@@ -329,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as stop:
         print(f"rto_fast.train: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except NonFiniteGradients as error:
+        print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
     return 0
 
 

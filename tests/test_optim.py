@@ -8,7 +8,8 @@ import torch
 
 from rto_fast import optim
 from rto_fast.config import BF16_OPTIMIZERS, load_config
-from rto_fast.optim import MasterWeightAdamW, StochasticRoundingAdamW, stochastic_round_
+from rto_fast.optim import (MasterWeightAdamW, NonFiniteGradients, NonFiniteSteps, StochasticRoundingAdamW,
+                            stochastic_round_)
 
 BETAS = (0.9, 0.95)
 
@@ -336,3 +337,25 @@ def test_stochastic_rounding_adamw_backends_agree_on_average(backend, device, mo
     # Distinct seeds draw distinct bits: the runs did not all round alike.
     assert float(torch.stack(weights).std(0).gt(0).float().mean()) > 0.2
     assert len(launches) == (runs * steps if backend == "triton" else 0)
+
+
+# ------------------------------------------------------------------------------------------------ non-finite steps
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run():
+    guard = NonFiniteSteps("sft", limit=2)
+    assert guard.allows(1.5, "step 1")
+    guard.finish_unit("step 1")
+    assert not guard.allows(float("nan"), "step 2")
+    guard.finish_unit("step 2")
+    assert guard.allows(0.3, "step 3")  # a good step restarts the count of bad ones in a row
+    guard.finish_unit("step 3")
+    assert not guard.allows(float("inf"), "step 4") and guard.skipped == 2
+    guard.finish_unit("step 4")
+    # RL: an iteration with two skipped updates (policy and critic) counts once.
+    assert not guard.allows(float("nan"), "iteration 5", "policy") and not guard.allows(float("nan"), "iteration 5")
+    with pytest.raises(NonFiniteGradients, match=r"sft: 2 iterations in a row, the last iteration 5.*"
+                                                 r"max_nonfinite_steps=2"):
+        guard.finish_unit("iteration 5", "iterations")
+    # DeepSpeed's step has run when its norm is known: the first bad one stops, naming what happened.
+    with pytest.raises(NonFiniteGradients, match="iteration 3: the critic's gradient norm is nan and DeepSpeed"):
+        NonFiniteSteps("rto", limit=3).allows(float("nan"), "iteration 3", "critic", applied=True)

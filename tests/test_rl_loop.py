@@ -470,6 +470,33 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run
     assert {number: signal.getsignal(number) for number in handlers} == handlers
 
 
+def test_a_nonfinite_iteration_leaves_policy_and_critic_as_they_were(tmp_path, assets, monkeypatch):
+    """Every loss of iteration 2 is NaN: each of its optimizer steps (actor and critic, separate optimizers) is
+    skipped and logged, the policy and the critic leave it unchanged, and iteration 3 trains again."""
+    original_backward, original_iteration = rl.RLTrainer._backward, rl.run_iteration
+    current = {"iteration": 0}
+    snapshots = []
+
+    def backward(engine, loss, boundary):
+        original_backward(engine, loss * float("nan") if current["iteration"] == 2 else loss, boundary)
+
+    def iteration(trainer, *args, **kwargs):
+        current["iteration"] += 1
+        record = original_iteration(trainer, *args, **kwargs)
+        snapshots.append([p.detach().clone() for p in (*trainer.policy.parameters(), *trainer.critic.parameters())])
+        return record
+
+    monkeypatch.setattr(rl.RLTrainer, "_backward", staticmethod(backward))
+    monkeypatch.setattr(rl, "run_iteration", iteration)
+    assert run_cli(tmp_path / "run", assets, "stages=[rto]", "rl.iterations=3", "runtime.checkpoint_every=0") == 0
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "rto"]
+    steps = records[1]["optimizer_steps"]
+    assert [r.get("updates_skipped", 0) for r in records] == [0, 2 * steps, 0]
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
+    assert all(bool(torch.isfinite(p).all()) for p in snapshots[2])
+
+
 # ------------------------------------------------------------------------------------------------ errors and units
 
 @pytest.mark.parametrize("overrides, message", [

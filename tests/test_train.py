@@ -553,3 +553,64 @@ def test_bf16_sft_follows_the_float32_run_unless_pure(tmp_path, bf16_optimizer, 
         along += float((got * wanted).sum())
         squared += float((wanted * wanted).sum())
     assert low < along / squared < high, along / squared
+
+
+def test_a_nonfinite_gradient_skips_its_update_and_training_goes_on(tmp_path, monkeypatch):
+    """NaN losses in steps 3 and 4 (every micro-batch): those two updates are skipped, logged as skipped with their
+    NaN norm, and the weights stay finite; the run finishes. Step 5 onwards train as usual."""
+    original = stages.SFTStage.loss
+    step_of_call = []
+    monkeypatch.setattr(stages, "NonFiniteSteps", _StepTracking(stages.NonFiniteSteps, step_of_call))
+
+    def loss(self, batch, extra, denominator):
+        value, stats = original(self, batch, extra, denominator)
+        current = len(step_of_call) + 1  # optimizer steps already checked + 1
+        return (value * float("nan"), stats) if current in (3, 4) else (value, stats)
+
+    monkeypatch.setattr(stages.SFTStage, "loss", loss)
+    run_dir = run_main(tmp_path / "run", "stages=[sft]", "sft.max_steps=8", "runtime.checkpoint_every=0")
+    records = stage_records(run_dir, "sft")
+    assert [r["step"] for r in records if r.get("update_skipped")] == [3, 4]
+    assert all(math.isnan(float(r["grad_norm"])) for r in records if r.get("update_skipped"))  # written as "nan"
+    assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["loss"]) for r in records if r["step"] >= 5)
+    weights = load_file(run_dir / "sft" / "model" / "model.safetensors")
+    assert all(bool(torch.isfinite(value).all()) for value in weights.values())
+
+
+def test_nonfinite_gradients_in_a_row_stop_the_run_with_finite_checkpoints(tmp_path, monkeypatch, capsys):
+    original = stages.SFTStage.loss
+    step_of_call = []
+    monkeypatch.setattr(stages, "NonFiniteSteps", _StepTracking(stages.NonFiniteSteps, step_of_call))
+
+    def loss(self, batch, extra, denominator):
+        value, stats = original(self, batch, extra, denominator)
+        return (value * float("nan"), stats) if len(step_of_call) + 1 >= 3 else (value, stats)
+
+    monkeypatch.setattr(stages.SFTStage, "loss", loss)
+    code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", "stages=[sft]", "sft.max_steps=8",
+                 "runtime.checkpoint_every=1", "runtime.keep_last=10", "runtime.max_nonfinite_steps=2"])
+    error = capsys.readouterr().err
+    assert code == 3 and "2 optimizer steps in a row, the last step 4" in error, error
+    checkpoints = sorted((tmp_path / "run" / "sft" / "checkpoints").iterdir())
+    assert [ckpt.read_state(folder)["step"] for folder in checkpoints] == [1, 2, 3]  # none after the stop
+    for folder in checkpoints:
+        weights = load_file(folder / "model" / "model.safetensors")
+        assert all(bool(torch.isfinite(value).all()) for value in weights.values())
+
+
+class _StepTracking:
+    """Wraps NonFiniteSteps so a test knows how many optimizer steps have been checked (`calls` grows by one each)."""
+
+    def __init__(self, cls, calls: list):
+        self.cls, self.calls = cls, calls
+
+    def __call__(self, *args, **kwargs):
+        guard = self.cls(*args, **kwargs)
+        allows = guard.allows
+
+        def counted(*call_args, **call_kwargs):
+            self.calls.append(call_args[1])
+            return allows(*call_args, **call_kwargs)
+
+        guard.allows = counted
+        return guard
