@@ -60,11 +60,14 @@ class phase:
             self._range.__enter__()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         if self._range is not None:
-            self._range.__exit__(*exc)
+            self._range.__exit__(exc_type, exc, traceback)
         if _phase_memory is not None:
             _phase_memory.observe(self.name)
+        if exc is not None and isinstance(exc, torch.OutOfMemoryError):
+            # Where it ran out, innermost phase first (rto_fast.memory_advice reads it).
+            exc.rto_fast_phases = [*getattr(exc, "rto_fast_phases", []), self.name]
         return False
 
 

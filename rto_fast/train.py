@@ -33,6 +33,11 @@ from .distributed import DistributedError
 logger = logging.getLogger("rto_fast.train")
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3  # runtime.max_nonfinite_steps optimizer steps in a row had a NaN / inf gradient norm
+EXIT_OUT_OF_MEMORY = 4
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory in a stage; the message names the phase and the settings that shrink it."""
 
 
 class UsageError(Exception):
@@ -286,22 +291,29 @@ def run(config: Config) -> Path:
                          train_examples=train_examples, eval_examples=eval_examples,
                          metrics=MetricsLog(run_dir / METRICS_FILE, trackers), train_prompts=train_prompts,
                          eval_prompts=eval_prompts, dist=dist)
+    import torch
+
     from .stopping import StopSignals
 
     # SIGTERM / Ctrl-C: the running stage finishes its step, saves a checkpoint and raises StopRequested (main).
     try:
         with StopSignals():
             for name in config.stages:
-                if name in TRAINING_STAGES:
-                    run_stage(name, context)
-                elif name in RL_MODES:
-                    from .rl import run_rl_stage
+                try:
+                    if name in TRAINING_STAGES:
+                        run_stage(name, context)
+                    elif name in RL_MODES:
+                        from .rl import run_rl_stage
 
-                    run_rl_stage(name, context)
-                else:
-                    from .evaluation import run_eval
+                        run_rl_stage(name, context)
+                    else:
+                        from .evaluation import run_eval
 
-                    run_eval(context)
+                        run_eval(context)
+                except torch.OutOfMemoryError as error:
+                    from .memory_advice import describe
+
+                    raise OutOfMemory(describe(error, name, config)) from error
     finally:
         context.metrics.close()
     if dist.main:
@@ -334,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteGradients as error:
         print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except OutOfMemory as error:
+        logger.error("%s", error.__cause__)  # torch's whole message (allocator numbers) goes to train.log
+        print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_OUT_OF_MEMORY
     return 0
 
 

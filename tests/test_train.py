@@ -614,3 +614,48 @@ class _StepTracking:
 
         guard.allows = counted
         return guard
+
+
+@pytest.mark.parametrize("stage, target, expected", [
+    ("sft", "SFTStage.loss", ["stage sft, phase forward", "sft.micro_batch_tokens=1024",
+                              "model.gradient_checkpointing=false"]),
+    ("sft", "optimizer_step", ["stage sft, phase optimizer_step", "model.bf16_optimizer=master_weights",
+                               "offload_optimizer"]),
+])
+def test_out_of_memory_names_the_phase_and_the_settings_that_shrink_it(tmp_path, monkeypatch, capsys, stage, target,
+                                                                        expected):
+    """A device OOM (raised here on CPU) ends the run with exit code 4 and one line naming stage, phase, torch's own
+    first line and the settings that lower that phase's memory, with their values; torch's whole message goes to
+    train.log."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "139.8 GiB\nof which 1.2 GiB is free.")
+
+    if target == "SFTStage.loss":
+        monkeypatch.setattr(stages.SFTStage, "loss", out_of_memory)
+    else:
+        monkeypatch.setattr(stages.torch.nn.utils, "clip_grad_norm_", out_of_memory)
+    code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", f"stages=[{stage}]", "sft.max_steps=2"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 4 and error.startswith("rto_fast.train: error: out of device memory"), error
+    assert "Tried to allocate 2.00 GiB" in error and all(part in error for part in expected), error
+    assert "of which 1.2 GiB is free" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("phases, expected", [
+    (["decode_forward", "generate"], "phase generate > decode_forward (CUDA out of memory.). The last checkpoint is "
+                                     "kept: rerun to resume. Settings that lower this phase's memory: "
+                                     "rl.generation_batch_size=64; rl.max_new_tokens=None; "
+                                     "rl.offload_frozen_models=false"),
+    (["reference_logprobs", "score"], "rl.micro_batch_tokens=4096; rl.offload_frozen_models=false; "
+                                      "model.fused_output_layer=false"),
+    (["policy_backward", "train"], "rl.micro_batch_tokens=4096; model.gradient_checkpointing=false"),
+    ([], "phase outside the timed phases"),
+])
+def test_out_of_memory_advice_for_the_rl_phases(phases, expected):
+    from rto_fast.memory_advice import describe
+
+    error = torch.OutOfMemoryError("CUDA out of memory.")
+    error.rto_fast_phases = phases
+    message = describe(error, "rto", load_config(None, ["rl.generation_batch_size=64"]))
+    assert message.startswith("out of device memory in stage rto") and expected in message, message
