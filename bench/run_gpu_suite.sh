@@ -61,6 +61,8 @@ step bench_rl_step 160 python3 bench/bench_rl_step.py --device cuda --model pyth
 step bench_generation 150 python3 bench/bench_generation.py --device cuda --model pythia-410m --batch 64 \
     --new-tokens 256 --repeats 3
 step bench_gae_ppo 40 python3 bench/bench_gae_ppo.py --device cuda --skip-compile
+# One AdamW step of Pythia-410M-shaped parameters per model.bf16_optimizer (the stochastic-rounding Triton kernel too).
+step bench_optimizer 40 python3 bench/bench_optimizer.py --device cuda
 # The same iteration with log-probs from the output layer's input (model.fused_output_layer: no (tokens, vocabulary)
 # logits held), against the run above.
 step bench_rl_step_fused 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \

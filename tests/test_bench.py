@@ -43,6 +43,19 @@ def test_tune_logprobs_smoke_run_reports_every_setting(tmp_path):
     assert text.count("1.00x") == 4  # the default is timed in each section
 
 
+def test_optimizer_benchmark_reports_every_bf16_optimizer(tmp_path):
+    import bench_optimizer
+
+    output = tmp_path / "optimizer.md"
+    assert bench_optimizer.main(["--device", "cpu", "--model", "tiny", "--repeats", "1", "--output", str(output)]) == 0
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in output.read_text().splitlines()
+            if line.startswith("| fp32") or line.startswith("| bf16")}
+    # optimizer state bytes per parameter: float32 Adam 8, bf16 Adam 4, masters + float32 Adam 12
+    assert {name: row[3] for name, row in rows.items()} == {"fp32 fused": "8", "bf16 pure": "4",
+                                                            "bf16 master weights": "12",
+                                                            "bf16 stochastic rounding": "4"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dpo", "sft"])
 def test_train_step_benchmark_runs_both_sides(tmp_path, stage):
