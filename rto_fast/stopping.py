@@ -28,12 +28,15 @@ class StopRequested(Exception):
     """A stage stopped on a signal after saving a checkpoint at `step`; the process should exit with `exit_code`
     (128 + the signal number, what a shell reports for a process the signal ended)."""
 
-    def __init__(self, signal_number: int, stage: str, step: int):
+    def __init__(self, signal_number: int, stage: str, step: int | None):
         self.signal_number, self.stage, self.step = signal_number, stage, step
         self.exit_code = 128 + signal_number
         name = signal.Signals(signal_number).name
-        super().__init__(f"stopped by {name} after step {step} of stage {stage}; a checkpoint of that step was "
-                         "saved: run the same command to resume")
+        if step is None:  # between stages
+            message = f"stopped by {name} before stage {stage} (the stages before it finished)"
+        else:
+            message = f"stopped by {name} after step {step} of stage {stage}; a checkpoint of that step was saved"
+        super().__init__(f"{message}: run the same command to resume")
 
 
 def _record(signal_number, frame) -> None:

@@ -293,12 +293,16 @@ def run(config: Config) -> Path:
                          eval_prompts=eval_prompts, dist=dist)
     import torch
 
-    from .stopping import StopSignals
+    from .stopping import StopRequested, StopSignals, stop_requested
 
-    # SIGTERM / Ctrl-C: the running stage finishes its step, saves a checkpoint and raises StopRequested (main).
+    # SIGTERM / Ctrl-C: the running stage finishes its step, saves a checkpoint and raises StopRequested (main); a
+    # request that comes during a stage's last step stops the run before the next stage.
     try:
         with StopSignals():
             for name in config.stages:
+                signal_number = stop_requested(dist)
+                if signal_number:
+                    raise StopRequested(signal_number, name, None)
                 try:
                     if name in TRAINING_STAGES:
                         run_stage(name, context)

@@ -659,3 +659,20 @@ def test_out_of_memory_advice_for_the_rl_phases(phases, expected):
     error.rto_fast_phases = phases
     message = describe(error, "rto", load_config(None, ["rl.generation_batch_size=64"]))
     assert message.startswith("out of device memory in stage rto") and expected in message, message
+
+
+def test_a_stop_during_a_stages_last_step_stops_before_the_next_stage(tmp_path, monkeypatch, capsys):
+    original = stages.NonFiniteSteps
+
+    class SignalInStepTwo(original):
+        def allows(self, grad_norm, where, *args, **kwargs):
+            if where == "step 2":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().allows(grad_norm, where, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "NonFiniteSteps", SignalInStepTwo)
+    code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", "stages=[sft,dpo]", "sft.max_steps=2",
+                 "dpo.max_steps=2"])
+    error = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM before stage dpo" in error, error
+    assert (tmp_path / "run" / "sft" / "model").exists() and not (tmp_path / "run" / "dpo").exists()
