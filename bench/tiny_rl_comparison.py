@@ -124,7 +124,8 @@ def _versions() -> str:
     return f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
 
 
-def report(seeds: list[int], runs: dict[int, dict], command: str, wall_s: float | None) -> str:
+def report(seeds: list[int], runs: dict[int, dict], command: str, wall_s: float | None,
+           plot_name: str = "tiny_rl_comparison.png") -> str:
     first = runs[seeds[0]]["eval"]
     models = [name for name in MODELS if name in first["models"]]
     lines = ["# The synthetic task: RTO vs PPO vs DPPO vs DPO vs SFT", "",
@@ -164,7 +165,7 @@ def report(seeds: list[int], runs: dict[int, dict], command: str, wall_s: float 
         means = runs[seed]["eval"]["means"]
         lines.append(f"| {seed} | " + " | ".join(f"{means[name]['truth']:.3f}" for name in models) + " |")
     lines += ["", *proxy_quality(seeds, runs)]
-    lines += ["", "![true reward against prompts seen](tiny_rl_comparison.png)", ""]
+    lines += ["", f"![true reward against prompts seen]({plot_name})", ""]
     return "\n".join(lines)
 
 
@@ -220,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         run_seeds(args.config, root, args.seeds, args.jobs, args.overrides)
     wall = None if args.report_only else time.perf_counter() - started
     runs = {seed: load_seed(root / f"seed-{seed}") for seed in args.seeds}
-    command = "python bench/tiny_rl_comparison.py " + " ".join(
-        ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), *args.overrides])
     output = Path(args.output)
+    named_output = [] if output == Path(parser.get_default("output")) else ["--output", args.output]
+    command = "python bench/tiny_rl_comparison.py " + " ".join(
+        ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), *named_output, *args.overrides])
     output.parent.mkdir(parents=True, exist_ok=True)
-    text = report(args.seeds, runs, command.strip(), wall)
+    text = report(args.seeds, runs, command.strip(), wall, output.with_suffix(".png").name)
     output.write_text(text, encoding="utf-8")
     plot(args.seeds, runs, output.with_suffix(".png"))
     print(text)
