@@ -18,7 +18,7 @@ RL_TRAINING = ("train", "policy_forward", "policy_loss", "policy_backward", "cri
 def _settings(config, stage: str, phases: list[str]) -> list[str]:
     """`key=value` of the settings that lower the memory of the innermost known phase of `stage`."""
     model, rl = config.model, config.rl
-    innermost = next((name for name in phases), "")
+    innermost = phases[0] if phases else ""
     keep = [f"model.gradient_checkpointing={str(model.gradient_checkpointing).lower()}",
             f"model.fused_output_layer={str(model.fused_output_layer).lower()}"]
     if innermost == "optimizer_step":
