@@ -492,6 +492,9 @@ class RLTrainer:
         separate = engines or self.critic_optimizer is not None
         vf_coef = 1.0 if separate else settings.vf_coef
         dist = self.dist
+        # |log-prob now - log-prob at scoring| over the first mini-batch's response tokens, before any update: 0 when
+        # the training forward computes what scoring computed (a diagnostic of kernels, dropout, batch layout).
+        mismatch: list[torch.Tensor] = []
         for _ in range(settings.ppo_epochs):
             order = torch.randperm(count, generator=generator).tolist()
             for start in range(0, count, settings.mini_batch_size):
@@ -523,20 +526,29 @@ class RLTrainer:
                 # reads only the policy and the value loss only the critic, so this gives the joint loss's gradients,
                 # one model's activations are alive at a time, and with separate optimizers the actor steps and
                 # frees its gradients before the critic's exist.
+                first = not norms  # no optimizer step yet in this iteration
                 for index, (batch, inputs, share, pass_weight) in enumerate(micro_batches):
-                    accumulate(self._policy_pass(batch, inputs, share, boundary=index == len(passes) - 1),
-                               share, pass_weight)
+                    stats = self._policy_pass(batch, inputs, share, boundary=index == len(passes) - 1,
+                                              mismatch=first and bool(pass_weight))
+                    if "mismatch" in stats:
+                        mismatch.append(stats.pop("mismatch"))
+                    accumulate(stats, share, pass_weight)
                     shares += share if pass_weight else 0.0
                 actor_norm = self._step_actor() if separate else None
                 for index, (batch, inputs, share, pass_weight) in enumerate(micro_batches):
                     accumulate(self._critic_pass(batch, inputs, share, vf_coef, boundary=index == len(passes) - 1),
                                share, pass_weight)
                 norms.append(self._step_critic(actor_norm) if separate else self._step_shared())
+        if mismatch:  # (sum, count) pairs
+            totals["mismatch_sum"], totals["mismatch_count"] = torch.stack(mismatch).sum(0).unbind()
         keys = sorted(totals)
         values = [float(value) for value in torch.stack([totals[key].double() for key in keys])] if keys else []
         totals = dist.sum_dicts({**dict(zip(keys, values)), "count": shares})
         mini_batches = max(totals.pop("count", 1.0), 1e-9)  # the shares of each mini-batch add up to 1
+        mismatch_sum, mismatch_count = totals.pop("mismatch_sum", 0.0), totals.pop("mismatch_count", 0.0)
         stats = {key: value / mini_batches for key, value in totals.items()}
+        if mismatch_count:
+            stats["logprob_mismatch"] = mismatch_sum / mismatch_count
         stats["grad_norm_actor"] = float(np.mean([float(actor) for actor, _ in norms]))
         stats["grad_norm_critic"] = float(np.mean([float(critic) for _, critic in norms]))
         stats["optimizer_steps"] = len(norms)
@@ -556,9 +568,11 @@ class RLTrainer:
         return dict(clip_eps=settings.clip_eps, clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip,
                     agg=settings.agg, cu_seqlens=batch.cu_seqlens)
 
-    def _policy_pass(self, batch: PackedBatch, inputs: dict, share: float, boundary: bool = True) -> dict:
+    def _policy_pass(self, batch: PackedBatch, inputs: dict, share: float, boundary: bool = True,
+                     mismatch: bool = False) -> dict:
         """Forward and backward of the policy on one micro-batch (clipped surrogate, entropy bonus); its stats.
-        `inputs`: `_stream_inputs` of the batch."""
+        `inputs`: `_stream_inputs` of the batch. `mismatch`: also "mismatch", (sum of |log-prob - old log-prob| over
+        the response tokens, their count)."""
         settings = self.settings
         old_logprobs, advantages = inputs["old_logprobs"], inputs["advantages"]
         with _autocast(self.context), phase("policy_forward"):
@@ -573,6 +587,10 @@ class RLTrainer:
         with phase("policy_backward"):
             self._backward(self.actor_engine, policy_loss * share, boundary)
         stats = {name: value.detach() for name, value in stats.items() if name not in ("vf_loss", "vf_clipfrac")}
+        if mismatch:
+            mask = batch.response_mask
+            difference = torch.where(mask, (logprobs.detach() - old_logprobs).abs(), 0.0)
+            stats["mismatch"] = torch.stack([difference.sum(), mask.sum().to(difference.dtype)])
         return {**stats, "entropy": mean_entropy.detach()}
 
     def _critic_pass(self, batch: PackedBatch, inputs: dict, share: float, vf_coef: float,

@@ -133,11 +133,14 @@ def test_each_mode_runs_and_logs(tmp_path, assets, mode):
     keys = {"dpo_reward", "true_reward", "token_reward", "sequence_reward", "kl", "kl_coef", "entropy",
             "response_length", "eos_fraction", "clipfrac", "approx_kl", "vf_clipfrac", "pg_loss", "vf_loss",
             "explained_variance", "time_generate_s", "time_score_s", "time_train_s", "tokens_per_s",
-            "prompts_seen", "eval_true_reward", "eval_dpo_reward", "eval_rm_score", "grad_norm_actor"}
+            "prompts_seen", "eval_true_reward", "eval_dpo_reward", "eval_rm_score", "grad_norm_actor",
+            "logprob_mismatch"}
     if mode == "ppo":
         keys.add("rm_score")
     for record in records:
         assert keys <= set(record), keys - set(record)
+        # Before its first update the policy's training forward reproduces scoring's log-probs exactly on CPU.
+        assert record["logprob_mismatch"] == 0.0
     assert records[-1]["prompts_seen"] == 16
     assert records[0]["kl_coef"] == pytest.approx({"rto": 0.03, "ppo": 0.05, "dppo": 0.05}[mode])
     assert records[0]["optimizer_steps"] == 2 * 2  # ppo_epochs x (8 responses / mini-batches of 4)
@@ -148,6 +151,24 @@ def test_each_mode_runs_and_logs(tmp_path, assets, mode):
     critic = models.ValueHeadModel.from_pretrained(str(run_dir / mode / "critic"), trainable=False)
     assert critic.value_head.weight.abs().sum() > 0
     assert (run_dir / "plots" / f"{mode}.png").is_file()
+
+
+def test_logprob_mismatch_measures_scoring_against_training(tmp_path, assets, monkeypatch):
+    """Scoring's log-probs shifted by 0.01 on every response token: the iteration's logprob_mismatch (first
+    mini-batch, policy not yet updated) is that shift."""
+    original = rl.packed_logprobs
+
+    def shifted(model, batch, **kwargs):
+        result = original(model, batch, **kwargs)
+        if kwargs.get("return_entropy"):  # the training forward
+            return result
+        return torch.where(batch.response_mask.to(result.device), result + 0.01, result)
+
+    monkeypatch.setattr(rl, "packed_logprobs", shifted)
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, assets, "stages=[rto]", "rl.iterations=1") == 0
+    record = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "rto"][0]
+    assert record["logprob_mismatch"] == pytest.approx(0.01, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ the math
