@@ -180,8 +180,10 @@ def run_ours(spec: dict) -> dict:
     records = [record for record in read_metrics(output / "metrics.jsonl") if record.get("stage") == "ppo"]
     iterations = [{"generate": r["time_generate_s"], "score": r["time_score_s"], "train": r["time_train_s"],
                    "total": r["time_s"], "tokens": r["tokens"]} for r in records]
+    mismatch = [r["logprob_mismatch"] for r in records if "logprob_mismatch" in r]
     result = {"iterations": iterations, "peak_mb": run_peak_mb(records, spec["device"]),
-              "attention": chosen_backends().get(spec["device"], "?")}
+              "attention": chosen_backends().get(spec["device"], "?"),
+              "logprob_mismatch": max(mismatch) if mismatch else None}
     if spec["profile"]:
         result["profile"] = (output / "ppo" / "profile" / f"step_{spec['profile']}.md").read_text()
     return result
@@ -450,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{'; gradient checkpointing on both sides' if spec['gradient_checkpointing'] else ''}"
              f"{precision}; "
              f"rto_fast's packed attention: {results['ours'].get('attention', '?')}; "
+             f"rto_fast's largest logprob_mismatch (training vs scoring log-probs before an update): "
+             f"{results['ours'].get('logprob_mismatch')}; "
              f"mean of {ours['timed_iterations']} timed iterations "
              f"after one warm-up{f' (iteration {args.profile} profiled, not timed)' if args.profile > 1 else ''}. "
              "Ratios: ours / TRL for speed (tokens/s; > 1 is faster), ours / TRL for memory.", "",
