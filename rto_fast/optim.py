@@ -82,11 +82,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  bucket_elements: int = BUCKET_ELEMENTS):
-        params = list(params)
-        if not params:
-            raise ValueError("MasterWeightAdamW: no parameters to optimize")
-        if isinstance(params[0], dict):
-            raise TypeError("MasterWeightAdamW: takes a list of parameters (one group), not parameter groups")
+        params = _parameter_list(params, type(self).__name__)
         for index, parameter in enumerate(params):
             if not parameter.is_floating_point():
                 raise ValueError(f"params[{index}]: dtype {parameter.dtype} is not a floating-point dtype")
@@ -202,11 +198,7 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  seed: int = 0, chunk_elements: int = 1 << 24):
-        params = list(params)
-        if not params:
-            raise ValueError("StochasticRoundingAdamW: no parameters to optimize")
-        if isinstance(params[0], dict):
-            raise TypeError("StochasticRoundingAdamW: takes a list of parameters (one group), not parameter groups")
+        params = _parameter_list(params, type(self).__name__)
         for index, parameter in enumerate(params):
             if parameter.dtype not in (torch.bfloat16, torch.float32):
                 raise ValueError(f"params[{index}]: dtype {parameter.dtype}; stochastic rounding trains bfloat16 "
@@ -239,10 +231,10 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = int(state["step"].item())
-                step_size = lr / (1 - beta1**step)
-                bias_correction2 = 1 - beta2**step
                 if self._kernel_step(parameter, state, step, lr, beta1, beta2, eps, weight_decay):
                     continue
+                step_size = lr / (1 - beta1**step)
+                bias_correction2 = 1 - beta2**step
                 generator = self._generator(parameter.device)
                 tensors = (parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"])
                 for weight, grad, exp_avg, exp_avg_sq in zip(*(_chunks(t, self.chunk_elements) for t in tensors)):
@@ -286,6 +278,16 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for device, generator_state in generators.items():
             self._generator(torch.device(device)).set_state(generator_state)
+
+
+def _parameter_list(params, optimizer: str) -> list:
+    """The parameters as a list: one group, at least one parameter."""
+    params = list(params)
+    if not params:
+        raise ValueError(f"{optimizer}: no parameters to optimize")
+    if isinstance(params[0], dict):
+        raise TypeError(f"{optimizer}: takes a list of parameters (one group), not parameter groups")
+    return params
 
 
 def _pop_own_state(state_dict: dict, key: str, optimizer: str) -> tuple[dict, object]:

@@ -74,7 +74,7 @@ from . import distributed
 from .distributed import EngineTrainer
 from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _autocast,
                      lr_factor, resume_point, seed_everything, split_even, stage_init_path, stage_output)
-from .stopping import StopRequested, stop_requested
+from .stopping import checkpoint_or_stop
 
 logger = logging.getLogger(__name__)
 
@@ -835,14 +835,7 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
             if dist.main and (iteration % runtime.log_every == 0 or last or "eval_length" in record):
                 context.metrics.write(record)
             bar.update(iteration, record["tokens"], reward=record.get("true_reward", record.get("dpo_reward")))
-            saved = last or (runtime.checkpoint_every and iteration % runtime.checkpoint_every == 0)
-            if saved:
-                save_checkpoint(iteration)
-            signal_number = stop_requested(dist)
-            if signal_number and not last:
-                if not saved:
-                    save_checkpoint(iteration)
-                raise StopRequested(signal_number, mode, iteration)
+            checkpoint_or_stop(iteration, last, runtime.checkpoint_every, save_checkpoint, dist, mode)
     finally:
         bar.close()
 

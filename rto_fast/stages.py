@@ -53,7 +53,7 @@ from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack,
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import MetricsLog, ProgressBar
 from .scoring import packed_logprobs
-from .stopping import StopRequested, stop_requested
+from .stopping import checkpoint_or_stop
 
 logger = logging.getLogger(__name__)
 
@@ -643,14 +643,7 @@ def run_stage(name: str, context: RunContext) -> Path:
             if dist.main and (step % runtime.log_every == 0 or last or "eval_loss" in record):
                 context.metrics.write(record)
             bar.update(step, tokens, loss=record.get("loss"))
-            saved = last or (runtime.checkpoint_every and step % runtime.checkpoint_every == 0)
-            if saved:
-                save_checkpoint(step)
-            signal_number = stop_requested(dist)
-            if signal_number and not last:
-                if not saved:
-                    save_checkpoint(step)
-                raise StopRequested(signal_number, name, step)
+            checkpoint_or_stop(step, last, runtime.checkpoint_every, save_checkpoint, dist, name)
         if eval_batches and state["evaluated_at"] != step:
             # Resumed from the final checkpoint of a run that had not evaluated yet.
             metrics = evaluate(stage, eval_batches)

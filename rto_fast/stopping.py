@@ -3,9 +3,9 @@ Ctrl-C makes the running stage finish its current step, save a checkpoint and ex
 
     with StopSignals():                    # train.run: installed for the whole run (main thread only)
         ...
-        if stop_requested(dist):           # a training loop, after each optimizer step (RL: each iteration)
-            save_checkpoint(step)
-            raise StopRequested(signal_number, stage, step)
+        # a training loop, after each optimizer step (RL: each iteration): the periodic checkpoint, and on a stop
+        # request a checkpoint of this step (if not just written) and StopRequested
+        checkpoint_or_stop(step, last, checkpoint_every, save_checkpoint, dist, stage)
 
 The handler only records the signal, so a step is never cut in half; a second Ctrl-C interrupts at once (no
 checkpoint) for when waiting for the step is not wanted. In a data-parallel run the ranks agree (the largest
@@ -73,3 +73,16 @@ def stop_requested(dist=None) -> int:
     if dist is not None and dist.parallel:
         requested = dist.max(requested)
     return requested
+
+
+def checkpoint_or_stop(step: int, last: bool, checkpoint_every: int, save_checkpoint, dist, stage: str) -> None:
+    """End of a training loop's step: save a checkpoint when it is the last step or a multiple of `checkpoint_every`;
+    when a stop was requested (and more steps remain), save one if not just saved and raise StopRequested."""
+    saved = last or bool(checkpoint_every and step % checkpoint_every == 0)
+    if saved:
+        save_checkpoint(step)
+    signal_number = stop_requested(dist)
+    if signal_number and not last:
+        if not saved:
+            save_checkpoint(step)
+        raise StopRequested(signal_number, stage, step)
