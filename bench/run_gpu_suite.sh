@@ -9,21 +9,34 @@
 #      precision setups that keep small updates (rl_step_cuda_stochastic_rounding.md, rl_step_cuda_master_weights.md).
 # Each step has its own time limit, so a slow or failing step never starves the rest; pytest is interrupted
 # (SIGINT) at its limit so that it still prints what failed. The limits add up to more than one 600 s call: ONLY
-# names the steps to run (the rest are skipped), so the suite can be split over calls.
+# names the steps to run (the rest are skipped), so the suite can be split over calls, and BUDGET (seconds since
+# the suite started) skips every step whose limit would end past it, so a call returns before its own timeout
+# with every finished step's results.
 #
 #   bash bench/run_gpu_suite.sh OUT_DIR [TRL_1_12_PATH]
 #   ONLY="bench_rl_step bench_rl_step_fused" bash bench/run_gpu_suite.sh OUT_DIR [TRL_1_12_PATH]
+#   BUDGET=540 ONLY=first bash bench/run_gpu_suite.sh OUT_DIR [TRL_1_12_PATH]   (one 600 s call: see FIRST below)
 #
-# Results land in bench/results/*_cuda.md, each step's log and a summary in OUT_DIR.
+# Results land in bench/results/*_cuda*.md (copied into OUT_DIR at the end), each step's log and a summary in
+# OUT_DIR.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:?usage: run_gpu_suite.sh OUT_DIR [TRL_1_12_PATH]}
 trl_path=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# What one 600 s call should measure first when it is the only one: kernels compiled natively, the op benchmark and
+# its launch-setting sweep, the RL iteration against TRL, then what fits.
+FIRST="tests_kernels bench_logprobs tune_logprobs bench_rl_step bench_gae_ppo bench_optimizer bench_rl_step_sr"
+[ "${ONLY:-}" = first ] && ONLY=$FIRST
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, report the exit status
     local name=$1 limit=$2; shift 2
-    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+    if [ -n "${ONLY:-}" ] && [[ " $(echo $ONLY) " != *" $name "* ]]; then return 0; fi
+    if [ -n "${BUDGET:-}" ] && [ $((SECONDS + limit)) -gt "$BUDGET" ]; then
+        echo "[$name] skipped: its $limit s limit would end past BUDGET=$BUDGET s (at $SECONDS s now)" \
+            | tee -a "$out/summary.log"
+        return 0
+    fi
     local start=$SECONDS
     timeout --signal=INT --kill-after=15 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
@@ -85,4 +98,5 @@ step bench_rl_step_master 130 python3 bench/bench_rl_step.py --device cuda --mod
     --response-length 256 --iterations 3 --bf16-optimizer master_weights \
     --output bench/results/rl_step_cuda_master_weights.md "${trl_args[@]}"
 
+cp bench/results/*_cuda*.md "$out/" 2>/dev/null
 cat "$out/summary.log"
