@@ -184,16 +184,22 @@ def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[Path]:
     return doomed
 
 
-def save_model(model, folder: Path, tokenizer=None) -> None:
+def save_model(model, folder: Path, tokenizer=None, merge_adapters: bool = True) -> None:
     """save_pretrained (safetensors, the only format transformers 5 writes) plus the tokenizer, so the folder loads
-    with from_pretrained on its own."""
-    model.save_pretrained(folder)
+    with from_pretrained on its own. A model with LoRA adapters is saved merged, or with `merge_adapters=False` as
+    its adapters only (PEFT's format; what checkpoints hold, see `rto_fast.lora`)."""
+    from . import lora
+
+    if lora.has_adapters(model):
+        (lora.save_merged if merge_adapters else lora.save_adapters)(model, folder)
+    else:
+        model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
 def _save_trainable(folder: Path, model, optimizer, scheduler, tokenizer) -> None:
-    save_model(model, folder / "model", tokenizer)
+    save_model(model, folder / "model", tokenizer, merge_adapters=False)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     if scheduler is not None:

@@ -84,6 +84,19 @@ class ModelConfig:
                                              "(ops.linear_token_logprobs): the (tokens, vocabulary) logits are never "
                                              "held, which saves their memory at large vocabularies; a trained "
                                              "model's backward recomputes them (one more output-layer matmul)")
+    lora_rank: int = option(0, "train LoRA adapters of this rank in place of the full weights of every trained "
+                                "model (SFT and DPO policy, reward model, RL actor and critic; a value-head model's "
+                                "head is trained whole); checkpoints hold the adapters, each stage's output is the "
+                                "merged model, and a reference that is the policy's starting point is the policy with "
+                                "its adapters off (no second copy). 0: full fine-tuning. Needs peft "
+                                "(pip install 'rto_fast[lora]')")
+    lora_alpha: float | None = option(None, "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank; "
+                                            "null: 2 * lora_rank")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input in training forwards (0 keeps PPO's ratio and "
+                                      "the KL on the same network as scoring, as model.keep_dropout: false does)")
+    lora_target_modules: str = option("all-linear", "layers given adapters: all-linear (every linear layer but the "
+                                                    "output layer) or comma-separated module names, e.g. "
+                                                    "q_proj,k_proj,v_proj,o_proj")
     sft_path: str | None = option(None, "start after SFT from this model (skips needing the sft stage's output)")
     dpo_path: str | None = option(None, "the DPO model (RTO's token reward); null: the dpo stage's output")
     ref_path: str | None = option(None, "the frozen reference model; null: the SFT model")
@@ -556,6 +569,7 @@ def _validate(config: Config) -> Config:
         _positive("dpo.beta", config.dpo.beta)
     _validate_rl(config, longest)
     _validate_eval(config)
+    _validate_lora(config)
 
     runtime = config.runtime
     if runtime.device != "auto" and runtime.device.split(":")[0] not in ("cpu", "cuda"):
@@ -573,6 +587,26 @@ def _validate(config: Config) -> Config:
     if not runtime.resume.strip():
         raise ConfigError("runtime.resume: must be auto, never, or a checkpoint folder")
     return config
+
+
+def _validate_lora(config: Config) -> None:
+    model = config.model
+    _positive("model.lora_rank", model.lora_rank, allow_zero=True)
+    _positive("model.lora_alpha", model.lora_alpha)
+    if not 0.0 <= model.lora_dropout < 1.0:
+        raise ConfigError(f"model.lora_dropout: must be in [0, 1), got {model.lora_dropout!r}")
+    if not model.lora_rank:
+        return
+    if not model.lora_target_modules.replace(",", "").strip():
+        raise ConfigError("model.lora_target_modules: name at least one module, or all-linear")
+    if config.runtime.deepspeed is not None:
+        raise ConfigError("model.lora_rank: LoRA adapters are trained in one process only for now; unset "
+                          "runtime.deepspeed or set model.lora_rank: 0")
+    from .lora import peft_available
+
+    if not peft_available():
+        raise ConfigError("model.lora_rank > 0 trains LoRA adapters, which needs peft: pip install 'rto_fast[lora]' "
+                          "(or pip install peft)")
 
 
 def _positive(key, value, allow_zero=False):

@@ -223,13 +223,18 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool, keep_dropout: bool = False) -> nn.Module:
+def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool, keep_dropout: bool = False,
+             lora=None) -> nn.Module:
     if trainable:
         model.train()
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if not keep_dropout:
             disable_dropout(model)
+        if lora is not None:  # after disable_dropout: model.lora_dropout is the user's own choice
+            from .lora import add_adapters
+
+            add_adapters(model, lora)
     else:
         model.eval()
         model.requires_grad_(False)
@@ -239,20 +244,22 @@ def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool, ke
 
 
 def trainable_copy(model: nn.Module, device: torch.device, gradient_checkpointing: bool = False,
-                   keep_dropout: bool = False) -> nn.Module:
+                   keep_dropout: bool = False, lora=None) -> nn.Module:
     """A trained model that starts as a copy of a frozen one (pi_0 = pi_ref with the random tiny weights), prepared as
     a loaded trained model is."""
-    return _prepare(copy.deepcopy(model).requires_grad_(True).to(device), gradient_checkpointing, True, keep_dropout)
+    return _prepare(copy.deepcopy(model).requires_grad_(True).to(device), gradient_checkpointing, True, keep_dropout,
+                    lora)
 
 
 def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", gradient_checkpointing: bool = False,
-                   trainable: bool = True, vocab_size: int | None = None, keep_dropout: bool = False):
+                   trainable: bool = True, vocab_size: int | None = None, keep_dropout: bool = False, lora=None):
     """AutoModelForCausalLM for the policy, reference or DPO model.
 
     `"tiny"` builds `tiny_model_config()` with random weights (seed the RNG first for reproducible weights);
     anything else goes to `from_pretrained`. Frozen models (`trainable=False`) are in eval mode with
-    requires_grad False; trained ones have their dropout set to 0 unless `keep_dropout` (`disable_dropout`). The
-    attention implementation is the one `rto_fast.attention` chose for this process."""
+    requires_grad False; trained ones have their dropout set to 0 unless `keep_dropout` (`disable_dropout`) and, given
+    `lora` (`rto_fast.lora.LoraSettings`), train LoRA adapters only. The attention implementation is the one
+    `rto_fast.attention` chose for this process."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(dtype)
@@ -263,7 +270,7 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
     else:
         _check_source_and_interface(path_or_tiny)
         model = AutoModelForCausalLM.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation=attn)
-    return _prepare(model, gradient_checkpointing, trainable, keep_dropout)
+    return _prepare(model, gradient_checkpointing, trainable, keep_dropout, lora)
 
 
 def _load_backbone(auto_class, path: str, dtype: torch.dtype, attn: str):
@@ -327,7 +334,7 @@ class ValueHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32",
                         gradient_checkpointing: bool = False, trainable: bool = True,
-                        vocab_size: int | None = None, keep_dropout: bool = False) -> "ValueHeadModel":
+                        vocab_size: int | None = None, keep_dropout: bool = False, lora=None) -> "ValueHeadModel":
         """Backbone from a causal LM or value-head folder ('tiny': random tiny Llama); head from
         value_head.safetensors when the folder has one, else zeros."""
         from transformers import AutoModel
@@ -346,7 +353,7 @@ class ValueHeadModel(nn.Module):
 
             state = load_file(str(head_file))
             model.value_head.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()})
-        return _prepare(model, gradient_checkpointing, trainable, keep_dropout)
+        return _prepare(model, gradient_checkpointing, trainable, keep_dropout, lora)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -63,6 +63,7 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import PAPER_KL_COEF
 from .generation import Rollout, SamplingSettings, generate
+from .lora import LoraSettings, SharedReference, check_checkpoint, frozen_view, load_adapters
 from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
 from .offload import HostResident, offload_saves_memory, on_device
 from .optim import NonFiniteSteps, adamw
@@ -254,31 +255,44 @@ class RLTrainer:
         # into host memory when they are offloaded.
         offload = self.settings.offload_frozen_models and offload_saves_memory(self.device)
         frozen_device = torch.device("cpu") if offload else self.device
+        lora = LoraSettings.from_config(config.model)
+        settings = self.settings
+        # With LoRA, a reference that is where the policy starts is the policy with its adapters off (no copy).
+        share_reference = lora is not None and paths["reference"] == paths["policy"]
         if paths["reference"] == TINY:
             torch.manual_seed(seed)
-        self.reference = self._load_frozen(paths["reference"], lambda path: load_causal_lm(path, dtype=dtype,
-                                                                                          trainable=False),
-                                           frozen_device)
+        if share_reference:
+            self.policy = self._load_trained(paths["policy"], settings.actor_lr, lambda: load_causal_lm(
+                paths["policy"], dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
+                keep_dropout=config.model.keep_dropout, lora=lora))
+            self.reference = SharedReference(self.policy)
+        else:
+            self.reference = self._load_frozen(paths["reference"], lambda path: load_causal_lm(
+                path, dtype=dtype, trainable=False), frozen_device)
         self.dpo_model = (self._load_frozen(paths["dpo"], lambda path: load_causal_lm(path, dtype=dtype,
                                                                                      trainable=False), frozen_device)
                           if paths["dpo"] else None)
         self.reward_model = (self._load_frozen(paths["reward"], lambda path: ValueHeadModel.from_pretrained(
             path, dtype=dtype, trainable=False), frozen_device) if paths["reward"] else None)
-        settings = self.settings
-        policy_source = str(resume_from / MODEL_DIR) if resume_from is not None else paths["policy"]
-        if resume_from is None and policy_source == paths["reference"] == TINY:
+        # Resuming full fine-tuning loads the checkpoint's weights; LoRA loads its adapters onto the starting models.
+        resumed = resume_from is not None and lora is None
+        policy_source = str(resume_from / MODEL_DIR) if resumed else paths["policy"]
+        if not share_reference and resume_from is None and policy_source == paths["reference"] == TINY:
             # pi_0 = pi_ref with random 'tiny' weights: a copy of the frozen reference.
             self.policy = trainable_copy(self.reference, self.device, checkpointing, config.model.keep_dropout)
-        else:
+        elif not share_reference:
             self.policy = self._load_trained(policy_source, settings.actor_lr, lambda: load_causal_lm(
                 policy_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
-                keep_dropout=config.model.keep_dropout))
-        critic_source = str(resume_from / CRITIC_DIR / MODEL_DIR) if resume_from is not None else paths["critic"]
+                keep_dropout=config.model.keep_dropout, lora=lora))
+        critic_source = str(resume_from / CRITIC_DIR / MODEL_DIR) if resumed else paths["critic"]
         if critic_source == TINY:
             torch.manual_seed(seed + 1)
         self.critic = self._load_trained(critic_source, settings.critic_lr, lambda: ValueHeadModel.from_pretrained(
             critic_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
-            keep_dropout=config.model.keep_dropout))
+            keep_dropout=config.model.keep_dropout, lora=lora))
+        if lora is not None and resume_from is not None:
+            load_adapters(self.policy, resume_from / MODEL_DIR)
+            load_adapters(self.critic, resume_from / CRITIC_DIR / MODEL_DIR)
         self.residents: dict[int, HostResident] = {}
         if settings.offload_frozen_models:
             self._offload_frozen_models()
@@ -291,14 +305,17 @@ class RLTrainer:
                         self.device.type)
             return
         for model in (self.reference, self.dpo_model, self.reward_model):
-            if model is not None:
+            if isinstance(model, torch.nn.Module):  # not a SharedReference: that one is the policy
                 self.residents[id(model)] = HostResident(model, self.device)
         moved = sum(resident.nbytes for resident in self.residents.values()) / 2**20
         logger.info("rl.offload_frozen_models: %d frozen model(s), %.0f MiB, kept in host memory", len(self.residents),
                     moved)
 
     def frozen_on_device(self, model):
-        """Context: `model` with its weights on the device (a copy when it is offloaded, else the model itself)."""
+        """Context: `model` with its weights on the device (a copy when it is offloaded, else the model itself); a
+        SharedReference is the policy with its adapters off."""
+        if isinstance(model, SharedReference):
+            return frozen_view(model)
         return on_device(self.residents.get(id(model)), model)
 
     def _optimizer_settings(self, lr: float) -> SimpleNamespace:
@@ -750,6 +767,8 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
         return output_dir
     if resume_from is not None:  # before any model loads: a checkpoint this launch cannot continue is an error
         distributed.check_resumable(resume_from, context.dist)
+        for part in (Path(MODEL_DIR), Path(CRITIC_DIR) / MODEL_DIR):
+            check_checkpoint(resume_from / part, LoraSettings.from_config(config.model))
     if not context.train_prompts:
         raise ValueError(f"stage {mode}: no training prompts (data.source / rl.prompts)")
 

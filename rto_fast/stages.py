@@ -47,6 +47,7 @@ from . import distributed
 from .attention import packed_forward
 from .config import RL_MODES, STAGES, Config, StageConfig
 from .distributed import Distributed, EngineTrainer
+from .lora import LoraSettings, SharedReference, check_checkpoint, frozen_view, load_adapters
 from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
 from .optim import NonFiniteSteps, adamw
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
@@ -216,6 +217,19 @@ class Stage:
         return distributed.load_model(load, self.context.dist, self.context.device, self.settings,
                                       enabled=path != TINY)
 
+    @property
+    def lora(self) -> LoraSettings | None:
+        return LoraSettings.from_config(self.config.model)
+
+    def trained_source(self, init_path: str, resume_model: Path | None) -> str:
+        """Where the trained model's weights load from: the checkpoint when resuming full fine-tuning; with LoRA the
+        stage's starting model, onto which `resume_adapters` then loads the checkpoint's adapters."""
+        return str(resume_model) if resume_model is not None and self.lora is None else init_path
+
+    def resume_adapters(self, resume_model: Path | None) -> None:
+        if resume_model is not None and self.lora is not None:
+            load_adapters(self.model, resume_model)
+
     def trainable_parameters(self):
         return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
@@ -245,7 +259,8 @@ def _load_lm(path: str, config: Config, trainable: bool, seed: int | None = None
         torch.manual_seed(seed)  # the tiny model's random weights must be the same in every process
     return load_causal_lm(path, dtype=config.model.dtype, trainable=trainable,
                           gradient_checkpointing=config.model.gradient_checkpointing and trainable,
-                          keep_dropout=config.model.keep_dropout)
+                          keep_dropout=config.model.keep_dropout,
+                          lora=LoraSettings.from_config(config.model) if trainable else None)
 
 
 class SFTStage(Stage):
@@ -253,8 +268,9 @@ class SFTStage(Stage):
 
     def build(self, init_path, resume_model):
         seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
-        path = str(resume_model) if resume_model else init_path
+        path = self.trained_source(init_path, resume_model)
         self.model = self.load_trained(path, lambda: _load_lm(path, self.config, True, seed))
+        self.resume_adapters(resume_model)
 
     def denominator(self, micro_batches):
         return float(sum(int(batch.response_mask.sum()) for batch in micro_batches))
@@ -275,9 +291,18 @@ class DPOStage(Stage):
         # Reference first, then the policy: the same order in a fresh and in a resumed run.
         seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
         ref_path = self.config.model.ref_path or init_path
+        if self.lora is not None and ref_path == init_path:
+            # The reference is where the policy starts: the policy with its adapters off, no second copy.
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
+            self.reference = SharedReference(self.model)
+            self.resume_adapters(resume_model)
+            return
         self.reference = distributed.load_model(lambda: _load_lm(ref_path, self.config, False, seed),
                                                 self.context.dist, self.context.device, enabled=ref_path != TINY)
-        if resume_model is not None:
+        if self.lora is not None:
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
+            self.resume_adapters(resume_model)
+        elif resume_model is not None:
             self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.config, True))
         elif init_path == ref_path == TINY:
             # The same random weights (ZeRO-3 partitions this whole copy when the engine starts).
@@ -322,7 +347,8 @@ class DPOStage(Stage):
         with torch.inference_mode(), _autocast(self.context):
             for index in range(passes):
                 batch = (mine or batches)[min(index, len(mine or batches) - 1)].to(device)
-                values = self._sequence_logprobs(self.reference, batch, False)
+                with frozen_view(self.reference) as reference:
+                    values = self._sequence_logprobs(reference, batch, False)
                 if index < len(mine):
                     scored.append((batch.sequence_index, values.float().clone()))
         for sequence_index, values in scored:
@@ -336,8 +362,8 @@ class DPOStage(Stage):
             table = self.reference_tables[split]
             return [table[batch.sequence_index.to(table.device)] for batch in micro_batches]
         # Once per batch, before the policy passes; no autograd graph, no saved activations.
-        with torch.inference_mode(), _autocast(self.context):
-            reference = [self._sequence_logprobs(self.reference, batch, False) for batch in micro_batches]
+        with torch.inference_mode(), _autocast(self.context), frozen_view(self.reference) as reference_model:
+            reference = [self._sequence_logprobs(reference_model, batch, False) for batch in micro_batches]
         return [values.clone() for values in reference]  # plain tensors: usable next to autograd tensors
 
     def loss(self, batch, ref_logprobs, denominator):
@@ -360,13 +386,14 @@ class RMStage(Stage):
     pairs = True
 
     def build(self, init_path, resume_model):
-        path = str(resume_model) if resume_model else init_path
+        path = self.trained_source(init_path, resume_model)
         if path == TINY:
             torch.manual_seed(self.config.runtime.seed + STAGE_SEED_OFFSET[self.name])
         self.model = self.load_trained(path, lambda: ValueHeadModel.from_pretrained(
             path, dtype=self.config.model.dtype, trainable=True,
             gradient_checkpointing=self.config.model.gradient_checkpointing,
-            keep_dropout=self.config.model.keep_dropout))
+            keep_dropout=self.config.model.keep_dropout, lora=self.lora))
+        self.resume_adapters(resume_model)
 
     def loss(self, batch, extra, denominator):
         values = packed_forward(self.model, batch)  # (1, N) float32
@@ -512,6 +539,7 @@ def run_stage(name: str, context: RunContext) -> Path:
         return output_dir
     if resume_from is not None:  # before any model loads: a checkpoint this launch cannot continue is an error
         distributed.check_resumable(resume_from, context.dist)
+        check_checkpoint(resume_from / MODEL_DIR, LoraSettings.from_config(config.model))
 
     stage = STAGE_CLASSES[name](context, settings)
     seed = runtime.seed + STAGE_SEED_OFFSET[name]
