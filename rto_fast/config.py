@@ -599,9 +599,6 @@ def _validate_lora(config: Config) -> None:
         return
     if not model.lora_target_modules.replace(",", "").strip():
         raise ConfigError("model.lora_target_modules: name at least one module, or all-linear")
-    if config.runtime.deepspeed is not None:
-        raise ConfigError("model.lora_rank: LoRA adapters are trained in one process only for now; unset "
-                          "runtime.deepspeed or set model.lora_rank: 0")
     from .lora import peft_available
 
     if not peft_available():

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from .lora import has_adapters
+
 logger = logging.getLogger(__name__)
 
 # Keys of a DeepSpeed config that rto_fast fills from its own settings.
@@ -399,24 +401,30 @@ class EngineTrainer:
         else:
             yield
 
-    def export(self, folder: Path, tokenizer=None, atomic: bool = False) -> None:
+    def export(self, folder: Path, tokenizer=None, atomic: bool = False, merge_adapters: bool = True) -> None:
         """The full model as an HF folder (safetensors), written by rank 0 (`atomic`: through a temporary folder and
-        one rename); collective (every rank must call it)."""
+        one rename); collective (every rank must call it). LoRA adapters are merged, or with `merge_adapters=False`
+        saved alone (checkpoints)."""
         from . import checkpoint as ckpt
+
+        def save(target: Path) -> None:
+            ckpt.save_model(self.module, target, tokenizer, merge_adapters=merge_adapters)
 
         with self.full_parameters():
             if self.dist.main:
                 if atomic:
-                    ckpt.write_atomic_folder(folder, lambda temp: ckpt.save_model(self.module, temp, tokenizer))
+                    ckpt.write_atomic_folder(folder, save)
                 else:
-                    ckpt.save_model(self.module, folder, tokenizer)
+                    save(folder)
 
     def save_engine(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_DIR)
+        # With LoRA the frozen base weights are the stage's starting model: the engine saves the adapters only.
+        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_DIR, exclude_frozen_parameters=has_adapters(self.module))
 
     def load_engine(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_DIR, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=not has_adapters(self.module))
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint in {folder / DEEPSPEED_DIR}")
 
@@ -443,7 +451,7 @@ def save_checkpoint(folder: Path, step: int, trainers: dict[str, EngineTrainer],
     dist.barrier()
     for name, trainer in trainers.items():
         trainer.save_engine(temp / name)
-        trainer.export(temp / name / "model", tokenizer if not name else None)
+        trainer.export(temp / name / "model", tokenizer if not name else None, merge_adapters=False)
     torch.save(ckpt.rng_state(), temp / _RNG_FILE.format(rank=dist.rank))
     dist.barrier()
     if dist.main:

@@ -235,15 +235,20 @@ def save_merged(model: nn.Module, folder: str | Path) -> None:
 
 @contextlib.contextmanager
 def adapters_off(model: nn.Module):
-    """`model` computes its base weights' function for the length of the block (no gradients reach adapters)."""
+    """`model` computes its base weights' function for the length of the block.
+
+    The flag peft's layers read in their forward is set directly: peft's `enable_adapters` also flips the adapters'
+    `requires_grad` on the way out and back, which a DeepSpeed engine's gradient hooks on those parameters should
+    never see in the middle of a run."""
     layers = _tuner_layers(model)
+    previous = [layer._disable_adapters for layer in layers]
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        for layer, flag in zip(layers, previous):
+            layer._disable_adapters = flag
 
 
 class SharedReference:

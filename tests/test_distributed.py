@@ -376,3 +376,38 @@ def test_zero3_dpo_with_the_reference_scored_once(single_process_run, tmp_path):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
         assert got["reward_margin"] == pytest.approx(want["reward_margin"], rel=1e-3, abs=1e-5)
     assert "reference freed" in (run / "train.log").read_text()
+
+
+@deepspeed_installed
+def test_lora_under_zero2_matches_one_process_and_resumes_identically(tmp_path):
+    """LoRA adapters under ZeRO-2 (the DPO and RTO references are the policy with its adapters off): two ranks end
+    where one process ends; the engine checkpoints hold the adapters only, and a run resumed from iteration 2 ends
+    bitwise where the uninterrupted 2-rank run ends."""
+    extra = ["model.lora_rank=4", "stages=[sft,dpo,rto]", "rl.iterations=4", "runtime.checkpoint_every=2",
+             "runtime.keep_last=3"]
+    zero2 = "runtime.deepspeed={zero_optimization: {stage: 2}}"
+    plain, full = tmp_path / "plain", tmp_path / "full"
+    _run(plain, *extra)
+    _run(full, zero2, *extra, processes=2)
+    for model in ("sft/model", "dpo/model", "rto/model", "rto/critic"):
+        difference = _max_difference(_weights(plain / model), _weights(full / model))
+        assert difference < WEIGHT_TOLERANCE, f"{model}: weights differ by {difference:.2e}"
+    for want, got in zip(_records(plain), _records(full)):
+        for key in ("loss", "kl", "pg_loss", "vf_loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"{want['stage']} {key}"
+    checkpoint = full / "rto" / "checkpoints" / "step-00000002"
+    assert (checkpoint / "model" / "adapter_model.safetensors").is_file()
+    engine_files = [path.stat().st_size for path in checkpoint.rglob("*model_states.pt")]
+    base_bytes = (plain / "sft" / "model" / "model.safetensors").stat().st_size
+    # The adapters, not the frozen base weights.
+    assert engine_files and max(engine_files) < base_bytes / 2, (engine_files, base_bytes)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for folder in ("rto/model", "rto/critic", "rto/checkpoints/step-00000004"):
+        shutil.rmtree(resumed / folder)
+    kept = [r for r in _records(resumed) if not (r["stage"] == "rto" and r["step"] > 2)]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    _run(resumed, zero2, *extra, processes=2)
+    for model in ("rto/model", "rto/critic"):
+        assert _max_difference(_weights(full / model), _weights(resumed / model)) == 0.0, model

@@ -165,11 +165,17 @@ def test_adapters_that_do_not_match_the_run_are_refused(tmp_path):
     ("model.lora_alpha=0", "model.lora_alpha"),
     ("model.lora_dropout=1.0", "model.lora_dropout"),
     ("model.lora_target_modules=,", "model.lora_target_modules"),
-    ("runtime.deepspeed={}", "runtime.deepspeed"),
 ])
 def test_bad_lora_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["model.lora_rank=4", override])
+
+
+def test_zero3_is_refused_before_any_process_group(tmp_path, capsys):
+    overrides = ["stages=[sft]", "runtime.deepspeed={zero_optimization: {stage: 3}}"]
+    assert main([*BASE, f"runtime.output_dir={tmp_path}", *overrides]) == 2
+    error = capsys.readouterr().err
+    assert "model.lora_rank" in error and "stage to 2 or below" in error
 
 
 def test_missing_peft_is_a_config_error_naming_the_extra(monkeypatch):
