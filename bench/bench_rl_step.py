@@ -173,6 +173,8 @@ def run_ours(spec: dict) -> dict:
         f"rl.offload_frozen_models={str(spec.get('offload_frozen', False)).lower()}",
         f"model.bf16_optimizer={spec.get('bf16_optimizer', 'pure')}",
         f"runtime.profile_step={spec['profile']}", "runtime.profile_trace=false"]
+    if spec.get("lora"):
+        overrides += [f"model.lora_rank={spec['lora']}", f"model.lora_alpha={2 * spec['lora']}"]
     if main(overrides) != 0:
         raise SystemExit("the rto_fast run failed")
     from rto_fast.attention import chosen_backends
@@ -219,14 +221,32 @@ def run_trl(spec: dict) -> dict:
     # bf16=True) for the two trained models; the frozen ones stay bf16.
     trained_dtype = torch.float32 if spec.get("bf16_optimizer", "pure") != "pure" else dtype
     policy = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=trained_dtype)
-    ref = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["paths"]["reward_hf"], dtype=dtype)
     value = AutoModelForSequenceClassification.from_pretrained(spec["paths"]["reward_hf"], dtype=trained_dtype)
+    peft_config = None
+    if spec.get("lora"):
+        # TRL's own LoRA setup: the policy wrapped by get_peft_model, no reference model (the policy with its adapter
+        # disabled). TRL leaves the value model whole; it gets the same adapters (backbone) + trained head as ours.
+        from peft import LoraConfig, inject_adapter_in_model
+
+        def lora_config():
+            return LoraConfig(r=spec["lora"], lora_alpha=2 * spec["lora"], lora_dropout=0.0, bias="none",
+                              target_modules="all-linear")
+
+        peft_config = lora_config()
+        inject_adapter_in_model(lora_config(), value.base_model)
+        for name, parameter in value.named_parameters():
+            parameter.requires_grad_(".lora_" in name or not name.startswith(value.base_model_prefix + "."))
+        ref = None
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
     if spec["gradient_checkpointing"]:  # TRL's PPOTrainer never enables it itself (its args flag is not read)
         from rto_fast.models import enable_gradient_checkpointing
 
         for model in (policy, value):
             enable_gradient_checkpointing(model)
+            if spec.get("lora"):  # frozen embeddings: the checkpointed layers' inputs must carry a gradient
+                model.enable_input_require_grads()
     micro = spec["micro_batch"]
     args = PPOConfig(
         output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=micro,
@@ -304,7 +324,7 @@ def run_trl(spec: dict) -> dict:
         return int(round(mean_prompt * spec["rollout_batch"]))
 
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=dataset, value_model=value, callbacks=[StepTimer()])
+                         train_dataset=dataset, value_model=value, callbacks=[StepTimer()], peft_config=peft_config)
     marks["prompt_tokens"] = next_prompt_tokens()
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -348,6 +368,13 @@ def summarize(result: dict, profiled: int = 0) -> dict:
     return mean
 
 
+def lora_note(rank: int) -> str:
+    if not rank:
+        return ""
+    return (f"; LoRA rank {rank} (alpha {2 * rank}, every linear layer but the output layer) on policy and critic "
+            "(heads trained whole) on both sides, each side's reference the policy with its adapters off")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -378,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(ours: float32 masters and states) or stochastic_rounding (ours: bf16 weights and "
                              "states, 8 bytes per parameter); with either of those TRL trains float32 weights under "
                              "bf16 autocast, its way of keeping AdamW's small updates (16 bytes per parameter)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="LoRA adapters of this rank (alpha 2 x rank, every linear layer but the output layer) "
+                             "on both sides' trained models: ours model.lora_rank, TRL its peft_config for the "
+                             "policy (its reference is then the policy with the adapter off, as ours) and the same "
+                             "adapters put into its value model's backbone; writes rl_step_<device>_lora.md")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="activation checkpointing in the trained models, on both sides")
     parser.add_argument("--trl-path", default=None, help="folder with trl 1.12.0 installed (pip install --target)")
@@ -409,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 "generation": args.generation, "fused_output_layer": args.fused_output_layer,
                 "gradient_checkpointing": args.gradient_checkpointing, "profile": args.profile,
                 "offload_frozen": args.offload_frozen, "bf16_optimizer": args.bf16_optimizer if gpu else "pure",
+                "lora": args.lora,
                 "vocab": args.vocab or (None if model == "tiny" else PYTHIA_VOCAB)}
         if spec["rollout_batch"] % spec["micro_batch"]:
             raise SystemExit("--rollout-batch must be a multiple of --micro-batch")
@@ -450,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{'; fused output layer' if spec['fused_output_layer'] else ''}"
              f"{'; rto_fast offloads its frozen models to host memory (TRL cannot)' if spec['offload_frozen'] else ''}"
              f"{'; gradient checkpointing on both sides' if spec['gradient_checkpointing'] else ''}"
+             f"{lora_note(spec['lora'])}"
              f"{precision}; "
              f"rto_fast's packed attention: {results['ours'].get('attention', '?')}; "
              f"rto_fast's largest logprob_mismatch (training vs scoring log-probs before an update): "
@@ -478,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += [("##" + line) if line.startswith("#") else line
                       for line in results[side]["profile"].splitlines()[2:]]
             lines.append("")
-    write_report(lines, args.output or RESULTS / f"rl_step_{args.device}.md")
+    write_report(lines, args.output or RESULTS / f"rl_step_{args.device}{'_lora' if args.lora else ''}.md")
     return 0
 
 

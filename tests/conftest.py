@@ -70,3 +70,20 @@ def pytest_report_header(config):
 def _seed(request):
     # Per-test seed derived from the run seed and the test id: tests stay independent of their order.
     torch.manual_seed((SEED + sum(map(ord, request.node.nodeid))) % 2**31)
+
+
+@pytest.fixture(autouse=True)
+def _package_logging():
+    """The CLI (`rto_fast.train.main`, run in-process by some tests) gives the package logger its own handlers and
+    stops propagation, which would hide later tests' records from caplog: restore the logger after each test."""
+    import logging
+
+    package = logging.getLogger("rto_fast")
+    saved = (package.level, package.propagate, list(package.handlers))
+    yield
+    for handler in package.handlers:
+        if handler not in saved[2]:
+            handler.close()
+    package.setLevel(saved[0])
+    package.propagate = saved[1]
+    package.handlers[:] = saved[2]
