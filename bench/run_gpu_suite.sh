@@ -97,6 +97,10 @@ step bench_rl_step_sr 130 python3 bench/bench_rl_step.py --device cuda --model p
 step bench_rl_step_master 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
     --response-length 256 --iterations 3 --bf16-optimizer master_weights \
     --output bench/results/rl_step_cuda_master_weights.md "${trl_args[@]}"
+# LoRA adapters (rank 16) on both sides: TRL's peft_config (its reference the policy with the adapter off) against
+# model.lora_rank (the same). Needs peft importable (carry its wheel).
+step bench_rl_step_lora 130 python3 bench/bench_rl_step.py --device cuda --model pythia-410m --rollout-batch 64 \
+    --response-length 256 --iterations 3 --lora 16 "${trl_args[@]}"
 
 cp bench/results/*_cuda*.md "$out/" 2>/dev/null
 cat "$out/summary.log"

@@ -313,3 +313,24 @@ def test_rl_reference_stays_the_starting_model_while_the_policy_trains(tmp_path,
         policy = packed_logprobs(trainer.policy, batch)
     torch.testing.assert_close(shared, expected, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(policy, expected, atol=1e-4)
+
+
+def test_dpo_with_precomputed_reference_scores_the_policy_with_adapters_off(tmp_path):
+    run_dir = run(tmp_path / "run", "stages=[sft,dpo]", "sft.max_steps=3", "dpo.max_steps=3",
+                  "dpo.precompute_ref_logprobs=true")
+    first = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "dpo")
+    assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def test_rl_with_frozen_models_offloaded_keeps_the_shared_reference(tmp_path, rl_assets, monkeypatch):
+    """Offloading (forced on CPU) moves the DPO model to host memory and leaves the shared reference alone: it is
+    the policy, which trains on the device. Sampling through model.generate sees the adapters too."""
+    from rto_fast import offload
+
+    monkeypatch.setattr(offload, "OFFLOAD_DEVICE_TYPES", ("cuda", "cpu"))
+    run_dir = run(tmp_path / "run", *RL, f"model.sft_path={rl_assets / 'sft'}", f"model.dpo_path={rl_assets / 'dpo'}",
+                  "stages=[rto]", "rl.iterations=2", "rl.offload_frozen_models=true",
+                  "rl.generation_engine=transformers")
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "rto"]
+    assert records[0]["kl"] == 0.0 and len(records) == 2
+    assert "rl.offload_frozen_models: 1 frozen model(s)" in (run_dir / "train.log").read_text()
