@@ -91,6 +91,23 @@ def test_only_adapters_train_and_adapters_off_is_the_base_model(kind):
     assert not torch.allclose(outputs(adapted, inputs), outputs(base, inputs))
 
 
+def test_adapter_gradients_are_the_same_with_activation_checkpointing():
+    """Frozen embeddings feed the checkpointed layers an input without a gradient: non-reentrant checkpointing still
+    gives the adapters the gradients the plain model gives them."""
+    inputs = stream(8)
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = models.load_causal_lm("tiny", trainable=True, lora=SETTINGS, gradient_checkpointing=checkpointing)
+        randomize_adapters(model, 9)  # B != 0, so A has a gradient too
+        model(**inputs).logits.float().logsumexp(-1).sum().backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        assert gradient is not None and gradient.abs().sum() > 0, name
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind", ["lm", "value"])
 def test_merged_output_loads_plainly_and_computes_what_the_adapted_model_did(tmp_path, kind):
     adapted = tiny(kind)
