@@ -142,7 +142,11 @@ def save_adapters(model: nn.Module, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     settings: LoraSettings = _adapter_host(model).rto_fast_lora
     config = settings.peft_config()
-    config.base_model_name_or_path = getattr(_adapter_host(model).config, "_name_or_path", None) or None
+    # The model the adapters were added to, so that the folder loads on its own (peft, or as an rto_fast model path).
+    base = getattr(_adapter_host(model).config, "_name_or_path", None) or None
+    if base and Path(base).expanduser().exists():
+        base = str(Path(base).expanduser().resolve())
+    config.base_model_name_or_path = base
     config.save_pretrained(str(folder))
     save_file(adapter_state_dict(model), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     head = _value_head(model)

@@ -151,8 +151,12 @@ def check_model_source(path: str) -> None:
         return
     local = Path(path).expanduser()
     if local.exists():
+        base = adapter_base(path)
+        if base is not None:  # PEFT adapters: the base they adapt must be a model source itself
+            check_model_source(base)
+            return
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path!r} has no config.json")
+            raise FileNotFoundError(f"model folder {path!r} has no config.json (nor PEFT's adapter_config.json)")
         try:
             from transformers import AutoConfig
 
@@ -165,6 +169,31 @@ def check_model_source(path: str) -> None:
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
     if looks_local or not path.strip():
         raise FileNotFoundError(f"model path {path!r} does not exist (and is not a Hub name like 'org/model')")
+
+
+def adapter_base(path: str) -> str | None:
+    """For a local folder of PEFT (LoRA) adapters without a model of its own (adapter_config.json, no config.json;
+    e.g. an SFT adapter, or an rto_fast checkpoint's model/ trained with model.lora_rank): the model they adapt, which
+    loading merges them into. None for anything else. ValueError when the folder does not name a usable base."""
+    local = Path(path).expanduser()
+    if not (local / "adapter_config.json").is_file() or (local / "config.json").is_file():
+        return None
+    from .lora import peft_available
+
+    if not peft_available():
+        raise ValueError(f"model folder {path!r} holds PEFT adapters, which need peft: pip install 'rto_fast[lora]'")
+    base = json.loads((local / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base or base == TINY:
+        raise ValueError(f"model folder {path!r} holds PEFT adapters whose adapter_config.json names no base model "
+                         "(base_model_name_or_path) that can be loaded; merge them into their base first")
+    return str(base)
+
+
+def _merge_adapters_from(model: nn.Module, path: str) -> nn.Module:
+    """`model` (the base of the adapters in folder `path`) with those adapters merged in: a plain model again."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def check_attention_interface(config, name: str) -> None:
@@ -182,6 +211,7 @@ def check_attention_interface(config, name: str) -> None:
 
 def _check_source_and_interface(path: str) -> None:
     check_model_source(path)  # a local folder's attention interface is checked there
+    path = adapter_base(path) or path
     if not Path(path).expanduser().exists():
         from transformers import AutoConfig
 
@@ -269,7 +299,10 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
         _check_source_and_interface(path_or_tiny)
-        model = AutoModelForCausalLM.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation=attn)
+        base = adapter_base(path_or_tiny)
+        model = AutoModelForCausalLM.from_pretrained(base or path_or_tiny, dtype=dtype, attn_implementation=attn)
+        if base is not None:
+            model = _merge_adapters_from(model, path_or_tiny)
     return _prepare(model, gradient_checkpointing, trainable, keep_dropout, lora)
 
 
@@ -345,7 +378,10 @@ class ValueHeadModel(nn.Module):
             backbone = AutoModel.from_config(tiny_model_config(vocab_size), dtype=dtype, attn_implementation=attn)
         else:
             _check_source_and_interface(path_or_tiny)
-            backbone = _load_backbone(AutoModel, path_or_tiny, dtype, attn)
+            base = adapter_base(path_or_tiny)
+            backbone = _load_backbone(AutoModel, base or path_or_tiny, dtype, attn)
+            if base is not None:
+                backbone = _merge_adapters_from(backbone, path_or_tiny)
         model = cls(backbone)
         head_file = Path(path_or_tiny) / VALUE_HEAD_FILE
         if path_or_tiny != TINY and head_file.is_file():

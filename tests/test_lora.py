@@ -351,3 +351,24 @@ def test_rl_with_frozen_models_offloaded_keeps_the_shared_reference(tmp_path, rl
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "rto"]
     assert records[0]["kl"] == 0.0 and len(records) == 2
     assert "rl.offload_frozen_models: 1 frozen model(s)" in (run_dir / "train.log").read_text()
+
+
+def test_an_adapter_folder_is_a_model_path(tmp_path, rl_assets):
+    """A checkpoint's adapters (or any local PEFT adapter folder) load as a model: their base with them merged, as the
+    stage's merged output; a folder whose base cannot be loaded is refused naming it."""
+    run_dir = run(tmp_path / "run", "stages=[sft]", f"model.name_or_path={rl_assets / 'sft'}", "sft.max_steps=3",
+                  "runtime.checkpoint_every=3")
+    adapters = run_dir / "sft" / "checkpoints" / ckpt.checkpoint_name(3) / "model"
+    saved = json.loads((adapters / lora.ADAPTER_CONFIG).read_text())
+    assert Path(saved["base_model_name_or_path"]) == (rl_assets / "sft").resolve()
+    models.check_model_source(str(adapters))
+    from_adapters = models.load_causal_lm(str(adapters), trainable=False)
+    merged = models.load_causal_lm(str(run_dir / "sft" / "model"), trainable=False)
+    inputs = stream(10)
+    torch.testing.assert_close(outputs(from_adapters, inputs), outputs(merged, inputs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs(from_adapters, inputs),
+                              outputs(models.load_causal_lm(str(rl_assets / "sft"), trainable=False), inputs))
+    # SFT from the random tiny model: its adapters have no loadable base.
+    tiny_run = run(tmp_path / "tiny", "stages=[sft]", "sft.max_steps=1", "runtime.checkpoint_every=1")
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        models.check_model_source(str(tiny_run / "sft" / "checkpoints" / ckpt.checkpoint_name(1) / "model"))
