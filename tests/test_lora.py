@@ -372,3 +372,14 @@ def test_an_adapter_folder_is_a_model_path(tmp_path, rl_assets):
     tiny_run = run(tmp_path / "tiny", "stages=[sft]", "sft.max_steps=1", "runtime.checkpoint_every=1")
     with pytest.raises(ValueError, match="base_model_name_or_path"):
         models.check_model_source(str(tiny_run / "sft" / "checkpoints" / ckpt.checkpoint_name(1) / "model"))
+
+
+def test_a_reference_other_than_the_start_is_loaded_on_its_own(tmp_path, rl_assets):
+    """model.ref_path elsewhere: DPO and RL load that reference as a frozen model (no sharing); DPO's first loss is
+    then not log 2 and RL's first KL not 0."""
+    run_dir = run(tmp_path / "run", *RL, f"model.name_or_path={rl_assets / 'sft'}", f"model.ref_path={rl_assets / 'dpo'}",
+                  "stages=[dpo,rto]", "dpo.max_steps=2", "rl.iterations=1", "data.max_response_length=48")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    dpo = next(r for r in records if r["stage"] == "dpo")
+    rto = next(r for r in records if r["stage"] == "rto")
+    assert abs(dpo["loss"] - 0.6931471805599453) > 1e-3 and rto["kl"] != 0.0
