@@ -108,6 +108,31 @@ def test_adapter_gradients_are_the_same_with_activation_checkpointing():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_output_layer_serves_a_model_with_adapters():
+    """The output layer gets no adapter (all-linear), so model.fused_output_layer still computes log-probs from its
+    input: the same log-probs and adapter gradients as the logits path, and no logits held."""
+    from rto_fast.packing import build_micro_batches
+    from rto_fast.scoring import packed_logprobs, response_sequence
+
+    generator = torch.Generator().manual_seed(11)
+    sequences = [response_sequence(torch.randint(3, 250, (9,), generator=generator).tolist(),
+                                   torch.randint(3, 250, (13,), generator=generator).tolist()) for _ in range(3)]
+    batch = build_micro_batches(sequences, 4096)[0]
+    results = []
+    for fused in (False, True):
+        model = tiny("lm")
+        randomize_adapters(model, 12)
+        outputs_seen = []
+        model.get_output_embeddings().register_forward_hook(lambda module, args, out: outputs_seen.append(out))
+        logprobs = packed_logprobs(model, batch, fused_output_layer=fused)
+        logprobs.sum().backward()
+        assert not fused or outputs_seen[0].stride()[:-1] == (0, 0)  # the fused path's stand-in, not logits
+        results.append((logprobs.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for name, gradient in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], gradient, atol=2e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("kind", ["lm", "value"])
 def test_merged_output_loads_plainly_and_computes_what_the_adapted_model_did(tmp_path, kind):
     adapted = tiny(kind)
