@@ -94,6 +94,9 @@ class ModelConfig:
                                             "null: 2 * lora_rank")
     lora_dropout: float = option(0.0, "dropout on the adapters' input in training forwards (0 keeps PPO's ratio and "
                                       "the KL on the same network as scoring, as model.keep_dropout: false does)")
+    lora_stages: list[str] | None = option(None, "the stages whose trained models get LoRA adapters when lora_rank "
+                                                 "> 0 (sft, dpo, rm, rto, ppo, dppo; e.g. [rto, ppo] fine-tunes SFT "
+                                                 "and DPO fully and trains RL with adapters); null: every stage")
     lora_target_modules: str = option("all-linear", "layers given adapters: all-linear (every linear layer but the "
                                                     "output layer) or comma-separated module names, e.g. "
                                                     "q_proj,k_proj,v_proj,o_proj")
@@ -595,6 +598,11 @@ def _validate_lora(config: Config) -> None:
     _positive("model.lora_alpha", model.lora_alpha)
     if not 0.0 <= model.lora_dropout < 1.0:
         raise ConfigError(f"model.lora_dropout: must be in [0, 1), got {model.lora_dropout!r}")
+    trained = [*TRAINING_STAGES, *RL_MODES]
+    for name in model.lora_stages or []:
+        if name not in trained:
+            raise ConfigError(f"model.lora_stages: {name!r} is not a stage that trains a model; expected some of "
+                              f"{trained}")
     if not model.lora_rank:
         return
     if not model.lora_target_modules.replace(",", "").strip():

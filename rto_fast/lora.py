@@ -43,10 +43,12 @@ class LoraSettings:
     target_modules: str = "all-linear"
 
     @classmethod
-    def from_config(cls, model_config) -> "LoraSettings | None":
-        """The `model.lora_*` settings, or None when `model.lora_rank` is 0 (full fine-tuning)."""
+    def from_config(cls, model_config, stage: str) -> "LoraSettings | None":
+        """The `model.lora_*` settings for `stage`, or None when it fine-tunes fully (`model.lora_rank` 0, or
+        `model.lora_stages` lists other stages)."""
         rank = int(model_config.lora_rank or 0)
-        if rank <= 0:
+        stages = model_config.lora_stages
+        if rank <= 0 or (stages is not None and stage not in stages):
             return None
         alpha = model_config.lora_alpha if model_config.lora_alpha is not None else 2.0 * rank
         return cls(rank, float(alpha), float(model_config.lora_dropout), model_config.lora_target_modules)

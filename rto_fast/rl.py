@@ -255,7 +255,7 @@ class RLTrainer:
         # into host memory when they are offloaded.
         offload = self.settings.offload_frozen_models and offload_saves_memory(self.device)
         frozen_device = torch.device("cpu") if offload else self.device
-        lora = LoraSettings.from_config(config.model)
+        lora = LoraSettings.from_config(config.model, self.mode)
         settings = self.settings
         # With LoRA, a reference that is where the policy starts is the policy with its adapters off (no copy).
         share_reference = lora is not None and paths["reference"] == paths["policy"]
@@ -768,7 +768,7 @@ def run_rl_stage(mode: str, context: RunContext) -> Path:
     if resume_from is not None:  # before any model loads: a checkpoint this launch cannot continue is an error
         distributed.check_resumable(resume_from, context.dist)
         for part in (Path(MODEL_DIR), Path(CRITIC_DIR) / MODEL_DIR):
-            check_checkpoint(resume_from / part, LoraSettings.from_config(config.model))
+            check_checkpoint(resume_from / part, LoraSettings.from_config(config.model, mode))
     if not context.train_prompts:
         raise ValueError(f"stage {mode}: no training prompts (data.source / rl.prompts)")
 

@@ -219,7 +219,7 @@ class Stage:
 
     @property
     def lora(self) -> LoraSettings | None:
-        return LoraSettings.from_config(self.config.model)
+        return LoraSettings.from_config(self.config.model, self.name)
 
     def trained_source(self, init_path: str, resume_model: Path | None) -> str:
         """Where the trained model's weights load from: the checkpoint when resuming full fine-tuning; with LoRA the
@@ -254,13 +254,13 @@ class Stage:
         raise NotImplementedError
 
 
-def _load_lm(path: str, config: Config, trainable: bool, seed: int | None = None):
+def _load_lm(path: str, config: Config, trainable: bool, seed: int | None = None,
+             lora: LoraSettings | None = None):
     if path == TINY and seed is not None:
         torch.manual_seed(seed)  # the tiny model's random weights must be the same in every process
     return load_causal_lm(path, dtype=config.model.dtype, trainable=trainable,
                           gradient_checkpointing=config.model.gradient_checkpointing and trainable,
-                          keep_dropout=config.model.keep_dropout,
-                          lora=LoraSettings.from_config(config.model) if trainable else None)
+                          keep_dropout=config.model.keep_dropout, lora=lora if trainable else None)
 
 
 class SFTStage(Stage):
@@ -269,7 +269,7 @@ class SFTStage(Stage):
     def build(self, init_path, resume_model):
         seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
         path = self.trained_source(init_path, resume_model)
-        self.model = self.load_trained(path, lambda: _load_lm(path, self.config, True, seed))
+        self.model = self.load_trained(path, lambda: _load_lm(path, self.config, True, seed, self.lora))
         self.resume_adapters(resume_model)
 
     def denominator(self, micro_batches):
@@ -293,14 +293,16 @@ class DPOStage(Stage):
         ref_path = self.config.model.ref_path or init_path
         if self.lora is not None and ref_path == init_path:
             # The reference is where the policy starts: the policy with its adapters off, no second copy.
-            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed,
+                                                                       self.lora))
             self.reference = SharedReference(self.model)
             self.resume_adapters(resume_model)
             return
         self.reference = distributed.load_model(lambda: _load_lm(ref_path, self.config, False, seed),
                                                 self.context.dist, self.context.device, enabled=ref_path != TINY)
         if self.lora is not None:
-            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed,
+                                                                       self.lora))
             self.resume_adapters(resume_model)
         elif resume_model is not None:
             self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.config, True))
@@ -539,7 +541,7 @@ def run_stage(name: str, context: RunContext) -> Path:
         return output_dir
     if resume_from is not None:  # before any model loads: a checkpoint this launch cannot continue is an error
         distributed.check_resumable(resume_from, context.dist)
-        check_checkpoint(resume_from / MODEL_DIR, LoraSettings.from_config(config.model))
+        check_checkpoint(resume_from / MODEL_DIR, LoraSettings.from_config(config.model, name))
 
     stage = STAGE_CLASSES[name](context, settings)
     seed = runtime.seed + STAGE_SEED_OFFSET[name]

@@ -207,6 +207,7 @@ def test_adapters_that_do_not_match_the_run_are_refused(tmp_path):
     ("model.lora_alpha=0", "model.lora_alpha"),
     ("model.lora_dropout=1.0", "model.lora_dropout"),
     ("model.lora_target_modules=,", "model.lora_target_modules"),
+    ("model.lora_stages=[sft,eval]", "model.lora_stages"),
 ])
 def test_bad_lora_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -408,3 +409,18 @@ def test_a_reference_other_than_the_start_is_loaded_on_its_own(tmp_path, rl_asse
     dpo = next(r for r in records if r["stage"] == "dpo")
     rto = next(r for r in records if r["stage"] == "rto")
     assert abs(dpo["loss"] - 0.6931471805599453) > 1e-3 and rto["kl"] != 0.0
+
+
+def test_lora_stages_picks_the_stages_that_train_adapters(tmp_path):
+    """model.lora_stages=[dpo]: SFT fine-tunes fully (full checkpoints), DPO trains adapters against the SFT model
+    with its adapters off (first loss log 2, adapter checkpoints)."""
+    run_dir = run(tmp_path / "run", "stages=[sft,dpo]", "model.lora_stages=[dpo]", "sft.max_steps=2", "dpo.max_steps=2",
+                  "runtime.checkpoint_every=2")
+    sft_checkpoint = run_dir / "sft" / "checkpoints" / ckpt.checkpoint_name(2) / "model"
+    dpo_checkpoint = run_dir / "dpo" / "checkpoints" / ckpt.checkpoint_name(2) / "model"
+    assert (sft_checkpoint / "config.json").is_file() and not (sft_checkpoint / lora.ADAPTER_CONFIG).exists()
+    assert (dpo_checkpoint / lora.ADAPTER_CONFIG).is_file()
+    first_dpo = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "dpo")
+    assert first_dpo["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    log = (run_dir / "train.log").read_text()
+    assert log.count("LoRA rank 4") == 1  # the DPO policy only
