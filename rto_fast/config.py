@@ -92,8 +92,9 @@ class ModelConfig:
                                 "(pip install 'rto_fast[lora]')")
     lora_alpha: float | None = option(None, "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank; "
                                             "null: 2 * lora_rank")
-    lora_dropout: float = option(0.0, "dropout on the adapters' input in training forwards (0 keeps PPO's ratio and "
-                                      "the KL on the same network as scoring, as model.keep_dropout: false does)")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input while the trained model is in training mode "
+                                      "(every pass but sampling, RL's scoring passes included, as with "
+                                      "model.keep_dropout); 0 keeps PPO's ratio and the KL free of dropout noise")
     lora_stages: list[str] | None = option(None, "the stages whose trained models get LoRA adapters when lora_rank "
                                                  "> 0 (sft, dpo, rm, rto, ppo, dppo; e.g. [rto, ppo] fine-tunes SFT "
                                                  "and DPO fully and trains RL with adapters); null: every stage")
