@@ -120,8 +120,11 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
     head = _value_head(model)
     if head is not None:
         head.requires_grad_(True)
-    trained = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-    total = sum(parameter.numel() for parameter in model.parameters())
+    # ds_numel: a ZeRO-3 partition's whole size (the base weights may already be partitioned here).
+    sizes = [(getattr(parameter, "ds_numel", parameter.numel()), parameter.requires_grad)
+             for parameter in model.parameters()]
+    trained = sum(size for size, requires_grad in sizes if requires_grad)
+    total = sum(size for size, _ in sizes)
     logger.info("LoRA rank %d (alpha %g) on %d layers of %s: %d of %d parameters trained (%.2f%%)", settings.rank,
                 settings.alpha, len(_tuner_layers(model)), type(host).__name__, trained, total,
                 100.0 * trained / max(total, 1))

@@ -348,7 +348,8 @@ class RLTrainer:
             self.actor_engine = engine(self.policy, settings.actor_lr)
             self.critic_engine = engine(self.critic, settings.critic_lr)
             # Under ZeRO-3 the frozen models are partitioned too; their forwards are then collective.
-            self.reference = distributed.frozen_engine(self.reference, self.dist, "reference")
+            if not isinstance(self.reference, SharedReference):  # that one is the policy, in its own engine
+                self.reference = distributed.frozen_engine(self.reference, self.dist, "reference")
             if self.dpo_model is not None:
                 self.dpo_model = distributed.frozen_engine(self.dpo_model, self.dist, "DPO model")
             if self.reward_model is not None:

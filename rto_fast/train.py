@@ -141,14 +141,7 @@ def _check_distributed(config: Config) -> None:
         return
     try:
         if config.runtime.deepspeed is not None:
-            deepspeed = distributed.validate_deepspeed_config(distributed.load_deepspeed_config(
-                config.runtime.deepspeed))
-            lora_stages = [stage for stage in config.stages if stage in (*TRAINING_STAGES, *RL_MODES)
-                           and (config.model.lora_stages is None or stage in config.model.lora_stages)]
-            if config.model.lora_rank and lora_stages and deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
-                raise UsageError("model.lora_rank: LoRA adapters train under ZeRO stages 0-2 (the frozen base weights "
-                                 "are held whole on every rank, the adapters' optimizer states are sharded); set "
-                                 "runtime.deepspeed.zero_optimization.stage to 2 or below")
+            distributed.validate_deepspeed_config(distributed.load_deepspeed_config(config.runtime.deepspeed))
         distributed.check_world({stage: getattr(config, stage) for stage in config.stages
                                  if stage in TRAINING_STAGES}, world_size)
     except distributed.DistributedError as error:

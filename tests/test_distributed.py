@@ -379,13 +379,15 @@ def test_zero3_dpo_with_the_reference_scored_once(single_process_run, tmp_path):
 
 
 @deepspeed_installed
-def test_lora_under_zero2_matches_one_process_and_resumes_identically(tmp_path):
-    """LoRA adapters under ZeRO-2 (the DPO and RTO references are the policy with its adapters off): two ranks end
-    where one process ends; the engine checkpoints hold the adapters only, and a run resumed from iteration 2 ends
-    bitwise where the uninterrupted 2-rank run ends."""
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lora_under_zero_matches_one_process_and_resumes_identically(tmp_path, zero_stage):
+    """LoRA adapters under ZeRO-2 and ZeRO-3 (the DPO and RTO references are the policy with its adapters off; under
+    ZeRO-3 the base weights load straight into partitions and the adapters are partitioned by the engine): two ranks
+    end where one process ends; the engine checkpoints hold the adapters only, and a run resumed from iteration 2
+    ends bitwise where the uninterrupted 2-rank run ends."""
     extra = ["model.lora_rank=4", "stages=[sft,dpo,rto]", "rl.iterations=4", "runtime.checkpoint_every=2",
              "runtime.keep_last=3"]
-    zero2 = "runtime.deepspeed={zero_optimization: {stage: 2}}"
+    zero2 = f"runtime.deepspeed={{zero_optimization: {{stage: {zero_stage}}}}}"
     plain, full = tmp_path / "plain", tmp_path / "full"
     _run(plain, *extra)
     _run(full, zero2, *extra, processes=2)

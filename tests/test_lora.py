@@ -214,13 +214,6 @@ def test_bad_lora_settings_name_the_key(override, message):
         load_config(None, ["model.lora_rank=4", override])
 
 
-def test_zero3_is_refused_before_any_process_group(tmp_path, capsys):
-    overrides = ["stages=[sft]", "runtime.deepspeed={zero_optimization: {stage: 3}}"]
-    assert main([*BASE, f"runtime.output_dir={tmp_path}", *overrides]) == 2
-    error = capsys.readouterr().err
-    assert "model.lora_rank" in error and "stage to 2 or below" in error
-
-
 def test_missing_peft_is_a_config_error_naming_the_extra(monkeypatch):
     monkeypatch.setattr(lora, "peft_available", lambda: False)
     with pytest.raises(ConfigError, match=r"rto_fast\[lora\]"):
