@@ -9,7 +9,9 @@ Usage:
     model = load_causal_lm(str(latest / "model"))                           # the weights: from_pretrained
 
 Layout of one checkpoint `step-00000010/`:
-    model/              save_pretrained (safetensors) + tokenizer: loads with from_pretrained
+    model/              save_pretrained (safetensors) + tokenizer: loads with from_pretrained; with LoRA
+                        (model.lora_rank) the adapters only, in PEFT's format (rto_fast.lora), which load as a
+                        model path too (their base with them merged)
     optimizer.pt        optimizer.state_dict()
     scheduler.pt        scheduler.state_dict()
     rng.pt              torch (CPU and CUDA), python `random` and numpy generator states
