@@ -608,11 +608,10 @@ def _validate_lora(config: Config) -> None:
         return
     if not model.lora_target_modules.replace(",", "").strip():
         raise ConfigError("model.lora_target_modules: name at least one module, or all-linear")
-    from .lora import peft_available
+    from .lora import PEFT_MISSING, peft_available
 
     if not peft_available():
-        raise ConfigError("model.lora_rank > 0 trains LoRA adapters, which needs peft: pip install 'rto_fast[lora]' "
-                          "(or pip install peft)")
+        raise ConfigError(f"model.lora_rank > 0: {PEFT_MISSING}")
 
 
 def _positive(key, value, allow_zero=False):

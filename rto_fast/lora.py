@@ -70,10 +70,12 @@ def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
+PEFT_MISSING = "LoRA adapters need peft: pip install 'rto_fast[lora]' (or pip install peft)"
+
+
 def _require_peft() -> None:
     if not peft_available():
-        raise ImportError("model.lora_rank > 0 trains LoRA adapters, which needs peft: pip install 'rto_fast[lora]' "
-                          "(or pip install peft)")
+        raise ImportError(f"model.lora_rank > 0: {PEFT_MISSING}")
 
 
 def _adapter_host(model: nn.Module) -> nn.Module:
@@ -131,12 +133,17 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights, named as PEFT's files name them (`base_model.model.<module>.lora_A.weight`)."""
+def _adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' own tensors, named relative to the module they live in (no copies)."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(_adapter_host(model), adapter_name=ADAPTER_NAME)
-    return {PEFT_PREFIX + key: value.detach().contiguous().cpu() for key, value in state.items()}
+    return get_peft_model_state_dict(_adapter_host(model), adapter_name=ADAPTER_NAME)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights on the host, named as PEFT's files name them
+    (`base_model.model.<module>.lora_A.weight`)."""
+    return {PEFT_PREFIX + key: value.detach().contiguous().cpu() for key, value in _adapter_weights(model).items()}
 
 
 def save_adapters(model: nn.Module, folder: str | Path) -> None:
@@ -170,7 +177,7 @@ def load_adapters(model: nn.Module, folder: str | Path) -> None:
     check_checkpoint(folder, _adapter_host(model).rto_fast_lora)
     weights = folder / ADAPTER_WEIGHTS
     state = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(str(weights)).items()}
-    expected = {key.removeprefix(PEFT_PREFIX) for key in adapter_state_dict(model)}
+    expected = set(_adapter_weights(model))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"model.lora_target_modules: the adapters in {folder} do not match this run's (missing "
@@ -201,15 +208,14 @@ def check_checkpoint(folder: str | Path, settings: LoraSettings | None) -> None:
         raise ConfigError(f"model.lora_rank: {folder} holds no LoRA adapters ({ADAPTER_WEIGHTS}): it was trained "
                           "with model.lora_rank 0; resume it with model.lora_rank: 0")
     saved = json.loads(saved_file.read_text(encoding="utf-8"))
-    targets = settings.targets()
-    saved_targets = saved.get("target_modules")
-    for name, was, now in (("lora_rank", saved.get("r"), settings.rank),
-                           ("lora_alpha", saved.get("lora_alpha"), settings.alpha),
-                           ("lora_target_modules", saved_targets if isinstance(saved_targets, str)
-                            else sorted(saved_targets or []), targets if isinstance(targets, str)
-                            else sorted(targets))):
-        same = float(was) == float(now) if name != "lora_target_modules" else was == now
-        if not same:
+
+    def targets(value):  # "all-linear", or the module names in any order
+        return value if isinstance(value, str) else sorted(value or [])
+
+    for name, was, now in (("lora_rank", int(saved.get("r", 0)), settings.rank),
+                           ("lora_alpha", float(saved.get("lora_alpha", 0)), settings.alpha),
+                           ("lora_target_modules", targets(saved.get("target_modules")), targets(settings.targets()))):
+        if was != now:
             raise ConfigError(f"model.{name}: {folder} was trained with {was!r}, this run has {now!r}; resume "
                               "with the settings it was trained with")
 

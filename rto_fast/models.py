@@ -178,10 +178,10 @@ def adapter_base(path: str) -> str | None:
     local = Path(path).expanduser()
     if not (local / "adapter_config.json").is_file() or (local / "config.json").is_file():
         return None
-    from .lora import peft_available
+    from .lora import PEFT_MISSING, peft_available
 
     if not peft_available():
-        raise ValueError(f"model folder {path!r} holds PEFT adapters, which need peft: pip install 'rto_fast[lora]'")
+        raise ValueError(f"model folder {path!r} holds PEFT adapters: {PEFT_MISSING}")
     base = json.loads((local / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base or base == TINY:
         raise ValueError(f"model folder {path!r} holds PEFT adapters whose adapter_config.json names no base model "
@@ -209,13 +209,16 @@ def check_attention_interface(config, name: str) -> None:
                          "Llama, Qwen, Mistral, Gemma, GPT-NeoX, GPT-2, OPT and Phi")
 
 
-def _check_source_and_interface(path: str) -> None:
+def _check_source_and_interface(path: str) -> str | None:
+    """Check `path` as a model source; returns the base model when it is a folder of PEFT adapters (`adapter_base`)."""
     check_model_source(path)  # a local folder's attention interface is checked there
-    path = adapter_base(path) or path
-    if not Path(path).expanduser().exists():
+    base = adapter_base(path)
+    model_path = base or path
+    if not Path(model_path).expanduser().exists():
         from transformers import AutoConfig
 
-        check_attention_interface(AutoConfig.from_pretrained(path), path)
+        check_attention_interface(AutoConfig.from_pretrained(model_path), model_path)
+    return base
 
 
 def _attention_implementation() -> str:
@@ -274,11 +277,10 @@ def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool, ke
 
 
 def trainable_copy(model: nn.Module, device: torch.device, gradient_checkpointing: bool = False,
-                   keep_dropout: bool = False, lora=None) -> nn.Module:
+                   keep_dropout: bool = False) -> nn.Module:
     """A trained model that starts as a copy of a frozen one (pi_0 = pi_ref with the random tiny weights), prepared as
-    a loaded trained model is."""
-    return _prepare(copy.deepcopy(model).requires_grad_(True).to(device), gradient_checkpointing, True, keep_dropout,
-                    lora)
+    a loaded trained model is. (With LoRA no copy is made: the reference is the policy with its adapters off.)"""
+    return _prepare(copy.deepcopy(model).requires_grad_(True).to(device), gradient_checkpointing, True, keep_dropout)
 
 
 def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", gradient_checkpointing: bool = False,
@@ -298,8 +300,7 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
         config = tiny_model_config(vocab_size)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
-        _check_source_and_interface(path_or_tiny)
-        base = adapter_base(path_or_tiny)
+        base = _check_source_and_interface(path_or_tiny)
         model = AutoModelForCausalLM.from_pretrained(base or path_or_tiny, dtype=dtype, attn_implementation=attn)
         if base is not None:
             model = _merge_adapters_from(model, path_or_tiny)
@@ -377,8 +378,7 @@ class ValueHeadModel(nn.Module):
         if path_or_tiny == TINY:
             backbone = AutoModel.from_config(tiny_model_config(vocab_size), dtype=dtype, attn_implementation=attn)
         else:
-            _check_source_and_interface(path_or_tiny)
-            base = adapter_base(path_or_tiny)
+            base = _check_source_and_interface(path_or_tiny)
             backbone = _load_backbone(AutoModel, base or path_or_tiny, dtype, attn)
             if base is not None:
                 backbone = _merge_adapters_from(backbone, path_or_tiny)
