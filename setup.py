@@ -1,8 +1,8 @@
 """Build and install rto_fast: `pip install .` or `pip install -e .` (add `[test]` / `[bench]` for the extras).
 
-The package is `rto_fast/`; the Triton kernels in `kernels/` install as the subpackage `rto_fast.kernels` (never as
-a top-level `kernels`, which would shadow the Hub package transformers imports); `csrc/*.cpp` builds with pybind11
-into `rto_fast._C`. A failed C++ build fails the install: there is no silent fallback.
+The package is `rto_fast/`, its Triton kernels in `rto_fast/kernels/` (never a top-level `kernels`, which would
+shadow the Hub package transformers imports); `csrc/*.cpp` builds with pybind11 into `rto_fast._C`. A failed C++
+build fails the install: there is no silent fallback.
 """
 
 import sys
@@ -24,8 +24,6 @@ extensions = [
     )
 ]
 
-packages = find_packages(include=["rto_fast", "rto_fast.*"]) + ["rto_fast.kernels"]
-
 setup(
     name="rto_fast",
     version="0.1.0",
@@ -33,8 +31,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=packages,
-    package_dir={"rto_fast": "rto_fast", "rto_fast.kernels": "kernels"},
+    packages=find_packages(include=["rto_fast", "rto_fast.*"]),
     package_data={"rto_fast": ["assets/tokenizer/*"]},
     ext_modules=extensions,
     cmdclass={"build_ext": build_ext},

@@ -4,8 +4,8 @@ fastest.
     python bench/tune_logprobs.py                    # CUDA: the shapes below, bf16
     TRITON_INTERPRET=1 python bench/tune_logprobs.py --smoke   # CPU: a tiny shape through the interpreter
 
-The defaults (kernels/logprobs.py: 4096-column blocks, 8 warps, a vocabulary split only when rows are fewer than
-2 programs per SM, no prefetch; kernels/rewards.py: 4096-column blocks, 8 warps) were set on the first H200 run.
+The defaults (rto_fast/kernels/logprobs.py: 4096-column blocks, 8 warps, a vocabulary split only when rows are fewer than
+2 programs per SM, no prefetch; rto_fast/kernels/rewards.py: 4096-column blocks, 8 warps) were set on the first H200 run.
 That run read 16384 x 151936 logits at 71% of copy bandwidth but 4096 x 128256 at 31%, though every row is a program
 either way; scoring micro-batches hold a few thousand response tokens, so the small-row case is the one the trainer
 meets (4096 x 50304, the RL benchmark's shape, comes first, with the training forward's entropy too). Prefetch

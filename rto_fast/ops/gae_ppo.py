@@ -37,7 +37,7 @@ STAT_NAMES = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")
 AGGREGATIONS = reference.AGGREGATIONS
 WHITEN_EPS = 1e-8  # reference.masked_whiten's eps
 
-# Aggregation weight layouts (the same numbering as kernels/gae_ppo.py, which is imported lazily).
+# Aggregation weight layouts (the same numbering as rto_fast/kernels/gae_ppo.py, which is imported lazily).
 _WEIGHT_SCALAR, _WEIGHT_PER_ROW, _WEIGHT_PER_TOKEN = 0, 1, 2
 
 

@@ -138,7 +138,7 @@ def _forward_torch(logits, labels, temperature, ignore_index, return_entropy, ne
     """(logprobs float32, row_stats (N, 2), entropy float32 or None) for logits (N, V), labels (N,).
 
     row_stats = (m, log s): the row max of z = logits / temperature and log sum exp(z - m), what backward needs
-    (kernels/logprobs.py says why not lse). They cost two extra max passes over each cached chunk; without
+    (rto_fast/kernels/logprobs.py says why not lse). They cost two extra max passes over each cached chunk; without
     `need_stats` they are zeros. Float32 / bfloat16 CPU logits go to the C++ row kernels instead (csrc/logprobs.cpp).
     """
     if _native_cpu(logits):
@@ -224,7 +224,7 @@ def _backward_torch(logits, labels, row_stats, entropy, grad_logprobs, grad_entr
         # log_p (z - m so far) holds everything needed from the logits chunk, so `out` may overwrite it now
         # (in-place backward).
         p = torch.exp(log_p, out=out[start:stop] if direct else p_buffer[:count]).mul_(inverse_sum[start:stop])
-        log_p.sub_(log_sum[start:stop])  # (z - m) - log s: see kernels/logprobs.py
+        log_p.sub_(log_sum[start:stop])  # (z - m) - log s: see rto_fast/kernels/logprobs.py
         if g_h is not None:
             # grad = -p * (g_lp + g_h * (log p + H)) + g_lp * onehot (log p clamped where p = 0, as in the forward)
             factor = log_p.clamp_(min=_LOG_P_FLOOR[dtype]).add_(entropy[start:stop]).mul_(g_h[start:stop])
