@@ -24,11 +24,17 @@ from typing import Any, Union
 
 import yaml
 
-# Stages a config may list, in pipeline order: the training stages, the RL stages (one per mode, all reading the
-# `rl` section, each writing its own model), then evaluation.
+from .tasks import TASKS, prompt_task
+
+# Stages a config may list, in pipeline order: SFT, `pairs` (preference pairs sampled from the SFT model and labelled
+# by a bundled task's r*), DPO and RM, the RL stages (one per mode, all reading the `rl` section, each writing its
+# own model), then evaluation.
 TRAINING_STAGES = ("sft", "dpo", "rm")
 RL_MODES = ("rto", "ppo", "dppo")
-STAGES = (*TRAINING_STAGES, *RL_MODES, "eval")
+STAGES = ("sft", "pairs", "dpo", "rm", *RL_MODES, "eval")
+# The oracle rewards of rl.true_reward (bundled tasks only): r* per token in place of the DPO token reward (rto), or
+# r* of the response in place of the reward model's score (ppo).
+TRUE_REWARD_MODES = {"dense": "rto", "sparse": "ppo"}
 # The KL coefficient the paper used per mode (Table 5, Pythia-2.8B on HH-RLHF) when rl.kl_coef is null.
 PAPER_KL_COEF = {"rto": 0.03, "ppo": 0.05, "dppo": 0.05}
 DATA_FORMATS = ("hh-rlhf", "preference", "prompt")
@@ -112,8 +118,9 @@ class ModelConfig:
 class DataConfig:
     """Data: source, format, splits, lengths."""
 
-    source: str = option("synthetic", "Hub dataset name, local .jsonl/.json/.parquet/.csv file, or 'synthetic' "
-                                      "(the bundled synthetic preference task)")
+    source: str = option("synthetic", "Hub dataset name, local .jsonl/.json/.parquet/.csv file, or a bundled task "
+                                      "with a known reward: 'synthetic' (short letter responses) or 'credit' "
+                                      "(24-token responses, rto_fast.tasks.credit)")
     format: str = option("preference", "hh-rlhf: chosen/rejected transcripts; preference: prompt/chosen/rejected "
                                        "columns (strings or chat messages); prompt: prompts only", DATA_FORMATS)
     data_dir: str | None = option(None, "subfolder of a Hub dataset (load_dataset's data_dir), e.g. helpful-base of "
@@ -207,7 +214,7 @@ class RLConfig:
                                               "transformers compile the decode step on CUDA)", ("dynamic", "static"))
     ban_eos: bool = option(False, "never sample eos: every response has max_new_tokens tokens (for benchmarks)")
     prompts: str | None = option(None, "prompt-only data for RL (any data.source form, format 'prompt'); null: the "
-                                       "prompts of data.source ('synthetic': its fresh prompt split)")
+                                       "prompts of data.source (a bundled task: its fresh prompt split)")
     # token rewards
     kl_coef: float | None = option(None, "KL coefficient (beta2; beta for ppo); null: the paper's value per mode "
                                          "(rto 0.03, ppo and dppo 0.05)")
@@ -218,6 +225,10 @@ class RLConfig:
                                              "and dppo no (the paper's beta3 = 0)")
     score_coef: float = option(1.0, "beta3: scale of the reward-model score (when reward_model is on)")
     score_clip: float | None = option(10.0, "clip of the reward-model score to [-c, c]; null: none")
+    true_reward: str | None = option(None, "oracle rewards on a bundled task (known r*), for bounds: dense: stage rto "
+                                           "with r* per token in place of the DPO token reward; sparse: stage ppo "
+                                           "with r* of the response in place of the reward model's score at the "
+                                           "last token; null: off", (None, "dense", "sparse"))
     missing_eos_penalty: float | None = option(None, "subtracted at the last token of a response cut at "
                                                      "max_new_tokens (no eos); null: none")
     adaptive_kl: bool = option(False, "adapt kl_coef towards kl_target (proportional controller)")
@@ -264,6 +275,19 @@ class RLConfig:
 
 
 @dataclass
+class PairsConfig:
+    """Preference pairs sampled from the SFT model and labelled by a bundled task's true reward (Bradley-Terry), as
+    real pipelines label samples of their SFT model; the dpo and rm stages after it train on them."""
+
+    temperature: float = option(1.0, "sampling temperature of the two responses per prompt")
+    label_temperature: float = option(1.0, "Bradley-Terry temperature: P(first preferred) = sigmoid((r*_1 - r*_2) "
+                                           "/ label_temperature)")
+    max_rounds: int = option(4, "a prompt whose two responses tie in r* is sampled again, at most this many times "
+                                "in all (then it gives no pair)")
+    batch_size: int = option(256, "prompts per decode batch")
+
+
+@dataclass
 class EvalConfig:
     """Evaluation: win rates between models on the same test prompts (paper Table 1 protocol)."""
 
@@ -271,8 +295,8 @@ class EvalConfig:
                                     "folders; names whose stage did not run are skipped",
                                factory=lambda: ["sft", "dpo", "rto", "ppo", "dppo"])
     judge: str = option("auto", "who scores responses: rm (the reward model), dpo (the implicit reward beta * "
-                                "sum log(pi_dpo / pi_ref)), truth (the synthetic task's ground truth), or auto (rm "
-                                "when one exists, else dpo, else truth on the synthetic task)",
+                                "sum log(pi_dpo / pi_ref)), truth (a bundled task's true reward r*), or auto (rm "
+                                "when one exists, else dpo, else truth on a bundled task)",
                         ("auto", "rm", "dpo", "truth"))
     num_prompts: int = option(256, "test prompts (at most; the test split's size caps it)")
     temperature: float = option(0.9, "sampling temperature")
@@ -327,6 +351,7 @@ class Config:
     sft: SFTConfig = option(factory=SFTConfig, help="sft stage")
     dpo: DPOConfig = option(factory=DPOConfig, help="dpo stage")
     rm: RMConfig = option(factory=RMConfig, help="rm stage")
+    pairs: PairsConfig = option(factory=PairsConfig, help="pairs stage")
     rl: RLConfig = option(factory=RLConfig, help="rl stages (rto, ppo, dppo)")
     eval: EvalConfig = option(factory=EvalConfig, help="eval stage")
     runtime: RuntimeConfig = option(factory=RuntimeConfig, help="runtime")
@@ -533,7 +558,7 @@ def _validate(config: Config) -> Config:
         raise ConfigError(f"stages: must follow the pipeline order {list(STAGES)} (each stage reads earlier ones' "
                           f"models): list them as {pipeline_order}")
 
-    for name in ("model", "data", "runtime", "rl", "eval", *TRAINING_STAGES):
+    for name in ("model", "data", "runtime", "pairs", "rl", "eval", *TRAINING_STAGES):
         check_choices(getattr(config, name), f"{name}.")
 
     data = config.data
@@ -571,6 +596,7 @@ def _validate(config: Config) -> Config:
                                   f"data.max_response_length = {longest}: the longest sequence would not fit")
     if "dpo" in config.stages:
         _positive("dpo.beta", config.dpo.beta)
+    _validate_pairs(config)
     _validate_rl(config, longest)
     _validate_eval(config)
     _validate_lora(config)
@@ -621,6 +647,15 @@ def _positive(key, value, allow_zero=False):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _validate_pairs(config: Config) -> None:
+    pairs = config.pairs
+    for name in ("temperature", "label_temperature", "max_rounds", "batch_size"):
+        _positive(f"pairs.{name}", getattr(pairs, name))
+    if "pairs" in config.stages and config.data.source not in TASKS:
+        raise ConfigError(f"stages: 'pairs' labels samples with a bundled task's true reward: data.source must be one "
+                          f"of {', '.join(TASKS)}, got {config.data.source!r}")
+
+
 def _validate_rl(config: Config, longest: int) -> None:
     rl = config.rl
     for name in ("rollout_batch_size", "samples_per_prompt", "iterations", "epochs", "max_new_tokens",
@@ -650,8 +685,20 @@ def _validate_rl(config: Config, longest: int) -> None:
     if rl.generation_cache == "static" and rl.generation_engine != "transformers":
         raise ConfigError("rl.generation_cache: static is transformers' static cache: set rl.generation_engine: "
                           "transformers too (the rto_fast engine always preallocates its cache)")
-    if rl.reward_model is False and "ppo" in config.stages:
+    if rl.reward_model is False and "ppo" in config.stages and rl.true_reward != "sparse":
         raise ConfigError("rl.reward_model: false, but stage 'ppo' needs the reward model's score")
+    if rl.true_reward is not None:
+        if prompt_task(config) is None:
+            raise ConfigError(f"rl.true_reward: {rl.true_reward} needs a bundled task as data.source "
+                              f"({', '.join(TASKS)}) and rl.prompts null: only there is r* known")
+        mode = TRUE_REWARD_MODES[rl.true_reward]
+        others = [stage for stage in config.stages if stage in RL_MODES and stage != mode]
+        if others:
+            raise ConfigError(f"rl.true_reward: {rl.true_reward} replaces the reward of stage {mode}; it does not "
+                              f"apply to {', '.join(others)}: run those in another config")
+        if rl.true_reward == "sparse" and rl.reward_model:
+            raise ConfigError("rl.true_reward: sparse puts r* where the reward model's score goes: set "
+                              "rl.reward_model null or false")
 
 
 def _validate_eval(config: Config) -> None:
@@ -667,9 +714,9 @@ def _validate_eval(config: Config) -> None:
     _positive("eval.temperature", settings.temperature, allow_zero=True)
     if not 0.0 < settings.top_p <= 1.0:
         raise ConfigError(f"eval.top_p: must be in (0, 1], got {settings.top_p!r}")
-    synthetic = config.data.source == "synthetic" and config.rl.prompts in (None, "synthetic")
-    if settings.judge == "truth" and not synthetic:
-        raise ConfigError("eval.judge: 'truth' needs data.source synthetic (the only task with a known reward)")
+    if settings.judge == "truth" and prompt_task(config) is None:
+        raise ConfigError(f"eval.judge: 'truth' needs a bundled task as data.source ({', '.join(TASKS)}: the only "
+                          "data with a known reward) and rl.prompts null")
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -720,7 +767,8 @@ def config_help() -> str:
             text = f"  {prefix}{item.name} ({_type_name(annotation)}, default {default_text}): {item.metadata['help']}"
             choices = item.metadata.get("choices")
             if choices:
-                text += f" [one of: {', '.join(choices)}]"
+                names = ["null" if choice is None else str(choice) for choice in choices]
+                text += f" [one of: {', '.join(names)}]"
             lines.append(text)
 
     describe(Config, "")

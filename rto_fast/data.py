@@ -9,7 +9,8 @@ Usage:
     prompts, test_prompts = load_prompt_splits(config.data, tokenizer)   # PromptExample(prompt_ids, prompt, row)
 
 Sources (`data.source`):
-- `synthetic`: the bundled task of `rto_fast.synthetic`, written as jsonl under `cache_dir` (any format).
+- a bundled task (`rto_fast.tasks`): `synthetic` (the letters task, any format) or `credit` (the long-horizon credit
+  task, formats preference and prompt), written as jsonl under `cache_dir`.
 - a local file ending .jsonl, .json, .parquet or .csv: its rows are the training split;
 - a local folder: split files found by `datasets`' naming rules (`train.jsonl`, `test.parquet`,
   `data/train-00000-of-00001.parquet`, ...);
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .packing import TokenizedSequence
+from .tasks import TASKS, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 # Share of the training rows carved out as the test split when the source has none.
 DEFAULT_TEST_FRACTION = 0.05
-# The synthetic task is the same task in every run: its seed is fixed, runtime.seed only orders the data.
+# A bundled task is the same task in every run: its seed is fixed, runtime.seed only orders the data.
 SYNTHETIC_SEED = 0
 SYNTHETIC_NUM_TRAIN = 2048
 SYNTHETIC_NUM_TEST = 256
@@ -133,18 +135,20 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _resolve_source(data_cfg, data_format: str, cache_dir: str | os.PathLike | None, write: bool) -> _Source:
-    """Where the rows come from. `write`: materialise the synthetic task (loading); validation only checks."""
+    """Where the rows come from. `write`: materialise a bundled task (loading); validation only checks."""
     source = data_cfg.source
-    if source == SYNTHETIC:
-        from . import synthetic
-
-        folder = _synthetic_folder(cache_dir)
+    task = get_task(source)
+    if task is not None:
+        folder = _task_folder(task.name, cache_dir)
+        if data_format not in task.format_folders:
+            raise DataError(f"data.format {data_format!r}: the bundled task {source!r} is written in the formats "
+                            f"{', '.join(task.format_folders)}")
         if write:
-            synthetic.write_synthetic_task(folder, seed=SYNTHETIC_SEED, num_train=SYNTHETIC_NUM_TRAIN,
-                                           num_test=SYNTHETIC_NUM_TEST)
-        return _Source("folder", str(folder / synthetic.FORMAT_FOLDERS[data_format]), SYNTHETIC)
+            task.write_task(folder, seed=SYNTHETIC_SEED, num_train=SYNTHETIC_NUM_TRAIN, num_test=SYNTHETIC_NUM_TEST)
+        return _Source("folder", str(folder / task.format_folders[data_format]), source)
     if not source or not source.strip():
-        raise DataError("data.source is empty: give a Hub dataset name, a local file or folder, or 'synthetic'")
+        raise DataError("data.source is empty: give a Hub dataset name, a local file or folder, or a bundled task "
+                        f"({', '.join(TASKS)})")
     path = Path(source).expanduser()
     if path.is_dir():
         return _Source("folder", str(path), source)
@@ -158,9 +162,9 @@ def _resolve_source(data_cfg, data_format: str, cache_dir: str | os.PathLike | N
     return _Source("hub", source, source, getattr(data_cfg, "data_dir", None))
 
 
-def _synthetic_folder(cache_dir) -> Path:
+def _task_folder(name: str, cache_dir) -> Path:
     base = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "rto_fast-data"
-    return base / f"synthetic-seed{SYNTHETIC_SEED}-{SYNTHETIC_NUM_TRAIN}-{SYNTHETIC_NUM_TEST}"
+    return base / f"{name}-seed{SYNTHETIC_SEED}-{SYNTHETIC_NUM_TRAIN}-{SYNTHETIC_NUM_TEST}"
 
 
 @contextlib.contextmanager
@@ -252,8 +256,12 @@ def validate_dataset_source(data_cfg, needed_format: str | None = None) -> None:
     split and the columns `needed_format` (default: `data_cfg.format`) reads. Raises DataError (one line)."""
     data_format = needed_format or data_cfg.format
     _required_columns(data_cfg, data_format)  # an unknown format is an error here too
-    if data_cfg.source == SYNTHETIC:
-        return  # written by the package itself, every format has its files
+    task = get_task(data_cfg.source)
+    if task is not None:  # written by the package itself
+        if data_format not in task.format_folders:
+            raise DataError(f"data.format {data_format!r}: the bundled task {data_cfg.source!r} is written in the "
+                            f"formats {', '.join(task.format_folders)}")
+        return
     source = _resolve_source(data_cfg, data_format, None, write=False)
     split = data_cfg.train_split
     names = _split_names(source, split)

@@ -16,7 +16,7 @@ numbers (common random numbers): identical models give identical responses (a ti
 models mostly differ where their distributions do, which lowers the variance of a win rate. A judge scores each response:
 - `rm`: the reward model's output at the response's last token (its eos when it has one);
 - `dpo`: the DPO implicit reward beta * sum_h log(pi_dpo(y_h | x, y_<h) / pi_ref(y_h | x, y_<h)) (`dpo.beta`);
-- `truth`: the synthetic task's ground-truth reward r* (only when the prompts are the synthetic task's);
+- `truth`: a bundled task's true reward r* (only when the prompts are the task's; `rto_fast.tasks`);
 - `auto`: rm when a reward model exists, else dpo when the DPO model and its reference exist, else truth.
 The win rate of A against B is the mean over prompts of [s_A > s_B] + 0.5 [s_A == s_B], so W[A, B] + W[B, A] = 1.
 Every judge that exists scores every response, so the per-model table also shows the other judges' means.
@@ -53,6 +53,7 @@ from .models import TINY, ValueHeadModel, load_causal_lm
 from .packing import build_micro_batches
 from .scoring import response_sequence, sequence_judge_scores
 from .stages import RunContext, _autocast, split_even, stage_output
+from .tasks import Task, prompt_task, true_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,15 @@ METRIC_NAMES = {"rm": "rm_score", "dpo": "dpo_reward", "truth": "true_reward", "
 
 @dataclass
 class Judges:
-    """The models that score responses; any may be missing. `beta` scales the DPO implicit reward; `synthetic`: the
-    prompts are the synthetic task's, so its true reward r* is known; `fused_output_layer`: the DPO reward's
+    """The models that score responses; any may be missing. `beta` scales the DPO implicit reward; `task`: the
+    bundled task whose prompts these are, so its true reward r* is known; `fused_output_layer`: the DPO reward's
     log-probs come from the output layer's input (`model.fused_output_layer`)."""
 
     reward_model: ValueHeadModel | None = None
     dpo_model: torch.nn.Module | None = None
     ref_model: torch.nn.Module | None = None
     beta: float = 0.1
-    synthetic: bool = False
+    task: Task | None = None
     fused_output_layer: bool = False
 
     def available(self) -> list[str]:
@@ -91,7 +92,7 @@ class Judges:
             names.append("rm")
         if self.dpo_model is not None and self.ref_model is not None:
             names.append("dpo")
-        if self.synthetic:
+        if self.task is not None:
             names.append("truth")
         return names
 
@@ -102,12 +103,6 @@ class Judges:
         return torch.device("cpu")
 
 
-def is_synthetic(context: RunContext) -> bool:
-    """The test prompts come from the synthetic task (whose true reward is known)."""
-    config = context.config
-    return config.data.source == "synthetic" and config.rl.prompts in (None, "synthetic")
-
-
 def judge_paths(context: RunContext) -> dict[str, Path | None]:
     """Where the judge models would come from: reward model, DPO model and its reference (None: there is none).
     The reference is `model.ref_path`, else the SFT model, the one DPO trained against."""
@@ -116,17 +111,17 @@ def judge_paths(context: RunContext) -> dict[str, Path | None]:
             "ref": Path(ref) if ref else stage_output("sft", context)}
 
 
-def choose_judge(requested: str, paths: dict[str, Path | None], synthetic: bool) -> str:
+def choose_judge(requested: str, paths: dict[str, Path | None], known_reward: bool) -> str:
     """The judge `eval.judge` names, checked to be available; `auto` picks rm, else dpo, else true."""
     has = {"rm": paths["rm"] is not None, "dpo": paths["dpo"] is not None and paths["ref"] is not None,
-           "truth": synthetic}
+           "truth": known_reward}
     if requested == "auto":
         for name in JUDGES:
             if has[name]:
                 return name
         raise ValueError("eval.judge: auto found no judge: there is no reward model (rm stage or model.reward_path), "
                          "no DPO model with its reference (dpo stage or model.dpo_path, and the sft stage or "
-                         "model.ref_path), and the data is not the synthetic task")
+                         "model.ref_path), and the data is no bundled task with a known reward")
     if requested not in has:
         raise ValueError(f"eval.judge: unknown judge {requested!r}; use one of auto, {', '.join(JUDGES)}")
     if not has[requested]:
@@ -134,7 +129,8 @@ def choose_judge(requested: str, paths: dict[str, Path | None], synthetic: bool)
             "rm": "there is no reward model: list the rm stage or set model.reward_path",
             "dpo": ("there is no DPO model: list the dpo stage or set model.dpo_path" if paths["dpo"] is None else
                     "there is no reference model for the DPO reward: list the sft stage or set model.ref_path"),
-            "truth": "the true reward is known only for the synthetic task (data.source synthetic, rl.prompts null)",
+            "truth": "the true reward is known only for a bundled task (data.source synthetic or credit, rl.prompts "
+                     "null)",
         }
         raise ValueError(f"eval.judge: {requested}, but {reasons[requested]}")
     return requested
@@ -164,7 +160,7 @@ def load_judges(context: RunContext) -> Judges:
             dpo_model = load(paths["dpo"], load_causal_lm, "DPO model")
             ref_model = load(paths["ref"], load_causal_lm, "reference")
     judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model, beta=config.dpo.beta,
-                    synthetic=is_synthetic(context), fused_output_layer=config.model.fused_output_layer)
+                    task=prompt_task(config), fused_output_layer=config.model.fused_output_layer)
     logger.info("eval: judges %s (reward model %s, DPO model %s, reference %s)",
                 ", ".join(judges.available()) or "none", paths["rm"], paths["dpo"], paths["ref"])
     return judges
@@ -179,7 +175,7 @@ def response_text(rollout: Rollout, tokenizer) -> str:
 def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], tokenizer,
                    micro_batch_tokens: int, dist=None) -> dict[str, np.ndarray]:
     """Per response (float64 arrays in the order of `rollouts`): 'rm' (reward model at the last token), 'dpo'
-    (implicit DPO reward), 'truth' (synthetic r*), each when that judge exists, plus 'length' (response tokens, eos
+    (implicit DPO reward), 'truth' (a bundled task's r*), each when that judge exists, plus 'length' (response tokens, eos
     included) and 'finished' (1.0 when the response ends with eos). `prompts[i]` (a PromptExample) is the prompt
     of `rollouts[i]`; its text is what r* reads. `dist` (judges partitioned under ZeRO-3, whose forwards are
     collective): every rank runs as many micro-batches, a repeat of the last one where it has fewer (the repeat
@@ -207,12 +203,8 @@ def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], token
                                                beta=judges.beta, num_sequences=len(sequences),
                                                fused_output_layer=judges.fused_output_layer)
                 scores["dpo"] = values[:count].double().numpy()
-    if judges.synthetic:
-        from .synthetic import true_reward
-
-        scores["truth"] = np.asarray([true_reward(prompt.prompt, response_text(rollout, tokenizer),
-                                                 finished=rollout.finished)
-                                     for prompt, rollout in zip(prompts, rollouts)], dtype=np.float64)
+    if judges.task is not None:
+        scores["truth"] = true_rewards(judges.task, prompts, rollouts, tokenizer)
     scores["length"] = np.asarray([len(rollout.response_ids) for rollout in rollouts], dtype=np.float64)
     scores["finished"] = np.asarray([float(rollout.finished) for rollout in rollouts], dtype=np.float64)
     return scores
@@ -332,8 +324,7 @@ def run_eval(context: RunContext) -> Path:
     if not prompts:
         raise ValueError("eval: no test prompts: data.test_split names no usable split (or data.max_eval_samples "
                          "is 0)")
-    synthetic = is_synthetic(context)
-    judge = choose_judge(settings.judge, judge_paths(context), synthetic)
+    judge = choose_judge(settings.judge, judge_paths(context), prompt_task(config) is not None)
     sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens or config.data.max_response_length,
                                 temperature=settings.temperature, top_p=settings.top_p,
                                 batch_size=settings.batch_size, engine=settings.generation_engine,

@@ -24,10 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .tasks import credit as credit_task
+
 TINY = "tiny"
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 VALUE_HEAD_FILE = "value_head.safetensors"
+# Tokenizers of the bundled tasks, built in code (model.tokenizer names them).
+TASK_TOKENIZERS = {"credit": credit_task.build_tokenizer}
 
 # HH-RLHF-style turns, so that chat-message data and HH transcripts render alike. Assistant turns end with <eos>,
 # which makes the rendering of a prompt with add_generation_prompt=True a prefix of the rendering with the answer.
@@ -105,13 +109,16 @@ def make_byte_tokenizer(folder: str | os.PathLike) -> None:
 
 
 def build_tokenizer(path: str | os.PathLike | None = None):
-    """The tokenizer shipped in the package (path None or 'tiny'), else `AutoTokenizer.from_pretrained(path)`.
+    """The tokenizer shipped in the package (path None or 'tiny'), a bundled task's own ('credit'), else
+    `AutoTokenizer.from_pretrained(path)`.
 
     A tokenizer without a pad token gets its eos token as pad (packed batches never pad; generation needs one)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if path is None or str(path) == TINY:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    elif str(path) in TASK_TOKENIZERS:
+        tokenizer = TASK_TOKENIZERS[str(path)]()
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -121,12 +128,14 @@ def build_tokenizer(path: str | os.PathLike | None = None):
 
 # ----------------------------------------------------------------------------------------------------- models
 
-def tiny_model_config(vocab_size: int | None = None, **overrides):
-    """A small Llama-style config (hidden 64, 2 layers, 4 heads, 2 KV heads, MLP 128) sized to the shipped tokenizer."""
+def tiny_model_config(vocab_size: int | None = None, tokenizer=None, **overrides):
+    """A small Llama-style config (hidden 64, 2 layers, 4 heads, 2 KV heads, MLP 128) sized to `tokenizer` (its
+    vocabulary and special tokens; default: the shipped byte-level tokenizer)."""
     from transformers import LlamaConfig
 
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     if vocab_size is None:
-        vocab_size = len(build_tokenizer())
+        vocab_size = len(tokenizer)
     settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -137,9 +146,9 @@ def tiny_model_config(vocab_size: int | None = None, **overrides):
         max_position_embeddings=4096,
         rope_theta=10000.0,
         tie_word_embeddings=False,
-        pad_token_id=256,
-        bos_token_id=257,
-        eos_token_id=258,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     settings.update(overrides)
     return LlamaConfig(**settings)
@@ -284,10 +293,12 @@ def trainable_copy(model: nn.Module, device: torch.device, gradient_checkpointin
 
 
 def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", gradient_checkpointing: bool = False,
-                   trainable: bool = True, vocab_size: int | None = None, keep_dropout: bool = False, lora=None):
+                   trainable: bool = True, vocab_size: int | None = None, keep_dropout: bool = False, lora=None,
+                   tokenizer=None):
     """AutoModelForCausalLM for the policy, reference or DPO model.
 
-    `"tiny"` builds `tiny_model_config()` with random weights (seed the RNG first for reproducible weights);
+    `"tiny"` builds `tiny_model_config()` for `tokenizer` (default: the shipped one) with random weights (seed the
+    RNG first for reproducible weights);
     anything else goes to `from_pretrained`. Frozen models (`trainable=False`) are in eval mode with
     requires_grad False; trained ones have their dropout set to 0 unless `keep_dropout` (`disable_dropout`) and, given
     `lora` (`rto_fast.lora.LoraSettings`), train LoRA adapters only. The attention implementation is the one
@@ -297,7 +308,7 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
     dtype = torch_dtype(dtype)
     attn = _attention_implementation()
     if path_or_tiny == TINY:
-        config = tiny_model_config(vocab_size)
+        config = tiny_model_config(vocab_size, tokenizer)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
         base = _check_source_and_interface(path_or_tiny)
@@ -368,7 +379,8 @@ class ValueHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32",
                         gradient_checkpointing: bool = False, trainable: bool = True,
-                        vocab_size: int | None = None, keep_dropout: bool = False, lora=None) -> "ValueHeadModel":
+                        vocab_size: int | None = None, keep_dropout: bool = False, lora=None,
+                        tokenizer=None) -> "ValueHeadModel":
         """Backbone from a causal LM or value-head folder ('tiny': random tiny Llama); head from
         value_head.safetensors when the folder has one, else zeros."""
         from transformers import AutoModel
@@ -376,7 +388,8 @@ class ValueHeadModel(nn.Module):
         dtype = torch_dtype(dtype)
         attn = _attention_implementation()
         if path_or_tiny == TINY:
-            backbone = AutoModel.from_config(tiny_model_config(vocab_size), dtype=dtype, attn_implementation=attn)
+            backbone = AutoModel.from_config(tiny_model_config(vocab_size, tokenizer), dtype=dtype,
+                                             attn_implementation=attn)
         else:
             base = _check_source_and_interface(path_or_tiny)
             backbone = _load_backbone(AutoModel, base or path_or_tiny, dtype, attn)

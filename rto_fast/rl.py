@@ -32,7 +32,7 @@ Log-probs are always those of the models themselves (temperature 1): the ratio, 
 pi, pi_ref and pi_dpo; `rl.temperature` only shapes the sampling.
 
 Each iteration logs (metrics.jsonl, stage = the mode, step = iteration): the DPO implicit reward of the samples
-(`dpo_reward`, the paper's Figure 3 curve), the RM score, the true reward on the synthetic task, the mean token
+(`dpo_reward`, the paper's Figure 3 curve), the RM score, the true reward r* on a bundled task, the mean token
 reward and return, KL, entropy, response length, eos fraction, clip fractions, approx KL, value loss, explained
 variance, kl_coef, the time split (generate / score / train), tokens/s and prompts seen. Every `rl.eval_every`
 iterations (and at the end) the policy samples the first `rl.eval_prompts` test prompts with the eval stage's
@@ -67,7 +67,7 @@ from .lora import LoraSettings, SharedReference, check_checkpoint, frozen_view, 
 from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
 from .offload import HostResident, offload_saves_memory, on_device
 from .optim import NonFiniteSteps, adamw
-from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack
+from .packing import PackedBatch, build_micro_batches, first_fit_decreasing, pack, sequence_sums
 from .profiling import phase, profiled_step, reset_step_peak, step_peak_mb
 from .run_log import ProgressBar
 from .scoring import implicit_dpo_rewards, last_token_scores, packed_logprobs, packed_values, response_sequence
@@ -76,6 +76,7 @@ from .distributed import EngineTrainer
 from .stages import (CHECKPOINT_DIR, MODEL_DIR, STAGE_SEED_OFFSET, DataPlan, RunContext, _autocast,
                      lr_factor, resume_point, seed_everything, split_even, stage_init_path, stage_output)
 from .stopping import checkpoint_or_stop
+from .tasks import prompt_task, token_true_rewards, true_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -157,18 +158,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return 1.0 - float((returns.double() - values.double()).var()) / variance
 
 
-def synthetic_true_rewards(prompts: list, rollouts: list[Rollout], tokenizer) -> np.ndarray:
-    """r* of each response on the synthetic task (the response text excludes its eos token)."""
-    from .synthetic import true_reward
-
-    rewards = []
-    for prompt, rollout in zip(prompts, rollouts):
-        tokens = rollout.response_ids[:-1] if rollout.finished else rollout.response_ids
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        rewards.append(true_reward(prompt.prompt, text, finished=rollout.finished))
-    return np.asarray(rewards, dtype=np.float64)
-
-
 # ------------------------------------------------------------------------------------------------ KL controller
 
 class AdaptiveKLController:
@@ -197,7 +186,11 @@ class RLTrainer:
         self.device = context.device
         settings = self.settings
         self.kl_coef = settings.kl_coef if settings.kl_coef is not None else PAPER_KL_COEF[mode]
-        self.use_reward_model = settings.reward_model if settings.reward_model is not None else mode == "ppo"
+        # rl.true_reward (bundled tasks): r* per token in place of the DPO token reward (dense, mode rto), or r* of
+        # the response in place of the reward model's score (sparse, mode ppo): the oracle bounds.
+        self.true_reward = settings.true_reward
+        self.use_reward_model = (settings.reward_model if settings.reward_model is not None
+                                 else mode == "ppo" and self.true_reward != "sparse")
         self.tokenizer = context.tokenizer
         self.sampling = SamplingSettings(
             max_new_tokens=settings.max_new_tokens or self.config.data.max_response_length,
@@ -207,7 +200,7 @@ class RLTrainer:
             kv_cache=settings.generation_cache,
             # A static cache pays off only when shapes repeat: pad every batch's prompts to one width.
             prompt_width=self.config.data.max_prompt_length if settings.generation_cache == "static" else 0)
-        self.synthetic = self.config.data.source == "synthetic" and settings.prompts in (None, "synthetic")
+        self.task = prompt_task(self.config)  # a bundled task: its true reward r* is known
         self.dist = context.dist
         # Under DeepSpeed: the engines of policy and critic (self.policy / self.critic are then the engines, which
         # training passes go through; sampling and scoring use the bare models inside EngineTrainer.whole_model).
@@ -226,7 +219,7 @@ class RLTrainer:
         init = stage_init_path(self.mode, context)
         reward = stage_output("rm", context)
         dpo = stage_output("dpo", context)
-        if self.mode in ("rto", "dppo") and dpo is None:
+        if self.mode in ("rto", "dppo") and dpo is None and self.true_reward != "dense":
             raise ValueError(f"stage {self.mode} needs the DPO model: list the dpo stage before it or set "
                              "model.dpo_path")
         if self.use_reward_model and reward is None:
@@ -264,11 +257,11 @@ class RLTrainer:
         if share_reference:
             self.policy = self._load_trained(paths["policy"], settings.actor_lr, lambda: load_causal_lm(
                 paths["policy"], dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
-                keep_dropout=config.model.keep_dropout, lora=lora))
+                keep_dropout=config.model.keep_dropout, lora=lora, tokenizer=self.tokenizer))
             self.reference = SharedReference(self.policy)
         else:
             self.reference = self._load_frozen(paths["reference"], lambda path: load_causal_lm(
-                path, dtype=dtype, trainable=False), frozen_device)
+                path, dtype=dtype, trainable=False, tokenizer=self.tokenizer), frozen_device)
         self.dpo_model = (self._load_frozen(paths["dpo"], lambda path: load_causal_lm(path, dtype=dtype,
                                                                                      trainable=False), frozen_device)
                           if paths["dpo"] else None)
@@ -283,13 +276,13 @@ class RLTrainer:
         elif not share_reference:
             self.policy = self._load_trained(policy_source, settings.actor_lr, lambda: load_causal_lm(
                 policy_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
-                keep_dropout=config.model.keep_dropout, lora=lora))
+                keep_dropout=config.model.keep_dropout, lora=lora, tokenizer=self.tokenizer))
         critic_source = str(resume_from / CRITIC_DIR / MODEL_DIR) if resumed else paths["critic"]
         if critic_source == TINY:
             torch.manual_seed(seed + 1)
         self.critic = self._load_trained(critic_source, settings.critic_lr, lambda: ValueHeadModel.from_pretrained(
             critic_source, dtype=dtype, trainable=True, gradient_checkpointing=checkpointing,
-            keep_dropout=config.model.keep_dropout, lora=lora))
+            keep_dropout=config.model.keep_dropout, lora=lora, tokenizer=self.tokenizer))
         if lora is not None and resume_from is not None:
             load_adapters(self.policy, resume_from / MODEL_DIR)
             load_adapters(self.critic, resume_from / CRITIC_DIR / MODEL_DIR)
@@ -449,6 +442,11 @@ class RLTrainer:
         def logprobs_of(model, batch):
             return packed_logprobs(model, batch, fused_output_layer=fused)
 
+        true_tokens = None
+        if self.true_reward is not None:
+            true_tokens = [torch.tensor(token_true_rewards(self.task, prompt.prompt, rollout.response_ids,
+                                                           rollout.finished, self.tokenizer), dtype=torch.float32)
+                           for prompt, rollout in zip(prompts, rollouts)]
         logprobs = each_batch("policy_logprobs", policy, logprobs_of)
         ref_logprobs = each_batch("reference_logprobs", self.reference, logprobs_of, frozen_passes)
         dpo_logprobs = each_batch("dpo_logprobs", self.dpo_model, logprobs_of, frozen_passes)
@@ -459,7 +457,8 @@ class RLTrainer:
                 rewards, advantages, returns = self.rewards_and_advantages(
                     batch, logprobs[index], ref_logprobs[index], dpo_logprobs[index], values[index],
                     batch_scores[index], finished=torch.tensor([rollouts[i].finished for i in order],
-                                                               device=self.device))
+                                                               device=self.device),
+                    true_rewards=None if true_tokens is None else _scatter_to_stream(true_tokens, batch, order))
             for name, tensor in (("old_logprobs", logprobs[index]), ("ref_logprobs", ref_logprobs[index]),
                                  ("values", values[index]), ("rewards", rewards), ("advantages", advantages),
                                  ("returns", returns)):
@@ -472,9 +471,11 @@ class RLTrainer:
                 scores[order] = batch_scores[index].float().cpu()
         return RolloutBatch(prompts=prompts, rollouts=rollouts, dpo_rewards=dpo_rewards, scores=scores, **fields)
 
-    def rewards_and_advantages(self, batch, logprobs, ref_logprobs, dpo_logprobs, values, scores, finished):
+    def rewards_and_advantages(self, batch, logprobs, ref_logprobs, dpo_logprobs, values, scores, finished,
+                               true_rewards=None):
         """(rewards, advantages, returns) of one packed micro-batch: ops.token_rewards, missing-eos penalty, ops.gae.
-        `scores` (S,) are the reward model's raw scores (used only when rl.reward_model is on); `finished` (S,) bool."""
+        `scores` (S,) are the reward model's raw scores (used only when rl.reward_model is on); `finished` (S,) bool;
+        `true_rewards` (1, N): r* per response token, with rl.true_reward."""
         settings = self.settings
         mask = batch.response_mask
         reward_score = None
@@ -482,8 +483,17 @@ class RLTrainer:
             reward_score = scores.float()
             if settings.score_clip is not None:
                 reward_score = reward_score.clamp(-settings.score_clip, settings.score_clip)
-        rewards = ops.token_rewards(logprobs, ref_logprobs, mask, dpo_logprobs=dpo_logprobs, score=reward_score,
-                                    cu_seqlens=batch.cu_seqlens, **self.reward_arguments())
+        if self.true_reward is None:
+            rewards = ops.token_rewards(logprobs, ref_logprobs, mask, dpo_logprobs=dpo_logprobs, score=reward_score,
+                                        cu_seqlens=batch.cu_seqlens, **self.reward_arguments())
+        else:  # the oracles: the KL penalty of mode ppo, plus r* per token (dense) or r* of the response (sparse)
+            arguments = {**self.reward_arguments(), "mode": "ppo", "score_coef": 1.0}
+            if self.true_reward == "sparse":
+                reward_score = sequence_sums(true_rewards, batch)
+            rewards = ops.token_rewards(logprobs, ref_logprobs, mask, score=reward_score,
+                                        cu_seqlens=batch.cu_seqlens, **arguments)
+            if self.true_reward == "dense":
+                rewards = rewards + true_rewards
         if settings.missing_eos_penalty:
             last = batch.cu_seqlens[1:].long() - 2  # the position that predicts each response's last token
             penalty = torch.where(finished, 0.0, settings.missing_eos_penalty).to(rewards.dtype)
@@ -678,7 +688,6 @@ class RLTrainer:
         masked = torch.where(mask, per_token, torch.zeros((), device=per_token.device))
         if self.settings.agg == "token-mean":
             return masked.sum() / mask.sum().clamp_min(1)
-        from .packing import sequence_sums
 
         per_sequence = sequence_sums(masked, batch) / sequence_sums(mask.float(), batch).clamp_min(1)
         return per_sequence.mean()
@@ -718,9 +727,9 @@ def rollout_metrics(trainer: RLTrainer, rollout: RolloutBatch) -> dict:
         metrics["dpo_reward"] = float(rollout.dpo_rewards.double().mean())
     if rollout.scores is not None:
         metrics["rm_score"] = float(rollout.scores.double().mean())
-    if trainer.synthetic:
-        metrics["true_reward"] = float(synthetic_true_rewards(rollout.prompts, rollout.rollouts,
-                                                              trainer.tokenizer).mean())
+    if trainer.task is not None:
+        metrics["true_reward"] = float(true_rewards(trainer.task, rollout.prompts, rollout.rollouts,
+                                                    trainer.tokenizer).mean())
     return metrics
 
 
@@ -745,7 +754,7 @@ def evaluate_policy(trainer: RLTrainer, prompts: list) -> dict:
           trainer.frozen_on_device(trainer.dpo_model) as dpo_model,
           trainer.frozen_on_device(trainer.reference) as ref_model):
         judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model,
-                        beta=trainer.settings.dpo_coef, synthetic=trainer.synthetic,
+                        beta=trainer.settings.dpo_coef, task=trainer.task,
                         fused_output_layer=trainer.config.model.fused_output_layer)
         scores = score_rollouts(judges, prompts, rollouts, trainer.tokenizer, trainer.settings.micro_batch_tokens,
                                 dist=trainer.dist if distributed.zero_stage(trainer.dist) == 3 else None)

@@ -36,7 +36,7 @@ STAGE_PANELS = {
            ("lr", None, "learning rate")],
 }
 # The RL stages (rto, ppo, dppo) share their panels; x is the iteration.
-RL_PANELS = [("true_reward", "eval_true_reward", "true reward r* (synthetic task)"),
+RL_PANELS = [("true_reward", "eval_true_reward", "true reward r* (bundled task)"),
              ("dpo_reward", "eval_dpo_reward", "DPO implicit reward"), ("rm_score", "eval_rm_score", "RM score"),
              ("kl", None, "KL(policy || ref) per response"), ("response_length", "eval_length", "response length"),
              ("vf_loss", None, "value loss"), ("clipfrac", None, "clip fraction")]

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import distributed
 from .attention import packed_forward
-from .config import RL_MODES, STAGES, Config, StageConfig
+from .config import RL_MODES, Config, StageConfig
 from .distributed import Distributed, EngineTrainer
 from .lora import LoraSettings, SharedReference, check_checkpoint, frozen_view, load_adapters
 from .models import TINY, ValueHeadModel, load_causal_lm, trainable_copy
@@ -59,7 +59,8 @@ from .stopping import checkpoint_or_stop
 logger = logging.getLogger(__name__)
 
 # Added to runtime.seed per stage, so stages draw different (but fixed) random numbers.
-STAGE_SEED_OFFSET = {name: 1000 * (index + 1) for index, name in enumerate(STAGES)}
+STAGE_SEED_OFFSET = {name: 1000 * (index + 1) for index, name in enumerate(("sft", "dpo", "rm", *RL_MODES, "eval"))}
+STAGE_SEED_OFFSET["pairs"] = 1500
 # The RL modes share one: rto, ppo and dppo see the same prompts in the same order (a paired comparison).
 STAGE_SEED_OFFSET.update({mode: STAGE_SEED_OFFSET[RL_MODES[0]] for mode in RL_MODES})
 MODEL_DIR = "model"
@@ -254,13 +255,15 @@ class Stage:
         raise NotImplementedError
 
 
-def _load_lm(path: str, config: Config, trainable: bool, seed: int | None = None,
+def _load_lm(path: str, context: RunContext, trainable: bool, seed: int | None = None,
              lora: LoraSettings | None = None):
+    config = context.config
     if path == TINY and seed is not None:
         torch.manual_seed(seed)  # the tiny model's random weights must be the same in every process
     return load_causal_lm(path, dtype=config.model.dtype, trainable=trainable,
                           gradient_checkpointing=config.model.gradient_checkpointing and trainable,
-                          keep_dropout=config.model.keep_dropout, lora=lora if trainable else None)
+                          keep_dropout=config.model.keep_dropout, lora=lora if trainable else None,
+                          tokenizer=context.tokenizer)
 
 
 class SFTStage(Stage):
@@ -269,7 +272,7 @@ class SFTStage(Stage):
     def build(self, init_path, resume_model):
         seed = self.config.runtime.seed + STAGE_SEED_OFFSET[self.name]
         path = self.trained_source(init_path, resume_model)
-        self.model = self.load_trained(path, lambda: _load_lm(path, self.config, True, seed, self.lora))
+        self.model = self.load_trained(path, lambda: _load_lm(path, self.context, True, seed, self.lora))
         self.resume_adapters(resume_model)
 
     def denominator(self, micro_batches):
@@ -293,25 +296,25 @@ class DPOStage(Stage):
         ref_path = self.config.model.ref_path or init_path
         if self.lora is not None and ref_path == init_path:
             # The reference is where the policy starts: the policy with its adapters off, no second copy.
-            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed,
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.context, True, seed,
                                                                        self.lora))
             self.reference = SharedReference(self.model)
             self.resume_adapters(resume_model)
             return
-        self.reference = distributed.load_model(lambda: _load_lm(ref_path, self.config, False, seed),
+        self.reference = distributed.load_model(lambda: _load_lm(ref_path, self.context, False, seed),
                                                 self.context.dist, self.context.device, enabled=ref_path != TINY)
         if self.lora is not None:
-            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed,
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.context, True, seed,
                                                                        self.lora))
             self.resume_adapters(resume_model)
         elif resume_model is not None:
-            self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.config, True))
+            self.model = self.load_trained(str(resume_model), lambda: _load_lm(str(resume_model), self.context, True))
         elif init_path == ref_path == TINY:
             # The same random weights (ZeRO-3 partitions this whole copy when the engine starts).
             self.model = trainable_copy(self.reference, self.context.device,
                                         keep_dropout=self.config.model.keep_dropout)
         else:
-            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.config, True, seed))
+            self.model = self.load_trained(init_path, lambda: _load_lm(init_path, self.context, True, seed))
         # Under ZeRO-3 the reference is partitioned too (its forwards are then collective; see run_stage's passes).
         self.reference = distributed.frozen_engine(self.reference, self.context.dist, "reference")
 
@@ -394,7 +397,7 @@ class RMStage(Stage):
         self.model = self.load_trained(path, lambda: ValueHeadModel.from_pretrained(
             path, dtype=self.config.model.dtype, trainable=True,
             gradient_checkpointing=self.config.model.gradient_checkpointing,
-            keep_dropout=self.config.model.keep_dropout, lora=self.lora))
+            keep_dropout=self.config.model.keep_dropout, lora=self.lora, tokenizer=self.context.tokenizer))
         self.resume_adapters(resume_model)
 
     def loss(self, batch, extra, denominator):

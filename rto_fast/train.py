@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .config import RL_MODES, TRAINING_STAGES, Config, ConfigError, config_help, load_config, save_config
 from .distributed import DistributedError
+from .tasks import get_task
 
 logger = logging.getLogger("rto_fast.train")
 EXIT_USAGE = 2
@@ -78,10 +79,14 @@ def _check_stage_inputs(config: Config) -> None:
     def available(stage: str, explicit: str | None) -> bool:
         return stage in config.stages or explicit is not None or (run_dir / stage / "model").is_dir()
 
+    if "pairs" in config.stages and not available("sft", config.model.sft_path):
+        raise UsageError("stage pairs samples from the SFT model: list the sft stage before it or set model.sft_path")
     for mode in (stage for stage in config.stages if stage in RL_MODES):
-        if mode in ("rto", "dppo") and not available("dpo", config.model.dpo_path):
+        dense_oracle = mode == "rto" and config.rl.true_reward == "dense"
+        if mode in ("rto", "dppo") and not dense_oracle and not available("dpo", config.model.dpo_path):
             raise UsageError(f"stage {mode} needs the DPO model: list the dpo stage before it or set model.dpo_path")
-        uses_rm = config.rl.reward_model if config.rl.reward_model is not None else mode == "ppo"
+        uses_rm = (config.rl.reward_model if config.rl.reward_model is not None
+                   else mode == "ppo" and config.rl.true_reward != "sparse")
         if uses_rm and not available("rm", config.model.reward_path):
             raise UsageError(f"stage {mode} uses a reward model's score: list the rm stage before it or set "
                              "model.reward_path")
@@ -186,12 +191,12 @@ def _load_examples(config: Config, tokenizer, run_dir: Path):
 
 def prompt_data_config(config: Config):
     """The data settings RL prompts come from: rl.prompts (format 'prompt') when set, else data.* read as prompts
-    (the synthetic task's prompt split when data.source is 'synthetic')."""
+    (a bundled task's prompt split when data.source names one)."""
     import dataclasses
 
     if config.rl.prompts is not None:
         return dataclasses.replace(config.data, source=config.rl.prompts, format="prompt", data_dir=None)
-    if config.data.source == "synthetic":
+    if get_task(config.data.source) is not None:
         return dataclasses.replace(config.data, format="prompt")
     return config.data
 
@@ -269,7 +274,7 @@ def run(config: Config) -> Path:
     except (OSError, ValueError) as error:
         raise UsageError(f"tokenizer {tokenizer_source!r} cannot be loaded: {' '.join(str(error).split())}") from None
     train_examples, eval_examples = [], []
-    if any(stage in TRAINING_STAGES for stage in config.stages):
+    if any(stage in TRAINING_STAGES or stage == "pairs" for stage in config.stages):
         with dist.main_first():  # rank 0 fills the data cache, the others read it
             train_examples, eval_examples = _load_examples(config, tokenizer, run_dir)
         if not train_examples:
@@ -279,6 +284,7 @@ def run(config: Config) -> Path:
         with dist.main_first():
             train_prompts, eval_prompts = _load_prompts(config, tokenizer, run_dir)
 
+    from .pairs import load_finished_pairs, run_pairs_stage
     from .run_log import METRICS_FILE, MetricsLog, write_plots, write_summary
     from .stages import RunContext, run_stage
 
@@ -305,7 +311,11 @@ def run(config: Config) -> Path:
                     raise StopRequested(signal_number, name, None)
                 try:
                     if name in TRAINING_STAGES:
+                        if name != "sft" and "pairs" not in context.outputs:
+                            load_finished_pairs(context)  # sampled by an earlier run in this folder
                         run_stage(name, context)
+                    elif name == "pairs":
+                        run_pairs_stage(context)
                     elif name in RL_MODES:
                         from .rl import run_rl_stage
 
