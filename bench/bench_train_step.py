@@ -83,7 +83,9 @@ def run_ours(spec: dict) -> dict:
         f"runtime.device={spec['device']}", f"runtime.output_dir={output}", "runtime.progress_bar=false",
         "runtime.checkpoint_every=0", "runtime.resume=never", f"runtime.dtype={dtype}", f"model.dtype={dtype}"]
     if stage == "dpo":
-        overrides += ["dpo.beta=0.1", f"dpo.precompute_ref_logprobs={str(spec['precompute_ref']).lower()}"]
+        # TRL's DPOTrainer is plain DPO (rpo_alpha None): so is ours here.
+        overrides += ["dpo.beta=0.1", "dpo.sft_coef=0",
+                      f"dpo.precompute_ref_logprobs={str(spec['precompute_ref']).lower()}"]
     if main(overrides) != 0:
         raise SystemExit("the rto_fast run failed")
     records = [record for record in read_metrics(output / "metrics.jsonl") if record.get("stage") == stage]

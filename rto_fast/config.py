@@ -175,6 +175,10 @@ class DPOConfig(StageConfig):
 
     lr: float = option(5e-7, "peak learning rate (AdamW)")
     beta: float = option(0.1, "DPO temperature beta")
+    sft_coef: float = option(1.0, "weight of an SFT term in the DPO loss: + sft_coef * the chosen response's NLL "
+                                  "per token (RPO, Pang et al. 2024), which keeps the chosen responses likely; 0: "
+                                  "plain DPO. Default 1: measured on both bundled tasks over 5 seeds, RTO with a "
+                                  "plain DPO model collapsed on some seeds (docs/rl.md)")
     precompute_ref_logprobs: bool = option(False, "score every training and evaluation pair with the reference "
                                                   "once before training, then free the reference model: one "
                                                   "reference forward per pair instead of one per pair and epoch, "
@@ -221,6 +225,9 @@ class RLConfig:
     kl_estimator: str = option("k1", "KL estimator of the per-token penalty", ("k1", "k2", "k3"))
     dpo_coef: float = option(0.1, "beta1: scale of the DPO token reward log(pi_dpo / pi_ref) (rto, dppo)")
     dpo_clip: float | None = option(None, "clip of the scaled DPO token reward to [-c, c]; null: none")
+    dpo_center: bool = option(False, "rto: subtract the rollout batch's mean DPO token reward (before the clip), so "
+                                     "the average token earns 0 and a per-token offset (DPO lowering what the "
+                                     "reference writes) does not pay for shorter responses")
     reward_model: bool | None = option(None, "add the reward model's score at the last token; null: ppo yes, rto "
                                              "and dppo no (the paper's beta3 = 0)")
     score_coef: float = option(1.0, "beta3: scale of the reward-model score (when reward_model is on)")
@@ -291,8 +298,8 @@ class PairsConfig:
 class EvalConfig:
     """Evaluation: win rates between models on the same test prompts (paper Table 1 protocol)."""
 
-    models: list[str] = option(help="models compared: stage names of this run (sft, dpo, rto, ppo, dppo) or model "
-                                    "folders; names whose stage did not run are skipped",
+    models: list[str] = option(help="models compared: stage names of this run (sft, dpo, rto, ppo, dppo), model "
+                                    "folders, or name=folder; stage names whose stage did not run are skipped",
                                factory=lambda: ["sft", "dpo", "rto", "ppo", "dppo"])
     judge: str = option("auto", "who scores responses: rm (the reward model), dpo (the implicit reward beta * "
                                 "sum log(pi_dpo / pi_ref)), truth (a bundled task's true reward r*), or auto (rm "
@@ -596,6 +603,7 @@ def _validate(config: Config) -> Config:
                                   f"data.max_response_length = {longest}: the longest sequence would not fit")
     if "dpo" in config.stages:
         _positive("dpo.beta", config.dpo.beta)
+        _positive("dpo.sft_coef", config.dpo.sft_coef, allow_zero=True)
     _validate_pairs(config)
     _validate_rl(config, longest)
     _validate_eval(config)

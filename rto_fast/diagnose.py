@@ -24,7 +24,9 @@ samples: `rl.temperature`, `rl.max_new_tokens`), with the dense reward d_h = bet
   per-token Pearson correlation of d with r*'s token terms (bundled tasks);
 - the predicted drift: the KL-regularised optimum of the dense reward is pi_ref * (pi_dpo / pi_ref)^(beta1 / beta2);
   responses sampled token by token from that tilted distribution (a per-token approximation of the sequence-level
-  optimum) show where RTO is headed: their KL from the reference, length, out-of-support share and r*;
+  optimum) show where RTO is headed: their KL from the reference, length, out-of-support share, RM score and r*;
+  the same for exponents 0.5, 1 (the DPO model) and 2, so the report shows whether a larger rl.kl_coef (a smaller
+  exponent) leads somewhere better;
 - a recommended `rl.dpo_clip`: the 95th percentile of |d| over the tokens of the held-out preference responses (the
   tokens DPO's reward was trained on), so that no token can earn more than the preference data's tokens earn.
 The report ends with findings: each check that points at a problem, with the remedies the field knows.
@@ -58,6 +60,9 @@ logger = logging.getLogger("rto_fast.diagnose")
 
 REPORT_DIR = "diagnose"
 CLIP_QUANTILE = 0.95
+# Exponents of pi_ref^(1 - a) * pi_dpo^a sampled besides beta1 / beta2: between the reference and the DPO model, the
+# DPO model itself, and twice as far.
+SCAN_EXPONENTS = (0.5, 1.0, 2.0)
 MICRO_BATCH_TOKENS = 8192
 
 
@@ -343,24 +348,40 @@ def diagnose(inputs: Inputs, num_prompts: int, seed: int = 0) -> tuple[dict, dic
         arrays["true_per_position"] = true_tokens
     report["agreement"] = agreement
 
-    # Where the KL-regularised optimum of the dense reward lies.
+    # Where the KL-regularised optimum of the dense reward lies: at beta1 / beta2, and for comparison between the
+    # reference and the DPO model (exponent < 1), at the DPO model (1) and beyond it (2).
     exponent = inputs.beta1 / inputs.beta2
-    torch.manual_seed(seed + 1)
-    tilted, tilted_kl = sample_tilted(ref_model, dpo_model, prompt_ids, exponent, max_new, tokenizer.eos_token_id,
-                                      rl.temperature)
-    tilted_tokens = np.concatenate([np.asarray(rollout.response_ids, dtype=np.int64) for rollout in tilted])
+    scan = []
+    for index, value in enumerate(sorted({*SCAN_EXPONENTS, exponent})):
+        torch.manual_seed(seed + 1 + index)
+        scan.append(drift_of(ref_model, dpo_model, reward_model, prompts, value, max_new, rl.temperature, support,
+                             inputs.task, tokenizer))
+    report["drift"] = next(entry for entry in scan if entry["exponent"] == exponent)
+    report["drift_scan"] = scan
+    report["findings"] = findings(report)
+    return report, arrays
+
+
+def drift_of(ref_model, dpo_model, reward_model, prompts: list, exponent: float, max_new_tokens: int,
+             temperature: float, support: torch.Tensor, task: Task | None, tokenizer) -> dict:
+    """What responses sampled from pi_ref^(1 - a) * pi_dpo^a (a = `exponent`) look like."""
+    tilted, tilted_kl = sample_tilted(ref_model, dpo_model, [prompt.prompt_ids for prompt in prompts], exponent,
+                                      max_new_tokens, tokenizer.eos_token_id, temperature)
+    tokens = np.concatenate([np.asarray(rollout.response_ids, dtype=np.int64) for rollout in tilted])
     drift = {"exponent": exponent, "kl_from_reference": _mean(tilted_kl),
              "response_length": _mean([len(rollout.response_ids) for rollout in tilted]),
              "eos_fraction": _mean([rollout.finished for rollout in tilted]),
-             "out_of_support_fraction": _mean(~support[torch.as_tensor(tilted_tokens)].numpy())
-             if tilted_tokens.size else float("nan")}
-    if inputs.task is not None:
-        drift["true_reward"] = _mean([sum(token_true_rewards(inputs.task, prompt.prompt, rollout.response_ids,
+             "out_of_support_fraction": _mean(~support[torch.as_tensor(tokens)].numpy()) if tokens.size
+             else float("nan")}
+    if reward_model is not None:
+        drift["rm_score"] = _mean(sequence_scores(reward_model, [response_sequence(rollout.prompt_ids,
+                                                                                    rollout.response_ids)
+                                                                  for rollout in tilted]))
+    if task is not None:
+        drift["true_reward"] = _mean([sum(token_true_rewards(task, prompt.prompt, rollout.response_ids,
                                                              rollout.finished, tokenizer))
                                       for prompt, rollout in zip(prompts, tilted)])
-    report["drift"] = drift
-    report["findings"] = findings(report)
-    return report, arrays
+    return drift
 
 
 def findings(report: dict) -> list[str]:
@@ -385,6 +406,11 @@ def findings(report: dict) -> list[str]:
     if held.get("dpo_accuracy", 1.0) < 0.6:
         lines.append(f"Weak DPO model: held-out accuracy {100 * held['dpo_accuracy']:.1f}%. Tune DPO on held-out "
                      "accuracy (lr, epochs, beta) before RL.")
+    if drift["exponent"] > 1.0:
+        lines.append(f"Extrapolation: beta1 / beta2 = {drift['exponent']:.3g} puts the optimum of the dense reward "
+                     "beyond the DPO model (exponent 1), where the log-ratio was never trained: RTO then amplifies "
+                     f"the DPO model's errors. rl.kl_coef >= rl.dpo_coef ({report['beta1']:g}) keeps it between the "
+                     "reference and the DPO model (see the scan).")
     if "true_reward" in drift and "true_reward" in samples and drift["true_reward"] < samples["true_reward"]:
         lines.append(f"Drift: sampling the KL-regularised optimum pi_ref * (pi_dpo / pi_ref)^{drift['exponent']:.2g} "
                      f"gives r* {drift['true_reward']:.2f}, below the reference's {samples['true_reward']:.2f}: "
@@ -448,14 +474,20 @@ def markdown(report: dict, elapsed: float) -> str:
               f"| Spearman(summed d, r*) | {_number(agreement.get('spearman_dpo_truth'), 2)} |",
               f"| Spearman(RM score, r*) | {_number(agreement.get('spearman_rm_truth'), 2)} |",
               f"| Pearson(d, r* token terms), per token | {_number(agreement.get('token_pearson_dpo_truth'), 2)} |",
-              "", f"## Predicted drift: pi_ref * (pi_dpo / pi_ref)^{drift['exponent']:.3g}, sampled token by token",
-              "", "| measure | value |", "|---|---|",
-              f"| KL from the reference per response | {_number(drift['kl_from_reference'])} |",
-              f"| length / eos fraction | {_number(drift['response_length'], 1)} / "
-              f"{percent(drift['eos_fraction'])} |",
-              f"| tokens out of support | {percent(drift['out_of_support_fraction'])} |"]
-    if "true_reward" in drift:
-        lines.append(f"| r* | {_number(drift['true_reward'])} (reference: {_number(samples.get('true_reward'))}) |")
+              "", "## Predicted drift: pi_ref^(1 - a) * pi_dpo^a, sampled token by token",
+              "", f"RTO's KL-regularised optimum is at a = beta1 / beta2 = {drift['exponent']:.3g} (marked); a = 1 is "
+              "the DPO model, a < 1 lies between it and the reference (a larger rl.kl_coef).", "",
+              "| a | KL from the reference | length | eos fraction | out of support | RM score | r* |",
+              "|---|---|---|---|---|---|---|"]
+    for entry in report.get("drift_scan", [drift]):
+        mark = " (beta1/beta2)" if entry["exponent"] == drift["exponent"] else ""
+        lines.append(f"| {entry['exponent']:.3g}{mark} | {_number(entry['kl_from_reference'])} | "
+                     f"{_number(entry['response_length'], 1)} | {percent(entry['eos_fraction'])} | "
+                     f"{percent(entry['out_of_support_fraction'])} | {_number(entry.get('rm_score'))} | "
+                     f"{_number(entry.get('true_reward'))} |")
+    lines.append(f"| 0 (the reference) | 0 | {_number(samples['response_length'], 1)} | "
+                 f"{percent(samples['eos_fraction'])} | {percent(report['out_of_support']['token_fraction'])} | "
+                 f"- | {_number(samples.get('true_reward'))} |")
     clip = report.get("recommended_dpo_clip")
     lines += ["", "## Recommended rl.dpo_clip", "",
               f"{_number(clip, 4)}: the {int(100 * CLIP_QUANTILE)}th percentile of |d| on the held-out preference "

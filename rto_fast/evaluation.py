@@ -269,12 +269,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def resolve_models(context: RunContext) -> list[tuple[str, Path | str]]:
     """(name, model folder) per entry of eval.models: stage names through their stage's output (skipped with a
-    warning when that stage produced nothing), anything else as a model folder or Hub name."""
+    warning when that stage produced nothing), `name=folder` as that folder under that name, anything else as a model
+    folder or Hub name (named by itself)."""
     from .models import check_model_source
 
     resolved = []
-    for name in context.config.eval.models:
-        if name in MODEL_STAGES:
+    for entry in context.config.eval.models:
+        name, separator, folder = entry.partition("=")
+        if separator:
+            if not name or not folder:
+                raise ValueError(f"eval.models: {entry!r}: write name=folder")
+            try:
+                check_model_source(folder)
+            except FileNotFoundError as error:
+                raise ValueError(f"eval.models: {name}: {error}") from None
+            resolved.append((name, folder))
+        elif name in MODEL_STAGES:
             path = stage_output(name, context)
             if path is None:
                 logger.warning("eval: skipping %s: the %s stage has no output in %s (and no model.* path)", name,

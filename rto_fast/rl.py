@@ -189,6 +189,7 @@ class RLTrainer:
         # rl.true_reward (bundled tasks): r* per token in place of the DPO token reward (dense, mode rto), or r* of
         # the response in place of the reward model's score (sparse, mode ppo): the oracle bounds.
         self.true_reward = settings.true_reward
+        self.dpo_offset = None  # rl.dpo_center: the mean DPO token reward subtracted in the last rollout batch
         self.use_reward_model = (settings.reward_model if settings.reward_model is not None
                                  else mode == "ppo" and self.true_reward != "sparse")
         self.tokenizer = context.tokenizer
@@ -452,10 +453,21 @@ class RLTrainer:
         dpo_logprobs = each_batch("dpo_logprobs", self.dpo_model, logprobs_of, frozen_passes)
         values = each_batch("critic_values", critic, packed_values)
         batch_scores = each_batch("reward_model_scores", self.reward_model, last_token_scores, frozen_passes)
+        reward_dpo_logprobs = dpo_logprobs
+        if settings.dpo_center and self.mode == "rto" and self.true_reward is None:
+            # Shift the DPO log-probs by the batch's mean log-ratio per response token: the dense reward
+            # dpo_coef * (dpo - shift - ref) then has mean 0 over the rollout batch (all ranks).
+            total, count = self.dist.sum([
+                sum(float(torch.where(batch.response_mask, dpo - ref, 0.0).sum())
+                    for batch, dpo, ref in zip(batches, dpo_logprobs, ref_logprobs)),
+                sum(float(batch.response_mask.sum()) for batch in batches)])
+            shift = total / max(count, 1.0)
+            self.dpo_offset = settings.dpo_coef * shift
+            reward_dpo_logprobs = [dpo - shift for dpo in dpo_logprobs]
         for index, (batch, order) in enumerate(zip(batches, orders)):
             with phase("rewards_gae"):
                 rewards, advantages, returns = self.rewards_and_advantages(
-                    batch, logprobs[index], ref_logprobs[index], dpo_logprobs[index], values[index],
+                    batch, logprobs[index], ref_logprobs[index], reward_dpo_logprobs[index], values[index],
                     batch_scores[index], finished=torch.tensor([rollouts[i].finished for i in order],
                                                                device=self.device),
                     true_rewards=None if true_tokens is None else _scatter_to_stream(true_tokens, batch, order))
@@ -725,6 +737,8 @@ def rollout_metrics(trainer: RLTrainer, rollout: RolloutBatch) -> dict:
     }
     if rollout.dpo_rewards is not None:
         metrics["dpo_reward"] = float(rollout.dpo_rewards.double().mean())
+    if trainer.dpo_offset is not None:
+        metrics["dpo_offset"] = trainer.dpo_offset
     if rollout.scores is not None:
         metrics["rm_score"] = float(rollout.scores.double().mean())
     if trainer.task is not None:

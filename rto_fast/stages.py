@@ -378,6 +378,9 @@ class DPOStage(Stage):
         rejected_rewards = beta * (policy_logprobs[1::2] - ref_logprobs[1::2])
         margins = chosen_rewards - rejected_rewards
         losses = -F.logsigmoid(margins)
+        if self.settings.sft_coef:  # RPO: the chosen response's NLL per token
+            chosen_tokens = sequence_sums(batch.response_mask.float(), batch)[0::2].clamp_min(1)
+            losses = losses - self.settings.sft_coef * policy_logprobs[0::2] / chosen_tokens
         detached = margins.detach()
         stats = {"loss": losses.detach().sum(), "reward_margin": detached.sum(),
                  "reward_accuracy": (detached > 0).float().sum(), "chosen_reward": chosen_rewards.detach().sum(),

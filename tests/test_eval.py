@@ -204,6 +204,17 @@ def test_other_judges(assets, tmp_path, eval_log, judge, judges):
     assert f"judge {result['judge']}" in eval_log.text  # the table is logged
 
 
+def test_named_folders(assets, tmp_path):
+    """name=folder entries of eval.models evaluate that folder under that name (as the comparison script lists them)."""
+    sft, dpo = assets["paths"]["sft"], assets["paths"]["dpo"]
+    context = make_context(assets, tmp_path / "run", "eval.judge=truth", f"eval.models=[base={sft},tuned={dpo}]",
+                           "eval.num_prompts=4")
+    result, samples = read_outputs(evaluation.run_eval(context))
+    assert result["models"] == ["base", "tuned"]
+    assert result["paths"] == {"base": str(sft), "tuned": str(dpo)}
+    assert {sample["model"] for sample in samples} == {"base", "tuned"}
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("overrides, judges, message", [
@@ -212,6 +223,8 @@ def test_other_judges(assets, tmp_path, eval_log, judge, judges):
     (["eval.models=[rto,ppo,dppo]"], ("sft", "dpo", "rm"), "eval.models"),
     (["eval.models=[sft,rm]"], ("sft", "dpo", "rm"), "eval.models"),
     (["eval.models=[sft,./no/such/folder]"], ("sft", "dpo", "rm"), "eval.models"),
+    (["eval.models=[sft,x=./no/such/folder]"], ("sft", "dpo", "rm"), "eval.models: x"),
+    (["eval.models=[sft,=folder]"], ("sft", "dpo", "rm"), "write name=folder"),
 ])
 def test_errors_before_any_model_loads(assets, tmp_path, monkeypatch, overrides, judges, message):
     monkeypatch.setattr(evaluation, "load_causal_lm", _refuse)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = ["runtime.device=cpu", "runtime.progress_bar=false", "runtime.seed=4", "data.max_train_samples=32",
         "data.max_eval_samples=16", "data.max_prompt_length=48", "data.max_response_length=48",
         "sft.batch_size=16", "sft.micro_batch_tokens=1024", "sft.lr=3e-2", "sft.warmup_ratio=0.0",
-        "dpo.batch_size=16", "dpo.micro_batch_tokens=1024", "dpo.lr=1e-2", "dpo.warmup_ratio=0.0",
+        "dpo.batch_size=16", "dpo.micro_batch_tokens=1024", "dpo.lr=1e-2", "dpo.warmup_ratio=0.0", "dpo.sft_coef=0",
         "rm.batch_size=16", "rm.micro_batch_tokens=1024", "rm.lr=1e-2", "rm.warmup_ratio=0.0",
         "model.lora_rank=4", "model.lora_alpha=8"]
 RL = ["data.max_response_length=10", "rl.rollout_batch_size=8", "rl.mini_batch_size=4", "rl.max_new_tokens=10",

@@ -223,6 +223,46 @@ def test_score_lands_on_the_last_token_and_missing_eos_penalty(tmp_path, assets)
         torch.testing.assert_close(batch.rewards[index].double(), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("oracle", ["dense", "sparse"])
+def test_true_reward_oracles_put_r_star_on_every_token_or_the_last(tmp_path, assets, oracle):
+    # kl_coef 0: the rewards are exactly r* per token (dense) or r* of the response on its last token (sparse).
+    from rto_fast.tasks import get_task, token_true_rewards
+
+    mode = "rto" if oracle == "dense" else "ppo"
+    trainer = make_trainer(assets, tmp_path, mode, "rl.kl_coef=0", f"rl.true_reward={oracle}")
+    assert not trainer.use_reward_model
+    eos = assets["tokenizer"].eos_token_id
+    prompts = trainer.context.train_prompts[:3]
+    word = prompts[0].prompt.split("Human: ")[1].split("\n")[0]
+    rollouts = [Rollout(prompts[0].prompt_ids, [ord(" "), ord(word[0]), ord("z"), eos], True),
+                Rollout(prompts[1].prompt_ids, [ord(" "), ord("b"), ord("c")], False),
+                Rollout(prompts[2].prompt_ids, [0xE2, eos], True)]
+    batch = trainer.score(prompts, rollouts)
+    task = get_task("synthetic")
+    for index, (prompt, rollout) in enumerate(zip(prompts, rollouts)):
+        truth = torch.tensor(token_true_rewards(task, prompt.prompt, rollout.response_ids, rollout.finished,
+                                                assets["tokenizer"]), dtype=torch.float64)
+        if oracle == "sparse":
+            truth = torch.cat([torch.zeros(len(truth) - 1, dtype=torch.float64), truth.sum()[None]])
+        torch.testing.assert_close(batch.rewards[index].double(), truth, atol=1e-6, rtol=0)
+    assert batch.rewards[0].tolist()[:3] == ([0.0, 1.0, -1.0] if oracle == "dense" else [0.0, 0.0, 0.0])
+
+
+def test_dpo_center_makes_the_dense_reward_average_zero_over_the_rollout_batch(tmp_path, assets):
+    # kl_coef 0: the rewards are the dense DPO term alone; centred, they average 0 over every response token of the
+    # batch, and each differs from the plain term by the same offset (logged as dpo_offset).
+    plain = make_trainer(assets, tmp_path / "plain", "rto", "rl.kl_coef=0")
+    centred = make_trainer(assets, tmp_path / "centred", "rto", "rl.kl_coef=0", "rl.dpo_center=true")
+    prompts = plain.context.train_prompts[:5]
+    torch.manual_seed(4)
+    rollouts = plain.sample(prompts)
+    before = torch.cat(plain.score(prompts, rollouts).rewards).double()
+    after = torch.cat(centred.score(prompts, rollouts).rewards).double()
+    assert abs(float(after.mean())) < 1e-6
+    torch.testing.assert_close(before - after, torch.full_like(before, float(before.mean())), atol=1e-6, rtol=0)
+    assert centred.dpo_offset == pytest.approx(float(before.mean()), abs=1e-6) and plain.dpo_offset is None
+
+
 def test_responses_of_one_token_train(tmp_path, assets):
     run_dir = tmp_path / "run"
     assert run_cli(run_dir, assets, "stages=[rto]", "rl.iterations=1", "rl.max_new_tokens=1") == 0
@@ -528,6 +568,9 @@ def test_a_nonfinite_iteration_leaves_policy_and_critic_as_they_were(tmp_path, a
     (["stages=[rto]", "rl.micro_batch_tokens=20"], "rl.micro_batch_tokens=20"),
     (["stages=[ppo]", "rl.reward_model=false"], "rl.reward_model: false"),
     (["stages=[rto]", "rl.gamma=1.5"], "rl.gamma"),
+    (["stages=[rto,ppo]", "rl.true_reward=dense"], "rl.true_reward: dense replaces the reward of stage rto"),
+    (["stages=[ppo]", "rl.true_reward=sparse", "rl.reward_model=true"], "rl.true_reward: sparse puts r*"),
+    (["stages=[rto]", "rl.true_reward=dense", "rl.prompts=x.jsonl"], "needs a bundled task"),
 ])
 def test_bad_settings_fail_early(tmp_path, assets, capsys, overrides, message):
     paths = [path for path in assets["paths"] if path.split("=")[0] not in {o.split("=")[0] for o in overrides}]

@@ -32,7 +32,7 @@ BASE = [
     "data.max_train_samples=32", "data.max_eval_samples=16",
     "data.max_prompt_length=48", "data.max_response_length=48",
     "sft.batch_size=16", "sft.micro_batch_tokens=1024", "sft.lr=3e-3", "sft.warmup_ratio=0.0",
-    "dpo.batch_size=16", "dpo.micro_batch_tokens=1024", "dpo.lr=1e-3", "dpo.warmup_ratio=0.0",
+    "dpo.batch_size=16", "dpo.micro_batch_tokens=1024", "dpo.lr=1e-3", "dpo.warmup_ratio=0.0", "dpo.sft_coef=0",
     "rm.batch_size=16", "rm.micro_batch_tokens=1024", "rm.lr=3e-3", "rm.warmup_ratio=0.0",
 ]
 
@@ -95,6 +95,31 @@ def test_dpo_implicit_reward_margin_rises(pipeline_run):
     assert mean(r["reward_accuracy"] for r in late) > 0.6
     assert mean(r["loss"] for r in late) < 0.65
     assert "eval_reward_margin" in records[-1] and "eval_reward_accuracy" in records[-1]
+
+
+def test_dpo_sft_term_adds_the_chosen_nll_per_token(tmp_path, pipeline_run):
+    # One step over all 32 pairs, policy = reference: the DPO loss is log 2, plus sft_coef times the mean over pairs
+    # of the chosen response's NLL per token under the SFT model.
+    from rto_fast import data
+    from rto_fast.config import load_config
+
+    sft = pipeline_run / "sft" / "model"
+    settings = ["stages=[dpo]", f"model.sft_path={sft}", "dpo.batch_size=32", "dpo.max_steps=1", "dpo.sft_coef=0.5"]
+    run_dir = run_main(tmp_path / "rpo", *settings)
+    (record,) = stage_records(run_dir, "dpo")
+    config = load_config(None, [*BASE, *settings])
+    tokenizer = models.build_tokenizer()
+    train, _ = data.load_preference_splits(config.data, tokenizer, cache_dir=tmp_path / "data", seed=3)
+    model = models.load_causal_lm(str(sft), trainable=False)
+    nll = []
+    for example in train:
+        ids = torch.tensor([example.prompt_ids + example.chosen_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        start = len(example.prompt_ids)
+        targets = ids[0, start:]
+        nll.append(-float(logprobs[start - 1:-1].gather(1, targets[:, None]).mean()))
+    assert record["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), abs=1e-4)
 
 
 def test_rm_accuracy_above_chance(tmp_path, pipeline_run):
