@@ -352,7 +352,7 @@ def report(args, runs: dict, wall_s: float | None, output: Path) -> str:
                   f"| recommended rl.dpo_clip | {pick('recommended_dpo_clip')} |"]
     stem = output.name
     lines += ["", "## Figures", "", f"![true reward during RL]({stem}_curves.png)", "",
-              f"![sample efficiency]({stem}_sample_efficiency.png)", "",
+              *([f"![sample efficiency]({stem}_sample_efficiency.png)", ""] if args.fractions else []),
               f"![DPO reward of the samples]({stem}_dpo_reward.png)", ""]
     return "\n".join(lines)
 
@@ -392,6 +392,27 @@ def plots(args, runs: dict, output: Path) -> None:
     figure.savefig(output.with_name(output.name + "_curves.png"), dpi=100)
     plt.close(figure)
 
+    if args.fractions:
+        _sample_efficiency_plot(args, runs, output, sft)
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for name in ("rto", "dppo"):
+        xs, mean, std = _mean_curve([runs[seed]["dpo_rewards"].get(name, []) for seed in seeds])
+        if xs.size:
+            axis.plot(xs, mean, color=CURVE_COLORS[name], label=name.upper())
+            axis.fill_between(xs, mean - std, mean + std, color=CURVE_COLORS[name], alpha=0.15)
+    axis.set(xlabel="RL iteration", ylabel="DPO implicit reward of the samples (beta1 * sum log ratio)",
+             title="The paper's Figure 3: RTO vs DPPO")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output.with_name(output.name + "_dpo_reward.png"), dpi=100)
+    plt.close(figure)
+
+
+def _sample_efficiency_plot(args, runs: dict, output: Path, sft: list) -> None:
+    import matplotlib.pyplot as plt
+
+    seeds = args.seeds
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     for method in ("rto", "ppo"):
         curve = runs[seeds[0]]["curves"].get(method, [])
@@ -416,20 +437,6 @@ def plots(args, runs: dict, output: Path) -> None:
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(output.with_name(output.name + "_sample_efficiency.png"), dpi=100)
-    plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for name in ("rto", "dppo"):
-        xs, mean, std = _mean_curve([runs[seed]["dpo_rewards"].get(name, []) for seed in seeds])
-        if xs.size:
-            axis.plot(xs, mean, color=CURVE_COLORS[name], label=name.upper())
-            axis.fill_between(xs, mean - std, mean + std, color=CURVE_COLORS[name], alpha=0.15)
-    axis.set(xlabel="RL iteration", ylabel="DPO implicit reward of the samples (beta1 * sum log ratio)",
-             title="The paper's Figure 3: RTO vs DPPO")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(output.with_name(output.name + "_dpo_reward.png"), dpi=100)
     plt.close(figure)
 
 
