@@ -1,9 +1,10 @@
-"""The trainer computes bitwise what it computed when the fingerprint was recorded.
+"""The trainer computes bitwise what it computed when the fingerprints were recorded.
 
-`tests/fingerprint/pipeline.yaml` runs every stage (SFT, DPO, RM, RTO, PPO, DPPO, eval) for a few steps on CPU with a
-fixed seed; the SHA-256 of every tensor of every stage's output model, and the eval stage's sampled responses, must
-equal `tests/fingerprint/pipeline.json`. Refactors of the trainer keep this test green; an intended change of the
-math re-records it (`python tests/test_fingerprint.py --record`) and says why in its commit.
+`tests/fingerprint/pipeline.yaml` runs every stage (SFT, DPO, RM, RTO, PPO, DPPO, eval) of the letters task, and
+`tests/fingerprint/credit.yaml` the credit task's pipeline (SFT, pairs, DPO, RM, RTO, eval), for a few steps on CPU
+with a fixed seed; the SHA-256 of every tensor of every stage's output model, and the eval stage's sampled
+responses, must equal `tests/fingerprint/<name>.json`. Refactors of the trainer keep this test green; an intended
+change of the math re-records them (`python tests/test_fingerprint.py --record`) and says why in its commit.
 
 Float results depend on the torch build and the CPU's instruction set, so the comparison runs only where those match
 the recorded ones (CI's machine); elsewhere the test is skipped with the reason.
@@ -23,8 +24,7 @@ import torch
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent / "fingerprint"
-CONFIG = HERE / "pipeline.yaml"
-RECORD = HERE / "pipeline.json"
+NAMES = ("pipeline", "credit")
 
 
 def environment() -> dict:
@@ -51,20 +51,21 @@ def fingerprint(run_dir: Path) -> dict:
     return hashes
 
 
-def run_pipeline(output_dir: Path) -> None:
+def run_pipeline(name: str, output_dir: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "rto_fast.train", "--config", str(CONFIG),
+    result = subprocess.run([sys.executable, "-m", "rto_fast.train", "--config", str(HERE / f"{name}.yaml"),
                              f"runtime.output_dir={output_dir}"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.mark.slow
-def test_pipeline_weights_match_the_recorded_fingerprint(tmp_path):
-    record = json.loads(RECORD.read_text())
+@pytest.mark.parametrize("name", NAMES)
+def test_pipeline_weights_match_the_recorded_fingerprint(tmp_path, name):
+    record = json.loads((HERE / f"{name}.json").read_text())
     if record["environment"] != environment():
         pytest.skip(f"recorded on {record['environment']}, this machine is {environment()}")
-    run_pipeline(tmp_path / "run")
+    run_pipeline(name, tmp_path / "run")
     got = fingerprint(tmp_path / "run")
     expected = record["hashes"]
     assert got.keys() == expected.keys()
@@ -77,8 +78,9 @@ if __name__ == "__main__":
         sys.exit("usage: python tests/test_fingerprint.py --record")
     import tempfile
 
-    with tempfile.TemporaryDirectory() as folder:
-        run_pipeline(Path(folder) / "run")
-        RECORD.write_text(json.dumps({"environment": environment(), "hashes": fingerprint(Path(folder) / "run")},
-                                     indent=1, sort_keys=True) + "\n")
-    print(f"recorded {RECORD}")
+    for name in NAMES:
+        with tempfile.TemporaryDirectory() as folder:
+            run_pipeline(name, Path(folder) / "run")
+            record = {"environment": environment(), "hashes": fingerprint(Path(folder) / "run")}
+            (HERE / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {HERE / f'{name}.json'}")
