@@ -6,7 +6,7 @@ iteration when responses are long.
 
 One model (random weights, built from a config: nothing is downloaded), one left-padded batch of prompts of mixed
 lengths, `--new-tokens` tokens per response with eos banned (every engine does the same work), sampling at
-temperature 1. Engines, each through `rto_fast.generation.generate` with the same settings:
+temperature 1. Engines, each through `rto_fast.trainer.generation.generate` with the same settings:
 - transformers: `model.generate` with its dynamic cache (what TRL and most trainers call);
 - rto_fast: the decode loop with eager steps (preallocated cache, ready masks, finished rows leave the batch);
 - rto_fast-graph (CUDA): the same loop with the decode step captured once per batch as a CUDA graph;
@@ -45,7 +45,7 @@ ENGINES = {  # name -> SamplingSettings keywords; the static cache last: on CUDA
 def build_model(name: str, device: str, vocab_size: int | None):
     from transformers import AutoModelForCausalLM
 
-    from rto_fast.models import build_tokenizer
+    from rto_fast.trainer.models import build_tokenizer
 
     tokenizer = build_tokenizer() if vocab_size is None else sized_tokenizer(vocab_size)
     config = model_config(name, tokenizer)
@@ -63,7 +63,7 @@ def prompts_of_mixed_length(count: int, shortest: int, longest: int, vocab: int,
 
 
 def time_engine(model, prompts, settings, ids, device, repeats):
-    from rto_fast.generation import generate
+    from rto_fast.trainer.generation import generate
 
     def call():
         torch.manual_seed(0)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
 
-    from rto_fast.generation import SamplingSettings, generate
+    from rto_fast.trainer.generation import SamplingSettings, generate
 
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():

@@ -53,7 +53,7 @@ def make_parameters(shapes, dtype, device):
 
 def optimizers(device: str):
     """(name, dtype, factory, forced backend or None)."""
-    from rto_fast.optim import MasterWeightAdamW, StochasticRoundingAdamW
+    from rto_fast.trainer.optim import MasterWeightAdamW, StochasticRoundingAdamW
 
     options = dict(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
     rows = [("fp32 fused", torch.float32, lambda p: torch.optim.AdamW(p, fused=True, **options), None),

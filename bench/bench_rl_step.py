@@ -60,7 +60,7 @@ def sized_tokenizer(vocab_size: int):
     everything of size (tokens, vocabulary) scale with it, and every id it samples must decode."""
     from transformers import PreTrainedTokenizerFast
 
-    from rto_fast.models import CHAT_TEMPLATE, SPECIAL_TOKENS, _byte_to_char, byte_level_tokenizer
+    from rto_fast.trainer.models import CHAT_TEMPLATE, SPECIAL_TOKENS, _byte_to_char, byte_level_tokenizer
 
     chars = _byte_to_char()
     merges_needed = vocab_size - len(chars) - len(SPECIAL_TOKENS)
@@ -80,7 +80,7 @@ def model_config(model: str, tokenizer):
     """The transformers config of a benchmark model: the tiny Llama, or a Pythia shape (GPT-NeoX), sized to the
     tokenizer."""
     if model == "tiny":
-        from rto_fast.models import tiny_model_config
+        from rto_fast.trainer.models import tiny_model_config
 
         return tiny_model_config(vocab_size=len(tokenizer))
     from transformers import GPTNeoXConfig
@@ -98,7 +98,7 @@ def build_models(folder: Path, model: str, seed: int, vocab_size: int | None) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rto_fast.models import ValueHeadModel, build_tokenizer
+    from rto_fast.trainer.models import ValueHeadModel, build_tokenizer
 
     tokenizer = build_tokenizer() if vocab_size is None else sized_tokenizer(vocab_size)
     config = model_config(model, tokenizer)
@@ -124,7 +124,7 @@ def build_models(folder: Path, model: str, seed: int, vocab_size: int | None) ->
 
 
 def write_prompts(path: Path, count: int, seed: int) -> None:
-    from rto_fast.synthetic import make_prompt
+    from rto_fast.tasks.letters import make_prompt
 
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as handle:
@@ -150,8 +150,8 @@ def peak_memory_mb(device: str) -> float:
 # ------------------------------------------------------------------------------------------------ rto_fast side
 
 def run_ours(spec: dict) -> dict:
-    from rto_fast.run_log import read_metrics
-    from rto_fast.train import main
+    from rto_fast.trainer.run_log import read_metrics
+    from rto_fast.trainer.cli import main
 
     output = Path(spec["workdir"]) / "ours"
     overrides = [
@@ -177,7 +177,7 @@ def run_ours(spec: dict) -> dict:
         overrides += [f"model.lora_rank={spec['lora']}", f"model.lora_alpha={2 * spec['lora']}"]
     if main(overrides) != 0:
         raise SystemExit("the rto_fast run failed")
-    from rto_fast.attention import chosen_backends
+    from rto_fast.trainer.attention import chosen_backends
 
     records = [record for record in read_metrics(output / "metrics.jsonl") if record.get("stage") == "ppo"]
     iterations = [{"generate": r["time_generate_s"], "score": r["time_score_s"], "train": r["time_train_s"],
@@ -207,7 +207,7 @@ def run_trl(spec: dict) -> dict:
     except ImportError:
         raise SystemExit(f"trl {trl.__version__} has no trl.experimental.ppo: pip install trl==1.12.0 (or pass "
                          "--trl-path to a folder where it is installed)") from None
-    from rto_fast.models import build_tokenizer
+    from rto_fast.trainer.models import build_tokenizer
 
     tokenizer = build_tokenizer(spec["paths"]["policy"])
     tokenizer.padding_side = "left"
@@ -241,7 +241,7 @@ def run_trl(spec: dict) -> dict:
     else:
         ref = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=dtype)
     if spec["gradient_checkpointing"]:  # TRL's PPOTrainer never enables it itself (its args flag is not read)
-        from rto_fast.models import enable_gradient_checkpointing
+        from rto_fast.trainer.models import enable_gradient_checkpointing
 
         for model in (policy, value):
             enable_gradient_checkpointing(model)
@@ -265,7 +265,7 @@ def run_trl(spec: dict) -> dict:
     original_forward = trl_ppo.forward
 
     def timed_generation(*positional, **keywords):
-        from rto_fast.profiling import phase
+        from rto_fast.trainer.profiling import phase
 
         marks["generate_start"] = time.perf_counter()
         with phase("generate"):
@@ -301,7 +301,7 @@ def run_trl(spec: dict) -> dict:
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
             if "running" in profiler:
-                from rto_fast.profiling import summary_lines
+                from rto_fast.trainer.profiling import summary_lines
 
                 running = profiler.pop("running")
                 running.stop()
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from _env import hardware, write_report
 
-    from rto_fast.models import build_tokenizer
+    from rto_fast.trainer.models import build_tokenizer
 
     vocab_size = spec["vocab"] or len(build_tokenizer())
 

@@ -42,7 +42,7 @@ def build_policy(folder: Path, model: str, seed: int, vocab_size: int | None) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rto_fast.models import build_tokenizer
+    from rto_fast.trainer.models import build_tokenizer
 
     tokenizer = build_tokenizer() if vocab_size is None else sized_tokenizer(vocab_size)
     torch.manual_seed(seed)
@@ -54,7 +54,7 @@ def build_policy(folder: Path, model: str, seed: int, vocab_size: int | None) ->
 
 def write_pairs(folder: Path, count: int, seed: int) -> Path:
     """`count` rows of the synthetic task as prompt / chosen / rejected jsonl (train split)."""
-    from rto_fast.synthetic import write_synthetic_task
+    from rto_fast.tasks.letters import write_synthetic_task
 
     write_synthetic_task(folder, seed=seed, num_train=count, num_test=0)
     return folder / "preference" / "train.jsonl"
@@ -63,8 +63,8 @@ def write_pairs(folder: Path, count: int, seed: int) -> Path:
 # ------------------------------------------------------------------------------------------------ the two sides
 
 def run_ours(spec: dict) -> dict:
-    from rto_fast.run_log import read_metrics
-    from rto_fast.train import main
+    from rto_fast.trainer.run_log import read_metrics
+    from rto_fast.trainer.cli import main
 
     output = Path(spec["workdir"]) / "ours"
     dtype = "bf16" if spec["device"] == "cuda" else "fp32"
@@ -103,7 +103,7 @@ def run_trl(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from rto_fast.models import build_tokenizer
+    from rto_fast.trainer.models import build_tokenizer
 
     tokenizer = build_tokenizer(spec["policy"])
     rows = [json.loads(line) for line in open(spec["pairs"], encoding="utf-8")]

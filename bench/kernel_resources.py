@@ -287,7 +287,7 @@ def workloads():
         cases[f"gae loop {'packed' if packed else 'padded'}"] = gae_loop
 
     def stochastic_rounding_adamw():
-        from rto_fast.optim import StochasticRoundingAdamW
+        from rto_fast.trainer.optim import StochasticRoundingAdamW
 
         weight = torch.nn.Parameter(torch.randn(1000, 64).bfloat16())
         weight.grad = torch.randn(1000, 64).bfloat16()

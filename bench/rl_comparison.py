@@ -59,7 +59,7 @@ RL_STAGES = ("rto", "ppo", "dppo")
 PRE_RL_STAGES = ("sft", "pairs", "dpo", "rm")
 CURVE_COLORS = {"rto": "tab:red", "ppo": "tab:blue", "dppo": "tab:green", "rto_rm": "tab:purple",
                 "oracle_dense": "black", "oracle_sparse": "tab:gray"}
-RTO_KL_COEF = 0.03  # the paper's RTO value (rto_fast.config.PAPER_KL_COEF), the oracles' KL when rl.kl_coef is null
+RTO_KL_COEF = 0.03  # the paper's RTO value (PAPER_KL_COEF), the oracles' KL when rl.kl_coef is null
 
 
 def fraction_name(method: str, fraction: int) -> str:
@@ -93,10 +93,10 @@ def diagnose(folder: Path, config: str, seed: int, overrides: list[str]) -> None
 def training_prompts(config: str, overrides: list[str], folder: Path) -> int:
     """How many RL training prompts the config gives (the fractions' data.max_train_samples are shares of it)."""
     sys.path.insert(0, str(ROOT))
-    from rto_fast import data
-    from rto_fast.config import load_config
-    from rto_fast.models import build_tokenizer
-    from rto_fast.train import prompt_data_config
+    from rto_fast.trainer import data
+    from rto_fast.trainer.config_file import load_config
+    from rto_fast.trainer.models import build_tokenizer
+    from rto_fast.trainer.pipeline import prompt_data_config
 
     settings = load_config(config, overrides)
     tokenizer = build_tokenizer(settings.model.tokenizer or settings.model.name_or_path)

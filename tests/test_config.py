@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 import yaml
 
-from rto_fast import config as config_module
-from rto_fast.config import STAGES, Config, ConfigError, config_help, load_config, save_config
+from rto_fast.trainer import config_file as config_module
+from rto_fast.trainer.config import STAGES, Config, ConfigError
+from rto_fast.trainer.config_file import config_help, load_config, save_config
 
 
 def write_yaml(path, text):
@@ -195,7 +196,7 @@ def test_help_documents_every_field():
 def test_shipped_configs_load_and_their_deepspeed_settings_validate():
     from pathlib import Path
 
-    from rto_fast import distributed
+    from rto_fast.trainer import distributed
 
     folder = Path(__file__).resolve().parents[1] / "configs"
     configs = sorted(folder.glob("*.yaml"))

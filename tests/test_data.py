@@ -7,12 +7,13 @@ import random
 import pandas as pd
 import pytest
 
-from rto_fast import data, synthetic
-from rto_fast.config import DataConfig
-from rto_fast.data import (DataError, PreferenceExample, PromptExample, load_preference_splits, load_prompt_splits,
+from rto_fast.trainer import data
+from rto_fast.tasks import letters as synthetic
+from rto_fast.trainer.config import DataConfig
+from rto_fast.trainer.data import (DataError, PreferenceExample, PromptExample, load_preference_splits, load_prompt_splits,
                            pair_sequences, sft_sequence, truncate_prompt, validate_dataset_source)
-from rto_fast.models import build_tokenizer
-from rto_fast.packing import IGNORE_INDEX, build_micro_batches
+from rto_fast.trainer.models import build_tokenizer
+from rto_fast.trainer.packing import IGNORE_INDEX, build_micro_batches
 
 BOS, EOS = 257, 258
 
@@ -138,7 +139,7 @@ def test_hh_rlhf_malformed_transcripts(tmp_path, tokenizer, caplog):
         {"chosen": "\n\nHuman: \n\nAssistant: a", "rejected": "\n\nHuman: \n\nAssistant: b"},
     ]
     path = write_rows(tmp_path / "hh.jsonl", rows)
-    with caplog.at_level(logging.INFO, logger="rto_fast.data"):
+    with caplog.at_level(logging.INFO, logger="rto_fast.trainer.data"):
         train, _ = load(config(path, format="hh-rlhf", test_split=None, max_bad_fraction=1.0), tokenizer, tmp_path)
     assert [example.row for example in train] == [0, 1, 2]
     log = caplog.text
@@ -184,7 +185,7 @@ def test_bad_chat_messages_are_skipped(tmp_path, tokenizer, caplog):
             {**good, "rejected": [{"role": "assistant", "content": ""}]},
             {**good, "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     path = write_rows(tmp_path / "chat.jsonl", rows)
-    with caplog.at_level(logging.INFO, logger="rto_fast.data"):
+    with caplog.at_level(logging.INFO, logger="rto_fast.trainer.data"):
         train, _ = load(config(path, test_split=None, max_bad_fraction=1.0), tokenizer, tmp_path)
     assert [example.row for example in train] == [0]
     assert "bad_messages 3" in caplog.text and "empty_response 1" in caplog.text
@@ -217,7 +218,7 @@ def test_truncation_keeps_the_prompt_end_and_the_response_start(tmp_path, tokeni
             {"prompt": hh_prompt("q"), "chosen": " same start, then A", "rejected": " same start, then B"}]
     path = write_rows(tmp_path / "long.jsonl", rows)
     cfg = config(path, test_split=None, max_prompt_length=16, max_response_length=10, max_bad_fraction=1.0)
-    with caplog.at_level(logging.INFO, logger="rto_fast.data"):
+    with caplog.at_level(logging.INFO, logger="rto_fast.trainer.data"):
         train, _ = load(cfg, tokenizer, tmp_path)
     (example,) = train
     assert example.prompt_ids == [BOS] + byte_ids(long_prompt)[-15:]  # bos, then the last 15 bytes
@@ -239,7 +240,7 @@ def test_drop_policy_skips_long_rows_without_calling_them_malformed(tmp_path, to
                         {"prompt": hh_prompt("q"), "chosen": " z" * 100, "rejected": " b"}]
     path = write_rows(tmp_path / "pairs.jsonl", rows)
     cfg = config(path, test_split=None, truncation="drop", max_bad_fraction=0.0)
-    with caplog.at_level(logging.INFO, logger="rto_fast.data"):
+    with caplog.at_level(logging.INFO, logger="rto_fast.trainer.data"):
         train, _ = load(cfg, tokenizer, tmp_path)
     assert [example.row for example in train] == [0, 1, 2, 3]
     assert "too_long 2" in caplog.text
@@ -263,7 +264,7 @@ MIXED_ROWS = [
 
 def test_malformed_rows_are_counted_and_skipped(tmp_path, tokenizer, caplog):
     path = write_rows(tmp_path / "mixed.jsonl", MIXED_ROWS)
-    with caplog.at_level(logging.INFO, logger="rto_fast.data"):
+    with caplog.at_level(logging.INFO, logger="rto_fast.trainer.data"):
         train, _ = load(config(path, test_split=None, max_bad_fraction=0.9), tokenizer, tmp_path)
     assert [example.row for example in train] == [0, 7]
     for reason in ("missing_field 2", "not_a_string 1", "empty_response 1", "empty_prompt 1",
@@ -274,7 +275,7 @@ def test_malformed_rows_are_counted_and_skipped(tmp_path, tokenizer, caplog):
 def test_csv_empty_cell_is_a_missing_field(tmp_path, tokenizer, caplog):
     rows = PAIRS[:5] + [{"prompt": hh_prompt("q"), "chosen": " a", "rejected": ""}]
     path = write_rows(tmp_path / "pairs.csv", rows)
-    with caplog.at_level(logging.INFO, logger="rto_fast.data"):
+    with caplog.at_level(logging.INFO, logger="rto_fast.trainer.data"):
         train, _ = load(config(path, test_split=None, max_bad_fraction=0.5), tokenizer, tmp_path)
     assert len(train) == 5 and "missing_field 1" in caplog.text
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rto_fast import distributed, train
-from rto_fast.config import SFTConfig
+from rto_fast.trainer import distributed
+from rto_fast.trainer import cli as train
+from rto_fast.trainer.config import SFTConfig
 
 pytestmark = pytest.mark.cpu_path
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +232,7 @@ def test_two_ranks_match_one_process(single_process_run, tmp_path, zero_stage):
     result = _run(run, f"runtime.deepspeed={{zero_optimization: {{stage: {zero_stage}}}}}", *fused, processes=2)
     assert "fused output layer:" not in result.stderr  # every model took the fused path (or was trained by ZeRO-3)
     if zero_stage == 3:  # frozen models are partitioned too (rank 0 logs)
-        partitioned = [line.split("rto_fast.distributed: ")[1].split(" partitioned")[0]
+        partitioned = [line.split("rto_fast.trainer.distributed: ")[1].split(" partitioned")[0]
                        for line in result.stderr.splitlines() if "partitioned over 2 ranks (ZeRO-3)" in line]
         assert partitioned == ["reference", "reference", "DPO model", "reward model",  # DPO; RTO
                                "reward model", "DPO model", "reference"], partitioned  # the eval stage's judges

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rto_fast.ops as ops
-from rto_fast import reference
+from rto_fast.ops import reference
 from tests.utils import assert_within_budget, cpu_isas, poison_like
 
 BACKENDS = ["triton", "torch", "reference"]
@@ -170,7 +170,7 @@ def test_gae_agrees_with_trl_loop(backend):
     """Peer oracle: TRL PPOTrainer's lastgaelam loop on right-padded rows whose responses start at column 0.
 
     TRL bootstraps from the value after the last response token; with values and rewards zeroed on padding (the
-    V_{H+1} = 0 convention of SPEC.md) its loop must give our advantages and returns on the response tokens.
+    V_{H+1} = 0 convention of docs/math.md) its loop must give our advantages and returns on the response tokens.
     """
     batch, length, gamma, lam = 6, 29, 0.99, 0.95
     response_lengths = torch.randint(1, length + 1, (batch,))

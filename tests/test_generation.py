@@ -1,4 +1,4 @@
-"""The rto_fast decode loop (rto_fast.generation.decode) and its sampler.
+"""The rto_fast decode loop (rto_fast.trainer.generation.decode) and its sampler.
 
 - greedy: token for token what transformers' `generate` produces, for Llama, GPT-NeoX, GPT-2 and OPT (absolute
   positions, so a left-padded row's positions matter), a sliding-window Mistral and Gemma-2 (eager attention with
@@ -22,8 +22,8 @@ import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig,
                           MistralConfig, OPTConfig, Qwen2Config)
 
-from rto_fast import generation
-from rto_fast.generation import SamplingSettings, decode, draw_tokens, filter_logits, generate
+from rto_fast.trainer import generation
+from rto_fast.trainer.generation import SamplingSettings, decode, draw_tokens, filter_logits, generate
 
 VOCAB = 97
 PAD = 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rto_fast.ops as ops
-from rto_fast import reference
+from rto_fast.ops import reference
 from rto_fast.ops import logprobs as logprobs_module
 from tests.utils import assert_within_budget, cpu_isas, poison_like
 

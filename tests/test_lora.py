@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rto_fast import checkpoint as ckpt
-from rto_fast import lora, models
-from rto_fast.config import ConfigError, load_config
-from rto_fast.run_log import read_metrics
-from rto_fast.train import main
+from rto_fast.trainer import checkpoint as ckpt
+from rto_fast.trainer import extras, lora, models
+from rto_fast.trainer.config import ConfigError
+from rto_fast.trainer.config_file import load_config
+from rto_fast.trainer.run_log import read_metrics
+from rto_fast.trainer.cli import main
 
 pytest.importorskip("peft")
 
@@ -111,8 +112,8 @@ def test_adapter_gradients_are_the_same_with_activation_checkpointing():
 def test_fused_output_layer_serves_a_model_with_adapters():
     """The output layer gets no adapter (all-linear), so model.fused_output_layer still computes log-probs from its
     input: the same log-probs and adapter gradients as the logits path, and no logits held."""
-    from rto_fast.packing import build_micro_batches
-    from rto_fast.scoring import packed_logprobs, response_sequence
+    from rto_fast.trainer.packing import build_micro_batches
+    from rto_fast.trainer.scoring import packed_logprobs, response_sequence
 
     generator = torch.Generator().manual_seed(11)
     sequences = [response_sequence(torch.randint(3, 250, (9,), generator=generator).tolist(),
@@ -215,7 +216,7 @@ def test_bad_lora_settings_name_the_key(override, message):
 
 
 def test_missing_peft_is_a_config_error_naming_the_extra(monkeypatch):
-    monkeypatch.setattr(lora, "peft_available", lambda: False)
+    monkeypatch.setattr(extras, "peft_available", lambda: False)
     with pytest.raises(ConfigError, match=r"rto_fast\[lora\]"):
         load_config(None, ["model.lora_rank=4"])
     assert load_config(None, ["model.lora_rank=0"]).model.lora_rank == 0  # full fine-tuning needs no peft
@@ -314,12 +315,12 @@ def test_rl_reference_is_the_policy_with_adapters_off_and_resume_is_bitwise(tmp_
 
 def test_rl_reference_stays_the_starting_model_while_the_policy_trains(tmp_path, rl_assets):
     """After training, the shared reference's log-probs equal those of the SFT model loaded on its own."""
-    from rto_fast import data, rl
-    from rto_fast.run_log import MetricsLog
-    from rto_fast.packing import build_micro_batches
-    from rto_fast.scoring import packed_logprobs, response_sequence
-    from rto_fast.stages import RunContext
-    from rto_fast.train import prompt_data_config
+    from rto_fast.trainer import data, rl
+    from rto_fast.trainer.run_log import MetricsLog
+    from rto_fast.trainer.packing import build_micro_batches
+    from rto_fast.trainer.scoring import packed_logprobs, response_sequence
+    from rto_fast.trainer.pipeline import prompt_data_config
+    from rto_fast.trainer.run import RunContext
 
     config = load_config(None, [*BASE, *RL, f"model.sft_path={rl_assets / 'sft'}",
                                 f"model.dpo_path={rl_assets / 'dpo'}", f"runtime.output_dir={tmp_path}",
@@ -331,8 +332,8 @@ def test_rl_reference_stays_the_starting_model_while_the_policy_trains(tmp_path,
                          train_examples=[], eval_examples=[], metrics=MetricsLog(tmp_path / "m.jsonl"),
                          train_prompts=train_prompts, eval_prompts=eval_prompts)
     torch.manual_seed(0)
-    trainer = rl.RLTrainer("rto", context)
-    trainer.build(None)
+    trainer = rl.RLStage("rto", context)
+    trainer.build_models(None)
     trainer.build_optimizers(total_steps=10)
     assert isinstance(trainer.reference, lora.SharedReference)
     prompts = train_prompts[:8]
@@ -361,7 +362,7 @@ def test_dpo_with_precomputed_reference_scores_the_policy_with_adapters_off(tmp_
 def test_rl_with_frozen_models_offloaded_keeps_the_shared_reference(tmp_path, rl_assets, monkeypatch):
     """Offloading (forced on CPU) moves the DPO model to host memory and leaves the shared reference alone: it is
     the policy, which trains on the device. Sampling through model.generate sees the adapters too."""
-    from rto_fast import offload
+    from rto_fast.trainer import offload
 
     monkeypatch.setattr(offload, "OFFLOAD_DEVICE_TYPES", ("cuda", "cpu"))
     run_dir = run(tmp_path / "run", *RL, f"model.sft_path={rl_assets / 'sft'}", f"model.dpo_path={rl_assets / 'dpo'}",

@@ -1,4 +1,4 @@
-"""Frozen models kept in host memory (rto_fast.offload; the RL stage's `rl.offload_frozen_models` is tested in
+"""Frozen models kept in host memory (rto_fast.trainer.offload; the RL stage's `rl.offload_frozen_models` is tested in
 test_rl_loop.py).
 
 - HostResident: inside `on_device()` every parameter and buffer is a device copy (a CPU copy here), which carries
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from rto_fast import offload
+from rto_fast.trainer import offload
 from tests.utils import storage_pointers
 
 

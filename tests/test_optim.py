@@ -1,4 +1,4 @@
-"""rto_fast.optim: the fused AdamW every non-DeepSpeed stage uses, and float32 master weights for bf16 models (without
+"""rto_fast.trainer.optim: the fused AdamW every non-DeepSpeed stage uses, and float32 master weights for bf16 models (without
 them AdamW's updates at RL learning rates are rounded away)."""
 
 import io
@@ -6,9 +6,10 @@ import io
 import pytest
 import torch
 
-from rto_fast import optim
-from rto_fast.config import BF16_OPTIMIZERS, load_config
-from rto_fast.optim import (MasterWeightAdamW, NonFiniteGradients, NonFiniteSteps, StochasticRoundingAdamW,
+from rto_fast.trainer import optim
+from rto_fast.trainer.config import BF16_OPTIMIZERS
+from rto_fast.trainer.config_file import load_config
+from rto_fast.trainer.optim import (MasterWeightAdamW, NonFiniteGradients, NonFiniteSteps, StochasticRoundingAdamW,
                             stochastic_round_)
 
 BETAS = (0.9, 0.95)

@@ -55,6 +55,6 @@ def test_wheel_contents(tmp_path):
     (wheel,) = tmp_path.glob("rto_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "rto_fast/kernels/__init__.py" in names
-    assert "rto_fast/reference.py" in names
+    assert "rto_fast/ops/reference.py" in names
     assert any(name.startswith("rto_fast/_C") and name.endswith(".so") for name in names)
     assert not any(name.startswith("kernels/") for name in names)

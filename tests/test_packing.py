@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPTNeoXConfig, LlamaConfig
 
-from rto_fast import attention
-from rto_fast.models import (TOKENIZER_DIR, ValueHeadModel, build_tokenizer, check_model_source, load_causal_lm,
+from rto_fast.trainer import attention
+from rto_fast.trainer.models import (TOKENIZER_DIR, ValueHeadModel, build_tokenizer, check_model_source, load_causal_lm,
                              make_byte_tokenizer, tiny_model_config)
-from rto_fast.packing import (IGNORE_INDEX, PackedBatch, TokenizedSequence, balance_across_ranks,
+from rto_fast.trainer.packing import (IGNORE_INDEX, PackedBatch, TokenizedSequence, balance_across_ranks,
                               build_micro_batches, build_rank_micro_batches, first_fit_decreasing, pack,
                               sequence_sums, to_input_order, unpack)
 
@@ -271,7 +271,7 @@ def test_packed_attention_writes_out_softcapping_sinks_and_sliding_windows(kind,
     batch = pack(sequences, [2, 0, 4, 1, 3])
     alone = own_logits(model, sequences, batch)
     prompts = [[3, 9, 4, 11, 7, 2, 8, 5], [6, 1, 12]]
-    from rto_fast.generation import SamplingSettings, generate
+    from rto_fast.trainer.generation import SamplingSettings, generate
 
     settings = SamplingSettings(max_new_tokens=9, temperature=0.0, ban_eos=True)
     expected_tokens = generate(model, prompts, settings, eos_token_id=VOCAB - 1, pad_token_id=0)
@@ -282,7 +282,7 @@ def test_packed_attention_writes_out_softcapping_sinks_and_sliding_windows(kind,
 
     attention.register_packed_attention()
     model.set_attn_implementation(attention.PACKED_IMPLEMENTATION)
-    caplog.set_level(logging.WARNING, logger="rto_fast.attention")
+    caplog.set_level(logging.WARNING, logger="rto_fast.trainer.attention")
     attention._warn_written_out_attention.cache_clear()
     logits = attention.packed_forward(model, batch).logits
     torch.testing.assert_close(logits[0].detach(), alone, atol=1e-5, rtol=1e-5)
@@ -379,7 +379,7 @@ def test_packed_logprobs_compute_logits_only_at_labels(kind, inplace_backward):
     """scoring.packed_logprobs runs the output layer on the labelled positions only (logits_to_keep) and spreads the
     log-probs and entropy back onto the stream: equal, with gradients, to the whole stream's logits."""
     from rto_fast import ops
-    from rto_fast.scoring import packed_logprobs
+    from rto_fast.trainer.scoring import packed_logprobs
 
     model = model_for(kind, "packed-sdpa")
     batch = pack(random_sequences([9, 14, 5, 20]))
@@ -471,7 +471,7 @@ def test_generation_with_the_packed_implementation(attention_backend):
 def test_backend_choice_env_and_logging(monkeypatch, caplog):
     attention.set_backend(None)
     monkeypatch.delenv(attention.ENV_VAR, raising=False)
-    with caplog.at_level(logging.INFO, logger="rto_fast.attention"):
+    with caplog.at_level(logging.INFO, logger="rto_fast.trainer.attention"):
         assert attention.select_backend("cpu") == "packed_sdpa"
     assert "packed attention on cpu: packed_sdpa" in caplog.text
     assert attention.model_attn_implementation("cpu") == attention.PACKED_IMPLEMENTATION
@@ -707,9 +707,9 @@ def test_frozen_pass_then_trained_pass_share_a_batch(attention_backend):
 
 
 def test_generate_runs_under_sdpa_and_restores_the_packed_implementation():
-    """rto_fast.generation.generate switches a packed-attention model to transformers' sdpa for the decode loop
+    """rto_fast.trainer.generation.generate switches a packed-attention model to transformers' sdpa for the decode loop
     (one mask per forward, not one per layer) and back; greedy tokens equal those of a plain sdpa model."""
-    from rto_fast.generation import SamplingSettings, generate
+    from rto_fast.trainer.generation import SamplingSettings, generate
 
     tokenizer = build_tokenizer()
     model = tiny_llama("sdpa")
@@ -735,7 +735,7 @@ def test_generate_runs_under_sdpa_and_restores_the_packed_implementation():
 def test_static_kv_cache_and_fixed_prompt_width_sample_the_same_tokens():
     """rl.generation_cache=static (transformers engine): its preallocated cache and prompts left-padded to a fixed
     width give the greedy tokens of its dynamic cache."""
-    from rto_fast.generation import SamplingSettings, generate
+    from rto_fast.trainer.generation import SamplingSettings, generate
 
     tokenizer = build_tokenizer()
     model = tiny_llama("sdpa")
@@ -780,7 +780,7 @@ def fused_output_model(kind: str):
 
 def logits_path_logprobs(model, batch):
     """Log-probs, entropy and parameter gradients of the logits path (the reference for the fused path)."""
-    from rto_fast.scoring import packed_logprobs
+    from rto_fast.trainer.scoring import packed_logprobs
 
     model.zero_grad()
     logprobs, entropy = packed_logprobs(model, batch, return_entropy=True)
@@ -795,7 +795,7 @@ def test_fused_output_layer_never_builds_the_logits(kind):
     """fused_output_layer=True: ops.linear_token_logprobs on the output layer's input gives the logits path's
     log-probs, entropy and gradients of every parameter (tied weights and a bias included), and the output layer
     hands the model a zero-memory stand-in, never (K, V) logits."""
-    from rto_fast.scoring import packed_logprobs
+    from rto_fast.trainer.scoring import packed_logprobs
 
     model = fused_output_model(kind)
     batch = pack(random_sequences([9, 14, 5, 20]))
@@ -816,7 +816,7 @@ def test_fused_output_layer_never_builds_the_logits(kind):
 
 def test_fused_output_layer_under_bf16_autocast_matches_the_logits_path():
     """Under bf16 autocast the fused path runs the output matmul in bf16, as autocast runs the layer."""
-    from rto_fast.scoring import packed_logprobs
+    from rto_fast.trainer.scoring import packed_logprobs
 
     model = fused_output_model("llama")
     batch = pack(random_sequences([12, 7, 16]))
@@ -832,13 +832,13 @@ def test_fused_output_layer_finds_models_that_change_their_logits(kind, caplog):
     """A model that soft-caps or scales its logits after the output layer cannot be served from the layer's input:
     its first call finds that out (one warning) and gives the logits path's numbers; later calls go straight to the
     logits path."""
-    from rto_fast import scoring
-    from rto_fast.scoring import packed_logprobs
+    from rto_fast.trainer import scoring
+    from rto_fast.trainer.scoring import packed_logprobs
 
     model = fused_output_model(kind)
     batch = pack(random_sequences([9, 14, 5]))
     expected_logprobs, expected_entropy, expected_grads = logits_path_logprobs(model, batch)
-    with caplog.at_level("WARNING", logger="rto_fast.scoring"):
+    with caplog.at_level("WARNING", logger="rto_fast.trainer.scoring"):
         for _ in range(2):
             logprobs, entropy = packed_logprobs(model, batch, return_entropy=True, fused_output_layer=True)
     assert len([r for r in caplog.records if "changes the output layer's logits" in r.getMessage()]) == 1
@@ -853,8 +853,8 @@ def test_fused_output_layer_finds_models_that_change_their_logits(kind, caplog):
 def test_fused_output_layer_finds_a_model_that_calls_its_output_layer_twice(caplog):
     """A model whose forward runs its output layer once more (here on an extra hidden state first) is served from its
     logits (one warning), with the logits path's numbers."""
-    from rto_fast import scoring
-    from rto_fast.scoring import packed_logprobs
+    from rto_fast.trainer import scoring
+    from rto_fast.trainer.scoring import packed_logprobs
 
     model = fused_output_model("llama")
     original_forward = model.forward
@@ -866,7 +866,7 @@ def test_fused_output_layer_finds_a_model_that_calls_its_output_layer_twice(capl
     model.forward = forward_with_an_extra_head_call
     batch = pack(random_sequences([9, 14, 5]))
     expected, _, _ = logits_path_logprobs(model, batch)
-    with caplog.at_level("WARNING", logger="rto_fast.scoring"):
+    with caplog.at_level("WARNING", logger="rto_fast.trainer.scoring"):
         logprobs = packed_logprobs(model, batch, fused_output_layer=True)
     assert any("calls the output layer twice" in r.getMessage() for r in caplog.records)
     assert model.get_output_embeddings() in scoring._UNFUSABLE

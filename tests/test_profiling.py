@@ -1,4 +1,4 @@
-"""rto_fast.profiling: the per-step peak memory the trainer logs on CUDA and the per-phase memory of a profiled
+"""rto_fast.trainer.profiling: the per-step peak memory the trainer logs on CUDA and the per-phase memory of a profiled
 step, with CUDA's allocator counters replaced by fakes (these machines have no GPU); the profiled runs themselves are
 tested in test_train.py and test_rl_loop.py.
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rto_fast import profiling
+from rto_fast.trainer import profiling
 
 
 class FakeAllocator:
@@ -83,7 +83,7 @@ def test_phase_outside_a_profiled_step_records_no_memory():
 
 
 def test_run_summary_shows_each_stage_s_largest_step_peak():
-    from rto_fast.run_log import summarize, summary_table
+    from rto_fast.trainer.run_log import summarize, summary_table
 
     records = [{"stage": "sft", "step": 1, "tokens_seen": 10, "elapsed_s": 1.0, "loss": 2.0, "peak_memory_mb": 900},
                {"stage": "sft", "step": 2, "tokens_seen": 20, "elapsed_s": 2.0, "loss": 1.5, "peak_memory_mb": 1200},

@@ -2,7 +2,7 @@
 
 Every fast path is tested against `rto_fast.reference`, so the reference itself must be right: here each of its
 functions is compared with a second, differently written definition (cross entropy, closed forms, explicit loops)
-and with small cases worked out by hand from SPEC.md.
+and with small cases worked out by hand from docs/math.md.
 """
 
 import math
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from rto_fast import reference
+from rto_fast.ops import reference
 
 
 def test_token_logprobs_matches_cross_entropy_and_entropy_definition():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rto_fast.ops as ops
-from rto_fast import reference
+from rto_fast.ops import reference
 from tests.utils import assert_within_budget, poison_like
 
 BACKENDS = ["triton", "torch"]

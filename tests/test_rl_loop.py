@@ -18,13 +18,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from rto_fast import checkpoint as ckpt
-from rto_fast import data, models, offload, reference, rl
-from rto_fast.config import load_config
-from rto_fast.generation import Rollout
-from rto_fast.run_log import MetricsLog, read_metrics
-from rto_fast.stages import RunContext
-from rto_fast.train import main, prompt_data_config
+from rto_fast.trainer import checkpoint as ckpt
+from rto_fast.trainer import data, distributed, models, offload, rl
+from rto_fast.trainer.optimization import Optimization
+from rto_fast.trainer.packing import build_micro_batches
+from rto_fast.trainer.rl import rollout as rl_rollout
+from rto_fast.trainer.rl import update as rl_update
+from rto_fast.trainer.scoring import response_sequence
+from rto_fast.ops import reference
+from rto_fast.trainer.config_file import load_config
+from rto_fast.trainer.generation import Rollout
+from rto_fast.trainer.run_log import MetricsLog, read_metrics
+from rto_fast.trainer.run import RunContext
+from rto_fast.trainer.cli import main
+from rto_fast.trainer.pipeline import prompt_data_config
 from tests.utils import storage_pointers
 
 RL_BASE = ["runtime.device=cpu", "runtime.progress_bar=false", "runtime.seed=5", "data.max_prompt_length=48",
@@ -63,7 +70,7 @@ def run_cli(run_dir, assets, *overrides):
 
 
 def make_trainer(assets, tmp_path, mode, *overrides):
-    """An RLTrainer built as run_rl_stage builds it, with the synthetic task's prompts."""
+    """An RLStage with its models and optimizers, as the training loop builds it, with the synthetic task's prompts."""
     config = load_config(None, [*RL_BASE, *assets["paths"], f"runtime.output_dir={tmp_path}", f"stages=[{mode}]",
                                 *overrides])
     tokenizer = assets["tokenizer"]
@@ -73,8 +80,8 @@ def make_trainer(assets, tmp_path, mode, *overrides):
                          train_examples=[], eval_examples=[], metrics=MetricsLog(Path(tmp_path) / "m.jsonl"),
                          train_prompts=train_prompts, eval_prompts=eval_prompts)
     torch.manual_seed(0)
-    trainer = rl.RLTrainer(mode, context)
-    trainer.build(None)
+    trainer = rl.RLStage(mode, context)
+    trainer.build_models(None)
     trainer.build_optimizers(total_steps=10)
     return trainer
 
@@ -156,7 +163,7 @@ def test_each_mode_runs_and_logs(tmp_path, assets, mode):
 def test_logprob_mismatch_measures_scoring_against_training(tmp_path, assets, monkeypatch):
     """Scoring's log-probs shifted by 0.01 on every response token: the iteration's logprob_mismatch (first
     mini-batch, policy not yet updated) is that shift."""
-    original = rl.packed_logprobs
+    original = rl_rollout.packed_logprobs
 
     def shifted(model, batch, **kwargs):
         result = original(model, batch, **kwargs)
@@ -164,7 +171,7 @@ def test_logprob_mismatch_measures_scoring_against_training(tmp_path, assets, mo
             return result
         return torch.where(batch.response_mask.to(result.device), result + 0.01, result)
 
-    monkeypatch.setattr(rl, "packed_logprobs", shifted)
+    monkeypatch.setattr(rl_rollout, "packed_logprobs", shifted)
     run_dir = tmp_path / "run"
     assert run_cli(run_dir, assets, "stages=[rto]", "rl.iterations=1") == 0
     record = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "rto"][0]
@@ -285,8 +292,8 @@ def test_micro_batch_budget_does_not_change_the_update(tmp_path, assets):
         each.build_optimizers(total_steps=10)
         # One optimizer step of plain SGD with lr 1: each weight moves by exactly its gradient (Adam would blow
         # float noise on near-zero gradients up into full-size steps).
-        each.actor_optimizer = torch.optim.SGD(each.actor_parameters, lr=1.0)
-        each.critic_optimizer = torch.optim.SGD(each.critic_parameters, lr=1.0)
+        each.actor.optimizer = torch.optim.SGD(each.actor.parameters, lr=1.0)
+        each.critic_optimization.optimizer = torch.optim.SGD(each.critic_optimization.parameters, lr=1.0)
         each.train(batch, iteration=0)
     for a, b in zip(trainer.policy.parameters(), small.policy.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -301,8 +308,8 @@ def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, as
     """The policy's pass (forward and backward) and then the critic's on a micro-batch (one model's activations alive
     at a time) give the gradients of the joint loss (clipped surrogate - entropy bonus + value loss) taken through
     both forwards at once, with the reference ppo_loss."""
-    from rto_fast.packing import pack
-    from rto_fast.scoring import packed_logprobs, packed_values
+    from rto_fast.trainer.packing import pack
+    from rto_fast.trainer.scoring import packed_logprobs, packed_values
 
     trainer = make_trainer(assets, tmp_path, "rto", f"rl.critic_optimizer={critic_optimizer}", "rl.entropy_coef=0.05")
     settings = trainer.settings
@@ -318,9 +325,10 @@ def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, as
         model.register_forward_hook(lambda module, args, output, name=name: events.append(("forward", name)))
         first = next(model.parameters())
         first.register_hook(lambda grad, name=name: events.append(("backward", name)))
-    inputs = trainer._stream_inputs(rollout, batch, chosen)
-    trainer._policy_pass(batch, inputs, share=1.0)
-    trainer._critic_pass(batch, inputs, share=1.0, vf_coef=vf_coef)
+    inputs = rl_update.stream_inputs(rollout, batch, chosen)
+    rl_update.policy_pass(trainer.actor, batch, inputs, settings, trainer.context, share=1.0)
+    rl_update.critic_pass(trainer.critic_optimization, batch, inputs, settings, trainer.context, share=1.0,
+                          vf_coef=vf_coef)
     assert events == [("forward", "policy"), ("backward", "policy"), ("forward", "critic"), ("backward", "critic")]
     models_ = (trainer.policy, trainer.critic)
     split = [[parameter.grad.clone() for parameter in model.parameters()] for model in models_]
@@ -329,13 +337,13 @@ def test_policy_pass_then_critic_pass_give_the_joint_loss_gradients(tmp_path, as
 
     logprobs, entropy = packed_logprobs(trainer.policy, batch, return_entropy=True)
     values = packed_values(trainer.critic, batch)
-    stream = [rl._scatter_to_stream(tensors, batch, chosen)
+    stream = [rl_rollout.scatter_to_stream(tensors, batch, chosen)
               for tensors in (rollout.old_logprobs, rollout.advantages, rollout.values, rollout.returns)]
     loss, _ = reference.ppo_loss(logprobs, stream[0], stream[1], batch.response_mask, values=values,
                                  old_values=stream[2], returns=stream[3], clip_eps=settings.clip_eps,
                                  clip_eps_high=settings.clip_eps_high, value_clip=settings.value_clip, vf_coef=vf_coef,
                                  agg=settings.agg, cu_seqlens=batch.cu_seqlens)
-    (loss - settings.entropy_coef * trainer._aggregate(entropy, batch)).backward()
+    (loss - settings.entropy_coef * rl_update.aggregate(entropy, batch, settings.agg)).backward()
     for model, grads in zip(models_, split):
         assert any(grad.abs().sum() > 0 for grad in grads)
         for parameter, grad in zip(model.parameters(), grads):
@@ -353,11 +361,11 @@ def test_actor_steps_and_frees_its_gradients_before_the_critic_pass(tmp_path, as
     torch.manual_seed(3)
     rollout = trainer.gather(trainer.score(prompts, trainer.sample(prompts)))
     events = []
-    optimizer = trainer.actor_optimizer
+    optimizer = trainer.actor.optimizer
     trainer.policy.register_forward_hook(lambda *args: events.append("policy"))
     trainer.critic.register_forward_hook(lambda *args: events.append(
         ("critic", optimizer.state_dict()["state"] != {},
-         all(parameter.grad is None for parameter in trainer.actor_parameters))))
+         all(parameter.grad is None for parameter in trainer.actor.parameters))))
     stats = trainer.train(rollout, iteration=1)
     mini_batches = stats["optimizer_steps"]
     assert mini_batches == 2
@@ -387,10 +395,10 @@ def test_extra_scoring_passes_for_partitioned_frozen_models_change_nothing(tmp_p
     plain_eval = rl.evaluate_policy(trainer, trainer.context.eval_prompts[:5])
     forwards = []
     trainer.reference.register_forward_hook(lambda *args: forwards.append(1))
-    monkeypatch.setattr(rl.distributed, "zero_stage", lambda dist: 3)
-    monkeypatch.setattr(rl.distributed.Distributed, "max", lambda self, value: value + 2)
+    monkeypatch.setattr(distributed, "zero_stage", lambda dist: 3)
+    monkeypatch.setattr(distributed.Distributed, "max", lambda self, value: value + 2)
     padded = trainer.score(prompts, rollouts)
-    batches = len(rl.build_micro_batches([rl.response_sequence(r.prompt_ids, r.response_ids) for r in rollouts], 128))
+    batches = len(build_micro_batches([response_sequence(r.prompt_ids, r.response_ids) for r in rollouts], 128))
     assert batches > 1 and len(forwards) == batches + 2
     for name in ("old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
         for a, b in zip(getattr(plain, name), getattr(padded, name)):
@@ -456,7 +464,7 @@ def test_frozen_models_are_on_the_device_only_while_they_score(tmp_path, assets,
 
 
 def test_offload_under_zero3_names_the_setting_to_use(tmp_path, assets, offload_on_cpu, monkeypatch):
-    monkeypatch.setattr(rl.distributed, "zero_stage", lambda dist: 3)
+    monkeypatch.setattr(distributed, "zero_stage", lambda dist: 3)
     with pytest.raises(ValueError, match="offload_param"):
         make_trainer(assets, tmp_path, "rto", "rl.offload_frozen_models=true")
 
@@ -504,7 +512,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run
     full = tmp_path / "full"
     assert run_cli(full, assets, *overrides) == 0
     stopped = tmp_path / "stopped"
-    original = rl.run_iteration
+    original = rl.RLStage.step
     calls = []
 
     def signalled_iteration(*args, **kwargs):
@@ -513,12 +521,12 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rl, "run_iteration", signalled_iteration)
+    monkeypatch.setattr(rl.RLStage, "step", signalled_iteration)
     assert run_cli(stopped, assets, *overrides) == 128 + signal.SIGTERM
     checkpoints = stopped / "rto" / "checkpoints"
     assert [path.name for path in checkpoints.iterdir()] == [ckpt.checkpoint_name(2)]
     assert not (stopped / "rto" / "model").exists()
-    monkeypatch.setattr(rl, "run_iteration", original)
+    monkeypatch.setattr(rl.RLStage, "step", original)
     assert run_cli(stopped, assets, *overrides) == 0
     for part in ("model", "critic"):
         a = load_file(str(full / "rto" / part / "model.safetensors"))
@@ -534,12 +542,12 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run
 def test_a_nonfinite_iteration_leaves_policy_and_critic_as_they_were(tmp_path, assets, monkeypatch):
     """Every loss of iteration 2 is NaN: each of its optimizer steps (actor and critic, separate optimizers) is
     skipped and logged, the policy and the critic leave it unchanged, and iteration 3 trains again."""
-    original_backward, original_iteration = rl.RLTrainer._backward, rl.run_iteration
+    original_backward, original_iteration = Optimization.backward, rl.RLStage.step
     current = {"iteration": 0}
     snapshots = []
 
-    def backward(engine, loss, boundary):
-        original_backward(engine, loss * float("nan") if current["iteration"] == 2 else loss, boundary)
+    def backward(optimization, loss, boundary=True):
+        original_backward(optimization, loss * float("nan") if current["iteration"] == 2 else loss, boundary)
 
     def iteration(trainer, *args, **kwargs):
         current["iteration"] += 1
@@ -547,8 +555,8 @@ def test_a_nonfinite_iteration_leaves_policy_and_critic_as_they_were(tmp_path, a
         snapshots.append([p.detach().clone() for p in (*trainer.policy.parameters(), *trainer.critic.parameters())])
         return record
 
-    monkeypatch.setattr(rl.RLTrainer, "_backward", staticmethod(backward))
-    monkeypatch.setattr(rl, "run_iteration", iteration)
+    monkeypatch.setattr(Optimization, "backward", backward)
+    monkeypatch.setattr(rl.RLStage, "step", iteration)
     assert run_cli(tmp_path / "run", assets, "stages=[rto]", "rl.iterations=3", "runtime.checkpoint_every=0") == 0
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "rto"]
     steps = records[1]["optimizer_steps"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rto_fast.models import build_tokenizer
+from rto_fast.trainer.models import build_tokenizer
 from rto_fast.tasks import TASKS, credit, get_task, token_true_rewards
 
 PROMPT = "cafb:"

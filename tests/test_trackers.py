@@ -13,9 +13,9 @@ import types
 
 import pytest
 
-from rto_fast import trackers as trackers_module
-from rto_fast.run_log import read_metrics
-from rto_fast.train import main
+from rto_fast.trainer import trackers as trackers_module
+from rto_fast.trainer.run_log import read_metrics
+from rto_fast.trainer.cli import main
 
 BASE = ["stages=[sft]", "runtime.device=cpu", "runtime.progress_bar=false", "runtime.seed=3",
         "data.max_train_samples=32", "data.max_eval_samples=8", "data.max_prompt_length=32",
@@ -53,7 +53,7 @@ def test_tensorboard_hides_what_a_resumed_stage_logs_again(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from rto_fast.trackers import Trackers
+    from rto_fast.trainer.trackers import Trackers
 
     first = Trackers(["tensorboard"], tmp_path, "run", {}, "p")
     for step in (1, 2, 3):

@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rto_fast import checkpoint as ckpt
-from rto_fast import models, stages
-from rto_fast.config import load_config
-from rto_fast.run_log import MetricsLog, read_metrics
-from rto_fast.stopping import STOP_SIGNALS, StopSignals, stop_requested
-from rto_fast.train import main
+from rto_fast.trainer import checkpoint as ckpt
+from rto_fast.trainer import loading, models, optimization, run, supervised
+from rto_fast.trainer.config_file import load_config
+from rto_fast.trainer.run_log import MetricsLog, read_metrics
+from rto_fast.trainer.stopping import STOP_SIGNALS, StopSignals, stop_requested
+from rto_fast.trainer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,8 +100,8 @@ def test_dpo_implicit_reward_margin_rises(pipeline_run):
 def test_dpo_sft_term_adds_the_chosen_nll_per_token(tmp_path, pipeline_run):
     # One step over all 32 pairs, policy = reference: the DPO loss is log 2, plus sft_coef times the mean over pairs
     # of the chosen response's NLL per token under the SFT model.
-    from rto_fast import data
-    from rto_fast.config import load_config
+    from rto_fast.trainer import data
+    from rto_fast.trainer.config_file import load_config
 
     sft = pipeline_run / "sft" / "model"
     settings = ["stages=[dpo]", f"model.sft_path={sft}", "dpo.batch_size=32", "dpo.max_steps=1", "dpo.sft_coef=0.5"]
@@ -174,7 +174,7 @@ def test_run_folder_contents(pipeline_run):
 
 def test_finished_run_is_skipped_on_rerun(pipeline_run, monkeypatch):
     before = (pipeline_run / "metrics.jsonl").read_text()
-    monkeypatch.setattr(stages, "load_causal_lm", _refuse)
+    monkeypatch.setattr(loading, "load_causal_lm", _refuse)
     assert main([*BASE, f"runtime.output_dir={pipeline_run}", *PIPELINE]) == 0
     assert (pipeline_run / "metrics.jsonl").read_text() == before
 
@@ -189,7 +189,7 @@ def _step_gradients(stage, examples, max_tokens, accumulation):
     """The summed gradient of one optimizer step, the way run_stage accumulates it."""
     stage.model.zero_grad(set_to_none=True)
     groups = [stage.micro_batches(examples, group, max_tokens)
-              for group in stages.split_even(list(range(len(examples))), accumulation)]
+              for group in run.split_even(list(range(len(examples))), accumulation)]
     denominator = stage.denominator([batch for group in groups for batch in group])
     count = 0
     for group in groups:
@@ -214,9 +214,9 @@ def test_step_gradient_does_not_depend_on_micro_batching(name):
 
     examples = [{"prompt_ids": tokens(3, 20), "chosen_ids": tokens(1, 15), "rejected_ids": tokens(1, 15)}
                 for _ in range(9)]
-    context = stages.RunContext(config, Path("."), torch.device("cpu"), tokenizer, examples, [], None)
-    stage = stages.STAGE_CLASSES[name](context, getattr(config, name))
-    stage.build(models.TINY, None)
+    context = run.RunContext(config, Path("."), torch.device("cpu"), tokenizer, examples, [], None)
+    stage = supervised.STAGE_CLASSES[name](context)
+    stage.build_models(models.TINY, None)
     if name == "dpo":  # make policy and reference differ, so the DPO gradient is not the same at every pair
         with torch.no_grad():
             for parameter in stage.model.parameters():
@@ -267,17 +267,17 @@ def test_every_stage_runs_on_other_architectures(tmp_path, kind):
 
 def test_lr_schedule_warmup_then_cosine():
     settings = load_config(None, ["sft.warmup_ratio=0.2", "sft.min_lr_ratio=0.1"]).sft
-    factors = [stages.lr_factor(step, 10, settings) for step in range(10)]
+    factors = [optimization.lr_factor(step, 10, settings) for step in range(10)]
     assert factors[0] == pytest.approx(1 / 3) and factors[1] == pytest.approx(2 / 3)
     assert factors[2] == pytest.approx(1.0)
     assert all(a > b for a, b in zip(factors[2:], factors[3:]))
-    assert factors[-1] > 0.1 and stages.lr_factor(10, 10, settings) == pytest.approx(0.1)
+    assert factors[-1] > 0.1 and optimization.lr_factor(10, 10, settings) == pytest.approx(0.1)
 
 
 def test_token_batches_respect_the_budget():
     settings = load_config(None, ["sft.batch_unit=tokens", "sft.batch_size=100", "sft.epochs=2"]).sft
     lengths = [30, 50, 20, 70, 10, 40, 60, 25]
-    plan = stages.DataPlan(lengths, settings, seed=1)
+    plan = run.DataPlan(lengths, settings, seed=1)
     for epoch in range(2):
         batches = plan.epoch_batches(epoch)
         assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
@@ -299,7 +299,7 @@ def test_token_batches_respect_the_budget():
 ])
 def test_cli_fails_early_with_one_line(tmp_path, capsys, monkeypatch, override, expected):
     monkeypatch.setattr(models, "load_causal_lm", _refuse)
-    monkeypatch.setattr(stages, "load_causal_lm", _refuse)
+    monkeypatch.setattr(loading, "load_causal_lm", _refuse)
     code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", override])
     error = capsys.readouterr().err
     assert code == 2
@@ -311,7 +311,7 @@ def test_cli_fails_on_missing_column(tmp_path, capsys, monkeypatch):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "answer": f"b{i}"})
                               for i in range(8)) + "\n")
-    monkeypatch.setattr(stages, "load_causal_lm", _refuse)
+    monkeypatch.setattr(loading, "load_causal_lm", _refuse)
     code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", f"data.source={path}", "data.format=preference"])
     error = capsys.readouterr().err
     assert code == 2 and len(error.strip().splitlines()) == 1, error
@@ -535,11 +535,11 @@ def test_dpo_reference_table_names_every_sequence_by_example_and_part(tmp_path):
     tokenizer = models.build_tokenizer()
     examples = [{"prompt_ids": [1, 5 + i], "chosen_ids": [7, 8, 9][: 1 + i % 3], "rejected_ids": [10 + i]}
                 for i in range(7)]
-    context = stages.RunContext(config=config, run_dir=tmp_path, device=torch.device("cpu"), tokenizer=tokenizer,
+    context = run.RunContext(config=config, run_dir=tmp_path, device=torch.device("cpu"), tokenizer=tokenizer,
                          train_examples=examples, eval_examples=examples[:3],
                          metrics=MetricsLog(tmp_path / "m.jsonl"))
-    stage = stages.DPOStage(context, config.dpo)
-    stage.build("tiny", None)
+    stage = supervised.DPOStage(context)
+    stage.build_models("tiny", None)
     reference = stage.reference
     stage.before_training(examples, examples[:3])
     assert stage.reference is None and stage.reference_tables["train"].shape == (14,)
@@ -583,16 +583,16 @@ def test_bf16_sft_follows_the_float32_run_unless_pure(tmp_path, bf16_optimizer, 
 def test_a_nonfinite_gradient_skips_its_update_and_training_goes_on(tmp_path, monkeypatch):
     """NaN losses in steps 3 and 4 (every micro-batch): those two updates are skipped, logged as skipped with their
     NaN norm, and the weights stay finite; the run finishes. Step 5 onwards train as usual."""
-    original = stages.SFTStage.loss
+    original = supervised.SFTStage.loss
     step_of_call = []
-    monkeypatch.setattr(stages, "NonFiniteSteps", _StepTracking(stages.NonFiniteSteps, step_of_call))
+    monkeypatch.setattr(supervised, "NonFiniteSteps", _StepTracking(supervised.NonFiniteSteps, step_of_call))
 
     def loss(self, batch, extra, denominator):
         value, stats = original(self, batch, extra, denominator)
         current = len(step_of_call) + 1  # optimizer steps already checked + 1
         return (value * float("nan"), stats) if current in (3, 4) else (value, stats)
 
-    monkeypatch.setattr(stages.SFTStage, "loss", loss)
+    monkeypatch.setattr(supervised.SFTStage, "loss", loss)
     run_dir = run_main(tmp_path / "run", "stages=[sft]", "sft.max_steps=8", "runtime.checkpoint_every=0")
     records = stage_records(run_dir, "sft")
     assert [r["step"] for r in records if r.get("update_skipped")] == [3, 4]
@@ -603,15 +603,15 @@ def test_a_nonfinite_gradient_skips_its_update_and_training_goes_on(tmp_path, mo
 
 
 def test_nonfinite_gradients_in_a_row_stop_the_run_with_finite_checkpoints(tmp_path, monkeypatch, capsys):
-    original = stages.SFTStage.loss
+    original = supervised.SFTStage.loss
     step_of_call = []
-    monkeypatch.setattr(stages, "NonFiniteSteps", _StepTracking(stages.NonFiniteSteps, step_of_call))
+    monkeypatch.setattr(supervised, "NonFiniteSteps", _StepTracking(supervised.NonFiniteSteps, step_of_call))
 
     def loss(self, batch, extra, denominator):
         value, stats = original(self, batch, extra, denominator)
         return (value * float("nan"), stats) if len(step_of_call) + 1 >= 3 else (value, stats)
 
-    monkeypatch.setattr(stages.SFTStage, "loss", loss)
+    monkeypatch.setattr(supervised.SFTStage, "loss", loss)
     code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", "stages=[sft]", "sft.max_steps=8",
                  "runtime.checkpoint_every=1", "runtime.keep_last=10", "runtime.max_nonfinite_steps=2"])
     error = capsys.readouterr().err
@@ -657,9 +657,9 @@ def test_out_of_memory_names_the_phase_and_the_settings_that_shrink_it(tmp_path,
                                      "139.8 GiB\nof which 1.2 GiB is free.")
 
     if target == "SFTStage.loss":
-        monkeypatch.setattr(stages.SFTStage, "loss", out_of_memory)
+        monkeypatch.setattr(supervised.SFTStage, "loss", out_of_memory)
     else:
-        monkeypatch.setattr(stages.torch.nn.utils, "clip_grad_norm_", out_of_memory)
+        monkeypatch.setattr(optimization.torch.nn.utils, "clip_grad_norm_", out_of_memory)
     code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", f"stages=[{stage}]", "sft.max_steps=2"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 4 and error.startswith("rto_fast.train: error: out of device memory"), error
@@ -678,7 +678,7 @@ def test_out_of_memory_names_the_phase_and_the_settings_that_shrink_it(tmp_path,
     ([], "phase outside the timed phases"),
 ])
 def test_out_of_memory_advice_for_the_rl_phases(phases, expected):
-    from rto_fast.memory_advice import describe
+    from rto_fast.trainer.memory_advice import describe
 
     error = torch.OutOfMemoryError("CUDA out of memory.")
     error.rto_fast_phases = phases
@@ -687,7 +687,7 @@ def test_out_of_memory_advice_for_the_rl_phases(phases, expected):
 
 
 def test_a_stop_during_a_stages_last_step_stops_before_the_next_stage(tmp_path, monkeypatch, capsys):
-    original = stages.NonFiniteSteps
+    original = supervised.NonFiniteSteps
 
     class SignalInStepTwo(original):
         def allows(self, grad_norm, where, *args, **kwargs):
@@ -695,7 +695,7 @@ def test_a_stop_during_a_stages_last_step_stops_before_the_next_stage(tmp_path, 
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().allows(grad_norm, where, *args, **kwargs)
 
-    monkeypatch.setattr(stages, "NonFiniteSteps", SignalInStepTwo)
+    monkeypatch.setattr(supervised, "NonFiniteSteps", SignalInStepTwo)
     code = main([*BASE, f"runtime.output_dir={tmp_path / 'run'}", "stages=[sft,dpo]", "sft.max_steps=2",
                  "dpo.max_steps=2"])
     error = capsys.readouterr().err

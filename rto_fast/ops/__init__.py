@@ -9,9 +9,10 @@
                                values=new_values, old_values=values, returns=returns)
 
 CUDA tensors run Triton kernels; CPU tensors run a vectorized torch / C++ path; RTO_FAST_BACKEND=triton|torch|reference
-forces a backend. The math is `rto_fast.reference`; the contract is documented in README.md.
+forces a backend. The math is `rto_fast.ops.reference`; the contract is docs/ops.md.
 """
 
+from .adamw import fused_adamw_available, stochastic_rounding_adamw_
 from .gae_ppo import gae, gae_ppo_loss, ppo_loss
 from .logprobs import linear_token_logprobs, token_logprobs
 from .rewards import token_rewards, token_rewards_from_logits
@@ -24,4 +25,6 @@ __all__ = [
     "gae",
     "ppo_loss",
     "gae_ppo_loss",
+    "stochastic_rounding_adamw_",
+    "fused_adamw_available",
 ]

@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _C
+from . import reference
 from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_mask, check_number,
                       check_packed_layout, check_same_shape, check_tensor)
 
@@ -109,8 +110,6 @@ def _expand_weights(weights, layout, mask):
 
 def _gae_cpu(rewards, values, mask, cu_seqlens, gamma, lam):
     """The C++ scan (rto_fast._C.gae) on CPU buffers; returns advantages and returns in the compute dtype."""
-    from .. import _C
-
     dtype = _compute_dtype(rewards, values)
     home = mask.device
     rewards = rewards.to(device="cpu", dtype=dtype).contiguous()
@@ -213,8 +212,6 @@ def _ppo_torch(logprobs, old_logprobs, advantages, mask, weights, layout, values
 def _ppo_cpu(logprobs, old_logprobs, advantages, mask, weights, layout, values, old_values, returns,
              whiten_params, clip_eps, clip_eps_high, value_clip, vf_coef):
     """The C++ loss (rto_fast._C.ppo_loss_fwd): one pass, double accumulation, fixed-order partial sums."""
-    from .. import _C
-
     dtype = _compute_dtype(logprobs, old_logprobs, advantages, values, old_values, returns)
     name = str(dtype).replace("torch.", "")
 

@@ -43,7 +43,8 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _C
+from . import reference
 from ._common import FLOAT_DTYPES, backend_for, check_labels, check_tensor
 
 __all__ = ["token_logprobs", "linear_token_logprobs"]
@@ -106,8 +107,6 @@ def _native_cpu(logits: torch.Tensor) -> bool:
 
 
 def _forward_native(logits, labels, temperature, ignore_index, return_entropy):
-    from .. import _C
-
     n_rows, vocab_size = logits.shape
     labels = labels.to(torch.int64).contiguous()
     logprobs = torch.empty(n_rows, dtype=torch.float32)
@@ -120,8 +119,6 @@ def _forward_native(logits, labels, temperature, ignore_index, return_entropy):
 
 
 def _backward_native(logits, labels, row_stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out):
-    from .. import _C
-
     n_rows, vocab_size = logits.shape
     labels = labels.to(torch.int64).contiguous()
     row_stats = row_stats.to(torch.float32).contiguous()

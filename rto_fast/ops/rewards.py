@@ -7,7 +7,7 @@
     rewards, logprobs, ref_logprobs, dpo_logprobs = ops.token_rewards_from_logits(
         logits, ref_logits, labels, response_mask, dpo_logits=dpo_logits, temperature=1.0)
 
-Modes (SPEC.md section 3): `rto` = clamp(dpo_coef * (dpo - ref), +-dpo_clip) - kl_coef * k on every response token;
+Modes (docs/math.md §3): `rto` = clamp(dpo_coef * (dpo - ref), +-dpo_clip) - kl_coef * k on every response token;
 `ppo` = -kl_coef * k; `dppo` = -kl_coef * k plus dpo_coef * sum over the response of (dpo - ref) on its last token.
 `score` (one value per row, or per packed sequence) adds score_coef * score at the segment's last response token.
 k is the `kl_estimator` ("k1", "k2", "k3") of lp - ref. Rewards are float32 and 0 outside the mask.
@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from . import reference
 from .logprobs import _forward_torch as _logprobs_forward_torch
 from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_labels, check_mask, check_number,
                       check_packed_layout, check_same_shape, check_tensor)

@@ -20,12 +20,11 @@ whatever bytes the policy put next to it, and a special token (<pad>, <bos>) ins
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Callable
 
 import numpy as np
 
-from .. import synthetic
+from . import letters
 from . import credit
 
 NOT_A_SYMBOL = "\ufffd"
@@ -36,7 +35,6 @@ class Task:
     """A bundled task: how to write its files, its per-character r*, and its tokenizer (None: the shipped bytes)."""
 
     name: str
-    module: ModuleType
     write_task: Callable
     char_rewards: Callable  # (prompt text, response text, finished) -> r* per character (+ the end term)
     format_folders: dict
@@ -44,9 +42,9 @@ class Task:
 
 
 TASKS = {
-    "synthetic": Task("synthetic", synthetic, synthetic.write_synthetic_task, synthetic.token_rewards,
-                      synthetic.FORMAT_FOLDERS),
-    "credit": Task("credit", credit, credit.write_task, credit.char_rewards, credit.FORMAT_FOLDERS,
+    "synthetic": Task("synthetic", letters.write_synthetic_task, letters.token_rewards,
+                      letters.FORMAT_FOLDERS),
+    "credit": Task("credit", credit.write_task, credit.char_rewards, credit.FORMAT_FOLDERS,
                    tokenizer="credit"),
 }
 

@@ -52,11 +52,15 @@ relative positions; the skill mixture gives the SFT model room to improve (it wr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from .jsonl import write_jsonl
 
 ALPHABET = "abcdefgh"
 SEPARATOR = ":"
@@ -116,9 +120,6 @@ def true_reward(prompt: str, response: str, finished: bool = True) -> float:
 def build_tokenizer():
     """A `PreTrainedTokenizerFast` over the task's symbols: <pad>=0, <bos>=1, <eos>=2, then 'a'-'h', ':'. One
     character is one token (characters outside the vocabulary are an error at encoding time: they cannot occur)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     symbols = [*SPECIAL_TOKENS, *ALPHABET, SEPARATOR]
     core = Tokenizer(models.WordLevel(vocab={symbol: index for index, symbol in enumerate(symbols)},
                                       unk_token=SPECIAL_TOKENS[0]))
@@ -169,16 +170,6 @@ def _demonstration_pair(rng: random.Random) -> dict:
                                   (sample_demonstration(prompt, rng), True), rng)
         if row is not None:
             return row
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically (temporary file, then rename): concurrent writers of the same task never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
 
 
 def write_task(folder: str | os.PathLike, seed: int = 0, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST,

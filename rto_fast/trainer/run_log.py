@@ -10,7 +10,7 @@ Usage:
     write_plots(run_dir)                                # run_dir/plots/<stage>.png from metrics.jsonl
     text = write_summary(run_dir)                       # run_dir/summary.md: one row per stage; returns the text
 
-Plots need matplotlib; without it they are skipped with a warning (the metrics are all in metrics.jsonl).
+Plots are drawn with matplotlib's object interface (no pyplot: the process's matplotlib backend is left alone).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import math
 import os
 import time
 from pathlib import Path
+
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +124,6 @@ class ProgressBar:
         self._tokens = 0
         self._start = time.perf_counter()
         if enabled:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, tokens: int, **values) -> None:
@@ -152,14 +153,6 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     records = read_metrics(run_dir / METRICS_FILE)
     if not records:
         return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots (the curves are in %s)", METRICS_FILE)
-        return []
     written = []
     stages = list(dict.fromkeys(record.get("stage") for record in records if record.get("stage")))
     for stage in stages:
@@ -170,7 +163,8 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
             continue
         columns = min(4, len(panels))
         rows = math.ceil(len(panels) / columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+        figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+        axes = figure.subplots(rows, columns, squeeze=False)
         for axis in axes.flat[len(panels):]:
             axis.set_visible(False)
         for axis, (train_key, eval_key, title) in zip(axes.flat, panels):
@@ -191,7 +185,6 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
         path = run_dir / PLOTS_DIR / f"{stage}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
-        plt.close(figure)
         written.append(path)
     return written
 

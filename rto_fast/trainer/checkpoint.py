@@ -1,7 +1,7 @@
 """Atomic checkpoints: model (safetensors) + optimizer, scheduler, RNG states and data position; keep the last K.
 
 Usage:
-    from rto_fast import checkpoint
+    from rto_fast.trainer import checkpoint
     path = checkpoint.save_checkpoint(stage_dir / "checkpoints", step=10, model=model, tokenizer=tokenizer,
                                       optimizer=optimizer, scheduler=scheduler, state={"epoch": 0, ...}, keep_last=2)
     latest = checkpoint.latest_checkpoint(stage_dir / "checkpoints")       # Path or None
@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import lora
 
 STEP_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
@@ -190,8 +192,6 @@ def save_model(model, folder: Path, tokenizer=None, merge_adapters: bool = True)
     """save_pretrained (safetensors, the only format transformers 5 writes) plus the tokenizer, so the folder loads
     with from_pretrained on its own. A model with LoRA adapters is saved merged, or with `merge_adapters=False` as
     its adapters only (PEFT's format; what checkpoints hold, see `rto_fast.lora`)."""
-    from . import lora
-
     if lora.has_adapters(model):
         (lora.save_merged if merge_adapters else lora.save_adapters)(model, folder)
     else:

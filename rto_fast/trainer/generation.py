@@ -35,10 +35,16 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import transformers
+from transformers import DynamicCache
 
-from .attention import generation_attention
-from .models import forward_parameters
+from .attention import forward_parameters, generation_attention
 from .profiling import phase
+
+try:  # per-layer KV caches (transformers >= 4.56); older releases keep one DynamicCache object
+    from transformers.cache_utils import DynamicLayer
+except ImportError:
+    DynamicLayer = None
 
 ENGINES = ("rto_fast", "transformers")
 logger = logging.getLogger(__name__)
@@ -246,9 +252,7 @@ def next_tokens(logits: torch.Tensor, settings: SamplingSettings, eos_token_id: 
 def _preallocated_layer_class():
     """A transformers cache layer that writes into a buffer sized for the whole generation and hands out views of
     the filled part (None when this transformers has no per-layer cache API)."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
+    if DynamicLayer is None:
         return None
 
     class PreallocatedLayer(DynamicLayer):
@@ -302,8 +306,6 @@ def _preallocated_layer_class():
 def _new_cache(model, capacity: int, zeroed: bool = False):
     """transformers' DynamicCache for `model` with every plain full-attention layer swapped for a preallocated one
     (sliding-window and other special layers keep their own class); `zeroed` buffers start at 0, not garbage."""
-    from transformers import DynamicCache
-
     try:
         cache = DynamicCache(config=model.config)
     except TypeError:  # an older transformers without per-config layers
@@ -311,8 +313,6 @@ def _new_cache(model, capacity: int, zeroed: bool = False):
     layer_class = _preallocated_layer_class()
     layers = getattr(cache, "layers", None)
     if layer_class is not None and layers:
-        from transformers.cache_utils import DynamicLayer
-
         cache.layers = [layer_class(capacity, zeroed) if type(layer) is DynamicLayer else layer for layer in layers]
     return cache
 
@@ -323,8 +323,6 @@ def _can_drop_rows(cache) -> bool:
     layers = getattr(cache, "layers", None)
     if layers is None:  # an older transformers: one DynamicCache object
         return hasattr(cache, "batch_select_indices")
-    from transformers.cache_utils import DynamicLayer
-
     return all(isinstance(layer, DynamicLayer) for layer in layers)
 
 
@@ -332,8 +330,6 @@ def _ready_masks(model, cache) -> bool:
     """Whether decode steps may pass a prepared (B, 1, 1, L) boolean mask: transformers >= 5 returns a 4D mask as
     is, sdpa reads booleans (True = attend), and every layer attends to the whole cache (a sliding-window layer
     holds fewer positions). Otherwise decode steps pass the 2D mask and transformers builds each layer's."""
-    import transformers
-
     layer_class = _preallocated_layer_class()
     return (int(transformers.__version__.split(".")[0]) >= 5
             and getattr(model.config, "_attn_implementation", None) == "sdpa"

@@ -1,4 +1,4 @@
-"""The eval stage: win rates between models on the same test prompts (the paper's Table 1 protocol, SPEC.md
+"""The eval stage: win rates between models on the same test prompts (the paper's Table 1 protocol, docs/math.md
 section 8), and the judges the RL stages reuse to score their samples.
 
 Usage (the CLI runs the stage when a config lists `eval`):
@@ -15,7 +15,8 @@ default). Sampling restarts from the same seed (`eval.seed`) for every model, so
 numbers (common random numbers): identical models give identical responses (a tie on every prompt), and similar
 models mostly differ where their distributions do, which lowers the variance of a win rate. A judge scores each response:
 - `rm`: the reward model's output at the response's last token (its eos when it has one);
-- `dpo`: the DPO implicit reward beta * sum_h log(pi_dpo(y_h | x, y_<h) / pi_ref(y_h | x, y_<h)) (`dpo.beta`);
+- `dpo`: the DPO implicit reward at RTO's scale, beta1 * sum_h log(pi_dpo(y_h | x, y_<h) / pi_ref(y_h | x, y_<h))
+  (beta1 = `rl.dpo_coef`, as the RL stages log it);
 - `truth`: a bundled task's true reward r* (only when the prompts are the task's; `rto_fast.tasks`);
 - `auto`: rm when a reward model exists, else dpo when the DPO model and its reference exist, else truth.
 The win rate of A against B is the mean over prompts of [s_A > s_B] + 0.5 [s_A == s_B], so W[A, B] + W[B, A] = 1.
@@ -46,18 +47,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tasks import Task, prompt_task, true_rewards
+from . import distributed
 from .config import RL_MODES
 from .generation import Rollout, SamplingSettings, generate
-from . import distributed
-from .models import TINY, ValueHeadModel, load_causal_lm
+from .layout import EVAL_DIR
+from .models import TINY, ValueHeadModel, check_model_source, load_causal_lm
 from .packing import build_micro_batches
+from .pipeline import Wiring
+from .run import RunContext, autocast, split_even
 from .scoring import response_sequence, sequence_judge_scores
-from .stages import RunContext, _autocast, split_even, stage_output
-from .tasks import Task, prompt_task, true_rewards
 
 logger = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"
 WIN_RATES_JSON = "win_rates.json"
 WIN_RATES_MD = "win_rates.md"
 SAMPLES_FILE = "samples.jsonl"
@@ -74,14 +76,14 @@ METRIC_NAMES = {"rm": "rm_score", "dpo": "dpo_reward", "truth": "true_reward", "
 
 @dataclass
 class Judges:
-    """The models that score responses; any may be missing. `beta` scales the DPO implicit reward; `task`: the
+    """The models that score responses; any may be missing. `dpo_coef` (beta1) scales the DPO implicit reward; `task`: the
     bundled task whose prompts these are, so its true reward r* is known; `fused_output_layer`: the DPO reward's
     log-probs come from the output layer's input (`model.fused_output_layer`)."""
 
     reward_model: ValueHeadModel | None = None
     dpo_model: torch.nn.Module | None = None
     ref_model: torch.nn.Module | None = None
-    beta: float = 0.1
+    dpo_coef: float = 0.1
     task: Task | None = None
     fused_output_layer: bool = False
 
@@ -106,9 +108,8 @@ class Judges:
 def judge_paths(context: RunContext) -> dict[str, Path | None]:
     """Where the judge models would come from: reward model, DPO model and its reference (None: there is none).
     The reference is `model.ref_path`, else the SFT model, the one DPO trained against."""
-    ref = context.config.model.ref_path
-    return {"rm": stage_output("rm", context), "dpo": stage_output("dpo", context),
-            "ref": Path(ref) if ref else stage_output("sft", context)}
+    wiring = Wiring.of(context)
+    return {"rm": wiring.output("rm"), "dpo": wiring.output("dpo"), "ref": wiring.judge_reference()}
 
 
 def choose_judge(requested: str, paths: dict[str, Path | None], known_reward: bool) -> str:
@@ -159,7 +160,7 @@ def load_judges(context: RunContext) -> Judges:
         else:
             dpo_model = load(paths["dpo"], load_causal_lm, "DPO model")
             ref_model = load(paths["ref"], load_causal_lm, "reference")
-    judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model, beta=config.dpo.beta,
+    judges = Judges(reward_model=reward_model, dpo_model=dpo_model, ref_model=ref_model, dpo_coef=config.rl.dpo_coef,
                     task=prompt_task(config), fused_output_layer=config.model.fused_output_layer)
     logger.info("eval: judges %s (reward model %s, DPO model %s, reference %s)",
                 ", ".join(judges.available()) or "none", paths["rm"], paths["dpo"], paths["ref"])
@@ -200,7 +201,7 @@ def score_rollouts(judges: Judges, prompts: list, rollouts: list[Rollout], token
                 scores["rm"] = values[:count].double().numpy()
             if "dpo" in model_judges:
                 values = sequence_judge_scores(batches, dpo_model=judges.dpo_model, ref_model=judges.ref_model,
-                                               beta=judges.beta, num_sequences=len(sequences),
+                                               dpo_coef=judges.dpo_coef, num_sequences=len(sequences),
                                                fused_output_layer=judges.fused_output_layer)
                 scores["dpo"] = values[:count].double().numpy()
     if judges.task is not None:
@@ -271,8 +272,6 @@ def resolve_models(context: RunContext) -> list[tuple[str, Path | str]]:
     """(name, model folder) per entry of eval.models: stage names through their stage's output (skipped with a
     warning when that stage produced nothing), `name=folder` as that folder under that name, anything else as a model
     folder or Hub name (named by itself)."""
-    from .models import check_model_source
-
     resolved = []
     for entry in context.config.eval.models:
         name, separator, folder = entry.partition("=")
@@ -285,7 +284,7 @@ def resolve_models(context: RunContext) -> list[tuple[str, Path | str]]:
                 raise ValueError(f"eval.models: {name}: {error}") from None
             resolved.append((name, folder))
         elif name in MODEL_STAGES:
-            path = stage_output(name, context)
+            path = Wiring.of(context).output(name)
             if path is None:
                 logger.warning("eval: skipping %s: the %s stage has no output in %s (and no model.* path)", name,
                                name, context.run_dir)
@@ -324,11 +323,27 @@ def _finished_result(path: Path, plan: dict) -> bool:
 
 def run_eval(context: RunContext) -> Path:
     """The eval stage (see the module docstring); returns run_dir/eval."""
-    config = context.config
-    settings = config.eval
     eval_dir = context.run_dir / EVAL_DIR
+    models, prompts, judge, sampling, plan = _plan(context)  # everything that can be wrong, before any model loads
+    finished_file = eval_dir / WIN_RATES_JSON
+    if finished_file.is_file() and context.config.runtime.resume != "never":
+        if _finished_result(finished_file, plan):
+            logger.info("eval: %s already holds the win rates; skipping the stage", finished_file)
+            return eval_dir
+        # E.g. an RL stage finished since: the old table lacks a model.
+        logger.info("eval: %s holds win rates of other models or settings; evaluating again", finished_file)
+    logger.info("eval: %d models (%s) on %d test prompts, judge %s", len(models), ", ".join(plan["models"]),
+                len(prompts), judge)
+    started = time.perf_counter()
+    scores, samples = _sample_and_judge(context, models, prompts, judge, sampling)
+    if context.dist.main:
+        _write_results(context, eval_dir, plan, scores, samples, time.perf_counter() - started)
+    return eval_dir
 
-    # Everything that can be wrong is checked before any model loads.
+
+def _plan(context: RunContext) -> tuple[list, list, str, SamplingSettings, dict]:
+    """(models, prompts, judge, sampling settings, the plan win_rates.json records); ValueError for what cannot work."""
+    config, settings = context.config, context.config.eval
     models = resolve_models(context)
     prompts = context.eval_prompts[:settings.num_prompts]
     if not prompts:
@@ -343,26 +358,21 @@ def run_eval(context: RunContext) -> Path:
     if longest > settings.micro_batch_tokens:
         raise ValueError(f"eval.micro_batch_tokens={settings.micro_batch_tokens} is below the longest prompt + "
                          f"max new tokens = {longest}: the longest response would not fit a scoring micro-batch")
-    names = [name for name, _ in models]
-    plan = {"models": names, "paths": {name: str(path) for name, path in models}, "judge": judge,
+    plan = {"models": [name for name, _ in models], "paths": {name: str(path) for name, path in models},
+            "judge": judge,
             "settings": {"num_prompts": len(prompts), "temperature": sampling.temperature, "top_p": sampling.top_p,
                          "max_new_tokens": sampling.max_new_tokens, "seed": settings.seed,
-                         "batch_size": sampling.batch_size, "dpo_beta": config.dpo.beta}}
-    finished_file = eval_dir / WIN_RATES_JSON
-    if finished_file.is_file() and config.runtime.resume != "never":
-        if _finished_result(finished_file, plan):
-            logger.info("eval: %s already holds the win rates; skipping the stage", finished_file)
-            return eval_dir
-        # E.g. an RL stage finished since: the old table lacks a model.
-        logger.info("eval: %s holds win rates of other models or settings; evaluating again", finished_file)
-    logger.info("eval: %d models (%s) on %d test prompts, judge %s", len(models), ", ".join(names), len(prompts),
-                judge)
+                         "batch_size": sampling.batch_size, "dpo_coef": config.rl.dpo_coef}}
+    return models, prompts, judge, sampling, plan
 
-    started = time.perf_counter()
-    dist = context.dist
+
+def _sample_and_judge(context: RunContext, models: list, prompts: list, judge: str,
+                      sampling: SamplingSettings) -> tuple[dict, list]:
+    """Every model samples this rank's slice of the prompts, every judge scores them; (scores per model, the
+    samples), gathered over the ranks."""
+    config, dist, tokenizer = context.config, context.dist, context.tokenizer
     judges = load_judges(context)
     collective = distributed.zero_stage(dist) == 3  # partitioned judges: every rank runs every judge pass
-    tokenizer = context.tokenizer
     scores: dict[str, dict[str, np.ndarray]] = {}
     samples: list[dict] = []
     # This rank's slice of the prompts (all of them in one process); slices are contiguous and gathered in rank order.
@@ -374,14 +384,14 @@ def run_eval(context: RunContext) -> Path:
         model = load_causal_lm(str(path), dtype=config.model.dtype, trainable=False).to(context.device)
         # The same seed for every model: common random numbers (and the run's own RNG stream is left alone).
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(settings.seed + dist.rank)
+            torch.manual_seed(config.eval.seed + dist.rank)
             rollouts = generate(model, [prompt.prompt_ids for prompt in my_prompts], sampling,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         _free(model)
         my_scores = {}
         if my_prompts or collective:
-            with _autocast(context):
-                my_scores = score_rollouts(judges, my_prompts, rollouts, tokenizer, settings.micro_batch_tokens,
+            with autocast(context):
+                my_scores = score_rollouts(judges, my_prompts, rollouts, tokenizer, config.eval.micro_batch_tokens,
                                            dist=dist if collective else None)
         my_samples = [{"model": name, "prompt_index": index, "row": prompt.row, "prompt": prompt.prompt,
                        "response": response_text(rollout, tokenizer), "finished": rollout.finished,
@@ -395,12 +405,16 @@ def run_eval(context: RunContext) -> Path:
                     float(model_scores[judge].mean()), float(model_scores["length"].mean()))
     del judges
     gc.collect()
-    if not dist.main:
-        return eval_dir
+    return scores, samples
 
+
+def _write_results(context: RunContext, eval_dir: Path, plan: dict, scores: dict, samples: list,
+                   elapsed: float) -> None:
+    """win_rates.{md,json} (json last: it marks the stage finished), samples.jsonl and the metrics record."""
+    names, judge = plan["models"], plan["judge"]
     rates, stderr = win_rate_matrix([scores[name][judge] for name in names])
     means = {name: {key: float(values.mean()) for key, values in scores[name].items()} for name in names}
-    table = markdown_tables(names, rates, means, judge, len(prompts))
+    table = markdown_tables(names, rates, means, judge, plan["settings"]["num_prompts"])
     result = {
         **plan,
         "means": means,
@@ -413,8 +427,7 @@ def run_eval(context: RunContext) -> Path:
                                                    for sample in samples))
     _write_atomic(eval_dir / WIN_RATES_MD, table + "\n")
     _write_atomic(eval_dir / WIN_RATES_JSON, json.dumps(result, indent=2) + "\n")  # last: marks the stage done
-
-    record = {"stage": EVAL_DIR, "step": 0, "elapsed_s": round(time.perf_counter() - started, 3)}
+    record = {"stage": EVAL_DIR, "step": 0, "elapsed_s": round(elapsed, 3)}
     for name in names:
         record[f"judge_score/{name}"] = means[name][judge]
         for key, value in means[name].items():
@@ -422,4 +435,3 @@ def run_eval(context: RunContext) -> Path:
     context.metrics.truncate(EVAL_DIR, after_step=-1)  # a rerun replaces the old record
     context.metrics.write(record)
     logger.info("eval: win rates (%s)\n%s", eval_dir, table)
-    return eval_dir

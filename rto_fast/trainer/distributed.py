@@ -40,11 +40,13 @@ import datetime
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
 from .lora import has_adapters
 
 logger = logging.getLogger(__name__)
@@ -405,8 +407,6 @@ class EngineTrainer:
         """The full model as an HF folder (safetensors), written by rank 0 (`atomic`: through a temporary folder and
         one rename); collective (every rank must call it). LoRA adapters are merged, or with `merge_adapters=False`
         saved alone (checkpoints)."""
-        from . import checkpoint as ckpt
-
         def save(target: Path) -> None:
             ckpt.save_model(self.module, target, tokenizer, merge_adapters=merge_adapters)
 
@@ -436,16 +436,12 @@ def save_checkpoint(folder: Path, step: int, trainers: dict[str, EngineTrainer],
     """Collective, atomic checkpoint `step` under `folder` (layout in the module docstring). `trainers` maps a
     subfolder to each trained model ("" for the main one, e.g. "critic" for the RL critic: critic/deepspeed,
     critic/model); the tokenizer goes with the main one."""
-    from . import checkpoint as ckpt
-
     folder = Path(folder)
     target = folder / ckpt.checkpoint_name(step)
     temp = folder / f"{ckpt.TEMP_PREFIX}{target.name}"  # the same name on every rank
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
         if temp.exists():
-            import shutil
-
             shutil.rmtree(temp)
         temp.mkdir()
     dist.barrier()
@@ -466,8 +462,6 @@ def save_checkpoint(folder: Path, step: int, trainers: dict[str, EngineTrainer],
 def check_resumable(checkpoint: Path, dist: Distributed) -> dict:
     """trainer_state.json of `checkpoint`, or DistributedError when this run cannot resume it: a DeepSpeed
     checkpoint needs DeepSpeed and the world size that wrote it, a plain one a plain single-process run."""
-    from . import checkpoint as ckpt
-
     state = ckpt.read_state(checkpoint)
     if state.get("deepspeed") and not dist.engine:
         raise DistributedError(f"runtime.resume: {checkpoint} was written under DeepSpeed by "
@@ -485,8 +479,6 @@ def check_resumable(checkpoint: Path, dist: Distributed) -> dict:
 def load_checkpoint(checkpoint: Path, trainers: dict[str, EngineTrainer], dist: Distributed) -> dict:
     """Restore each engine (weights, optimizer, schedule; `trainers` as in save_checkpoint) and this rank's RNGs;
     returns trainer_state.json."""
-    from . import checkpoint as ckpt
-
     state = check_resumable(checkpoint, dist)
     for name, trainer in trainers.items():
         trainer.load_engine(Path(checkpoint) / name)

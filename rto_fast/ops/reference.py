@@ -5,7 +5,7 @@ Usage (what the tests do)::
     from rto_fast import reference
     expected = reference.token_logprobs(logits.double(), labels)
 
-Nothing here is fast and nothing here is clever: each function is the math of SPEC.md written as directly as
+Nothing here is fast and nothing here is clever: each function is the math of docs/math.md written as directly as
 PyTorch allows. Inputs in float64 give float64 outputs (the oracle); any lower precision is computed in float32.
 The fast paths (`rto_fast.ops`) must agree with these functions; when they disagree, this file is right.
 
@@ -130,12 +130,12 @@ def response_run_flags(mask, cu_seqlens=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Token rewards (SPEC.md section 3)
+# Token rewards (docs/math.md §3)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def kl_penalty(logprobs, ref_logprobs, kl_estimator="k1"):
-    """The per-token KL estimate k(lp, lp_ref) of SPEC.md section 3."""
+    """The per-token KL estimate k(lp, lp_ref) of docs/math.md §3."""
     log_ratio = logprobs - ref_logprobs
     if kl_estimator == "k1":
         return log_ratio
@@ -206,7 +206,7 @@ def token_rewards_from_logits(logits, ref_logits, labels, mask, *, dpo_logits=No
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GAE (SPEC.md section 4)
+# GAE (docs/math.md §4)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -254,7 +254,7 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PPO loss (SPEC.md section 5)
+# PPO loss (docs/math.md §5)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -15,21 +15,29 @@ Packed micro-batches go through `rto_fast.attention.packed_forward`, which works
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
+                          PreTrainedTokenizerFast)
+from transformers.utils import logging as transformers_logging
 
-from .tasks import credit as credit_task
+from ..tasks import credit as credit_task
+from . import extras
+from .attention import forward_parameters, model_attn_implementation, unwrapped
+from .extras import PEFT_MISSING
+from .layout import VALUE_HEAD_FILE
+from .lora import add_adapters
 
 TINY = "tiny"
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
-VALUE_HEAD_FILE = "value_head.safetensors"
 # Tokenizers of the bundled tasks, built in code (model.tokenizer names them).
 TASK_TOKENIZERS = {"credit": credit_task.build_tokenizer}
 
@@ -76,7 +84,6 @@ def _byte_to_char() -> dict[int, str]:
 def byte_level_tokenizer(merges: list[tuple[str, str]] = ()):
     """A `tokenizers` byte-level BPE: token id = byte value (0-255), then one token per merge (in `_byte_to_char`'s
     characters), then <pad>, <bos>, <eos>. No regex split: text is merged as one piece."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {char: byte for byte, char in _byte_to_char().items()}
     for left, right in merges:
@@ -113,7 +120,6 @@ def build_tokenizer(path: str | os.PathLike | None = None):
     `AutoTokenizer.from_pretrained(path)`.
 
     A tokenizer without a pad token gets its eos token as pad (packed batches never pad; generation needs one)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if path is None or str(path) == TINY:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
@@ -131,7 +137,6 @@ def build_tokenizer(path: str | os.PathLike | None = None):
 def tiny_model_config(vocab_size: int | None = None, tokenizer=None, **overrides):
     """A small Llama-style config (hidden 64, 2 layers, 4 heads, 2 KV heads, MLP 128) sized to `tokenizer` (its
     vocabulary and special tokens; default: the shipped byte-level tokenizer)."""
-    from transformers import LlamaConfig
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     if vocab_size is None:
@@ -167,8 +172,6 @@ def check_model_source(path: str) -> None:
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"model folder {path!r} has no config.json (nor PEFT's adapter_config.json)")
         try:
-            from transformers import AutoConfig
-
             config = AutoConfig.from_pretrained(str(local))
         except Exception:  # noqa: BLE001 - a config only its own code reads (remote code): loading will tell
             return
@@ -187,9 +190,7 @@ def adapter_base(path: str) -> str | None:
     local = Path(path).expanduser()
     if not (local / "adapter_config.json").is_file() or (local / "config.json").is_file():
         return None
-    from .lora import PEFT_MISSING, peft_available
-
-    if not peft_available():
+    if not extras.peft_available():
         raise ValueError(f"model folder {path!r} holds PEFT adapters: {PEFT_MISSING}")
     base = json.loads((local / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base or base == TINY:
@@ -209,7 +210,6 @@ def check_attention_interface(config, name: str) -> None:
     """ValueError when the causal LM class of `config` does not take the attention functions transformers lets a
     trainer plug in (its `_supports_attention_backend` is False: Falcon, Bloom, MPT): packed sequences need one,
     and such a class fails while being built with it."""
-    from transformers import AutoModelForCausalLM
 
     model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if model_class is not None and getattr(model_class, "_supports_attention_backend", True) is False:
@@ -224,15 +224,11 @@ def _check_source_and_interface(path: str) -> str | None:
     base = adapter_base(path)
     model_path = base or path
     if not Path(model_path).expanduser().exists():
-        from transformers import AutoConfig
-
         check_attention_interface(AutoConfig.from_pretrained(model_path), model_path)
     return base
 
 
 def _attention_implementation() -> str:
-    from rto_fast.attention import model_attn_implementation
-
     return model_attn_implementation()
 
 
@@ -274,8 +270,6 @@ def _prepare(model: nn.Module, gradient_checkpointing: bool, trainable: bool, ke
         if not keep_dropout:
             disable_dropout(model)
         if lora is not None:  # after disable_dropout: model.lora_dropout is the user's own choice
-            from .lora import add_adapters
-
             add_adapters(model, lora)
     else:
         model.eval()
@@ -303,7 +297,6 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
     requires_grad False; trained ones have their dropout set to 0 unless `keep_dropout` (`disable_dropout`) and, given
     `lora` (`rto_fast.lora.LoraSettings`), train LoRA adapters only. The attention implementation is the one
     `rto_fast.attention` chose for this process."""
-    from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(dtype)
     attn = _attention_implementation()
@@ -321,10 +314,6 @@ def load_causal_lm(path_or_tiny: str = TINY, dtype: str | torch.dtype = "fp32", 
 def _load_backbone(auto_class, path: str, dtype: torch.dtype, attn: str):
     """AutoModel from a causal LM or value-head folder. Dropping a causal LM's head is expected, so transformers'
     load report (which lists it as unexpected) is silenced; any other missing or unexpected weight is logged."""
-    import logging
-
-    from transformers.utils import logging as transformers_logging
-
     previous = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
@@ -369,8 +358,6 @@ class ValueHeadModel(nn.Module):
         return self.value_head(hidden_BTD.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> None:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         self.backbone.save_pretrained(folder, **kwargs)
         head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()}
@@ -383,8 +370,6 @@ class ValueHeadModel(nn.Module):
                         tokenizer=None) -> "ValueHeadModel":
         """Backbone from a causal LM or value-head folder ('tiny': random tiny Llama); head from
         value_head.safetensors when the folder has one, else zeros."""
-        from transformers import AutoModel
-
         dtype = torch_dtype(dtype)
         attn = _attention_implementation()
         if path_or_tiny == TINY:
@@ -398,24 +383,6 @@ class ValueHeadModel(nn.Module):
         model = cls(backbone)
         head_file = Path(path_or_tiny) / VALUE_HEAD_FILE
         if path_or_tiny != TINY and head_file.is_file():
-            from safetensors.torch import load_file
-
             state = load_file(str(head_file))
             model.value_head.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()})
         return _prepare(model, gradient_checkpointing, trainable, keep_dropout, lora)
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The model a DeepSpeed engine or DDP wraps (its `.module`), else `model` itself."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def forward_parameters(model: nn.Module) -> frozenset:
-    """Names of the keyword arguments `model`'s forward takes (of the model a DeepSpeed engine or DDP wraps)."""
-    return _forward_parameters(type(unwrapped(model)))
-
-
-@functools.cache
-def _forward_parameters(model_class: type) -> frozenset:
-    return frozenset(inspect.signature(model_class.forward).parameters)

@@ -24,8 +24,8 @@ import weakref
 
 import torch
 
-from .attention import packed_forward
-from .models import forward_parameters, unwrapped
+from ..ops import linear_token_logprobs, token_logprobs
+from .attention import forward_parameters, packed_forward, unwrapped
 from .packing import PackedBatch, TokenizedSequence, sequence_sums, to_input_order
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ def packed_logprobs(model, batch: PackedBatch, *, return_entropy: bool = False, 
 
     `fused_output_layer`: the output layer's input goes straight into `rto_fast.ops.linear_token_logprobs`, so the
     (K, V) logits are never held at all (see `fused_output_logprobs`); models it cannot serve take the logits path."""
-    from .ops import token_logprobs
-
     positions = _label_positions(model, batch)
     labels = batch.labels if positions is None else batch.labels[:, positions]
     keep = {} if positions is None else {"logits_to_keep": positions}
@@ -89,8 +87,6 @@ def fused_output_logprobs(model, batch: PackedBatch, labels: torch.Tensor, retur
     layer = _fusable_output_layer(model)
     if layer is None:
         return None
-    from .ops import linear_token_logprobs
-
     call = {}
 
     def forward(hidden):
@@ -178,14 +174,15 @@ def last_token_scores(reward_model, batch: PackedBatch) -> torch.Tensor:
 
 
 def implicit_dpo_rewards(dpo_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, batch: PackedBatch,
-                         beta: float) -> torch.Tensor:
-    """(S,) float32 DPO implicit reward beta * sum_h (log pi_dpo - log pi_ref) over each response, packed order."""
-    return beta * sequence_sums(dpo_logprobs - ref_logprobs, batch)
+                         dpo_coef: float) -> torch.Tensor:
+    """(S,) float32 DPO implicit reward at RTO's scale, beta1 * sum_h (log pi_dpo - log pi_ref) over each response
+    (beta1 = `dpo_coef`, rl.dpo_coef), packed order."""
+    return dpo_coef * sequence_sums(dpo_logprobs - ref_logprobs, batch)
 
 
 @torch.inference_mode()
 def sequence_judge_scores(batches: list[PackedBatch], *, reward_model=None, dpo_model=None, ref_model=None,
-                          beta: float = 0.1, num_sequences: int | None = None,
+                          dpo_coef: float = 0.1, num_sequences: int | None = None,
                           fused_output_layer: bool = False) -> torch.Tensor:
     """One judge score per sequence, in the input order of the sequences that were packed into `batches`: the reward
     model's last-token score when `reward_model` is given, else the DPO implicit reward of (dpo_model, ref_model)."""
@@ -198,5 +195,5 @@ def sequence_judge_scores(batches: list[PackedBatch], *, reward_model=None, dpo_
         else:
             dpo = packed_logprobs(dpo_model, batch, fused_output_layer=fused_output_layer)
             ref = packed_logprobs(ref_model, batch, fused_output_layer=fused_output_layer)
-            per_batch.append(implicit_dpo_rewards(dpo, ref, batch, beta).cpu())
+            per_batch.append(implicit_dpo_rewards(dpo, ref, batch, dpo_coef).cpu())
     return to_input_order([batch.to("cpu") for batch in batches], per_batch, num_sequences)

@@ -34,11 +34,12 @@ prompt-only split uses fresh prompts.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 from pathlib import Path
+
+from .jsonl import write_jsonl
 
 ALPHABET = "abcdefgh"
 MIN_WORD, MAX_WORD = 3, 6
@@ -133,16 +134,6 @@ def make_pair(rng: random.Random, temperature: float = TEMPERATURE) -> dict:
             "rejected_reward": reward_rejected, "p_chosen": round(p_chosen, 6)}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically (temporary file, then rename): concurrent writers of the same task never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-
-
 def write_synthetic_task(folder: str | os.PathLike, seed: int = 0, num_train: int = 2048, num_test: int = 256,
                          temperature: float = TEMPERATURE, num_prompts_train: int | None = None,
                          num_prompts_test: int | None = None) -> Path:
@@ -162,10 +153,10 @@ def write_synthetic_task(folder: str | os.PathLike, seed: int = 0, num_train: in
     prompt_counts = {"train": num_train if num_prompts_train is None else num_prompts_train,
                      "test": num_test if num_prompts_test is None else num_prompts_test}
     for split in SPLITS:
-        _write_jsonl(folder / FORMAT_FOLDERS["preference"] / f"{split}.jsonl", pairs[split])
+        write_jsonl(folder / FORMAT_FOLDERS["preference"] / f"{split}.jsonl", pairs[split])
         transcripts = [{"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]}
                        for row in pairs[split]]
-        _write_jsonl(folder / FORMAT_FOLDERS["hh-rlhf"] / f"{split}.jsonl", transcripts)
+        write_jsonl(folder / FORMAT_FOLDERS["hh-rlhf"] / f"{split}.jsonl", transcripts)
         prompts = [{"prompt": make_prompt(prompt_rng)} for _ in range(prompt_counts[split])]
-        _write_jsonl(folder / FORMAT_FOLDERS["prompt"] / f"{split}.jsonl", prompts)
+        write_jsonl(folder / FORMAT_FOLDERS["prompt"] / f"{split}.jsonl", prompts)
     return folder

@@ -1,30 +1,24 @@
-"""Trainer configuration: dataclasses with defaults, loaded from YAML and overridden by dotted `key=value` arguments.
+"""The trainer's configuration schema: one dataclass per section, every field with its default and a one-line help,
+and `validate`, which checks the values and how they fit together (ConfigError naming the key). Reading YAML files and
+key=value overrides into it is `rto_fast.trainer.config_file`.
 
 Usage:
-    config = load_config("configs/tiny.yaml", ["sft.lr=1e-4", "stages=[sft,dpo]", "runtime.device=cpu"])
-    save_config(config, "runs/x/config.yaml")      # the resolved config, every field
-    print(config_help())                          # every option with its type, default and meaning (`--help`)
-
-A YAML file sets only what differs from the defaults. Unknown keys raise ConfigError naming the full dotted key and
-the closest valid one; values of the wrong type raise ConfigError naming the key, the expected and the given type
-(an int where a float is expected is accepted). Override values are parsed as YAML scalars or lists
-(`stages=[sft,dpo]`, `stages=sft,dpo`, `runtime.deepspeed=null`); a field of type str takes the text as written.
+    config = Config()                          # the defaults; load_config (config_file) reads a file and overrides
+    validate(config)                           # ConfigError naming the first key that cannot work
+    config.rl.optimizer(config.rl.actor_lr)    # OptimizerSettings of the RL actor; config.sft.optimizer() of SFT
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import yaml
-
-from .tasks import TASKS, prompt_task
+from ..tasks import TASKS, prompt_task
+from . import extras
+from .extras import PEFT_MISSING
+from .trackers import TRACKERS
 
 # Stages a config may list, in pipeline order: SFT, `pairs` (preference pairs sampled from the SFT model and labelled
 # by a bundled task's r*), DPO and RM, the RL stages (one per mode, all reading the `rl` section, each writing its
@@ -39,16 +33,8 @@ TRUE_REWARD_MODES = {"dense": "rto", "sparse": "ppo"}
 PAPER_KL_COEF = {"rto": 0.03, "ppo": 0.05, "dppo": 0.05}
 DATA_FORMATS = ("hh-rlhf", "preference", "prompt")
 DTYPE_CHOICES = ("fp32", "bf16")
-# How AdamW updates bf16 weights (rto_fast.optim).
+# How AdamW updates bf16 weights (rto_fast.trainer.optim).
 BF16_OPTIMIZERS = ("master_weights", "stochastic_rounding", "pure")
-# Names people carry over from other trainers, mapped to ours, for the "did you mean" hint.
-KEY_ALIASES = {
-    "learning_rate": "lr", "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
-    "gradient_accumulation_steps": "grad_accumulation", "gradient_accumulation": "grad_accumulation",
-    "num_epochs": "epochs", "num_train_epochs": "epochs", "warmup": "warmup_ratio", "seq_len": "max_prompt_length",
-    "model_name": "name_or_path", "model_path": "name_or_path", "dataset": "source", "output": "output_dir",
-    "torch_dtype": "dtype", "precision": "dtype", "micro_batch_size": "micro_batch_tokens",
-}
 
 
 class ConfigError(ValueError):
@@ -140,6 +126,38 @@ class DataConfig:
     max_eval_samples: int | None = option(None, "use at most this many evaluation rows; null: all")
 
 
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What an optimizer and its schedule need (a training stage's settings, or the RL actor's or critic's)."""
+
+    lr: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    warmup_ratio: float
+    lr_schedule: str
+    min_lr_ratio: float
+    max_grad_norm: float | None
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What a data plan needs: how many examples (or tokens) per step, and how many steps."""
+
+    batch_size: int
+    batch_unit: str
+    max_steps: int | None
+    epochs: float
+
+
+def optimizer_settings(section, lr: float) -> OptimizerSettings:
+    """The optimizer settings of a config section that has the AdamW and schedule fields, at learning rate `lr`."""
+    return OptimizerSettings(lr=lr, weight_decay=section.weight_decay, adam_beta1=section.adam_beta1,
+                             adam_beta2=section.adam_beta2, warmup_ratio=section.warmup_ratio,
+                             lr_schedule=section.lr_schedule, min_lr_ratio=section.min_lr_ratio,
+                             max_grad_norm=section.max_grad_norm)
+
+
 @dataclass
 class StageConfig:
     """Optimisation settings every training stage shares."""
@@ -160,6 +178,12 @@ class StageConfig:
     max_steps: int | None = option(None, "stop after this many optimizer steps; null: set by epochs")
     eval_every: int = option(0, "evaluate every N optimizer steps; 0: only at the end")
     eval_batch_tokens: int | None = option(None, "token budget of an evaluation micro-batch; null: micro_batch_tokens")
+
+    def optimizer(self) -> OptimizerSettings:
+        return optimizer_settings(self, self.lr)
+
+    def plan(self) -> PlanSettings:
+        return PlanSettings(self.batch_size, self.batch_unit, self.max_steps, self.epochs)
 
 
 @dataclass
@@ -194,7 +218,7 @@ class RMConfig(StageConfig):
 
 @dataclass
 class RLConfig:
-    """RL stages rto, ppo and dppo: rollouts, token rewards, GAE and PPO epochs (SPEC.md sections 2-5)."""
+    """RL stages rto, ppo and dppo: rollouts, token rewards, GAE and PPO epochs (docs/math.md §2-5)."""
 
     # rollouts
     rollout_batch_size: int = option(64, "prompts sampled per RL iteration")
@@ -279,6 +303,18 @@ class RLConfig:
     eval_every: int = option(0, "every N iterations, sample the test prompts and log true / DPO / RM rewards; 0: "
                                 "only at the end")
     eval_prompts: int = option(128, "test prompts sampled by the evaluation during RL (0: none)")
+
+    def optimizer(self, lr: float) -> OptimizerSettings:
+        """The actor's (lr = actor_lr) or the critic's (critic_lr) optimizer settings."""
+        return optimizer_settings(self, lr)
+
+    def plan(self) -> PlanSettings:
+        """Prompts per iteration and iterations (rl.iterations, else rl.epochs passes over the prompts)."""
+        return PlanSettings(self.rollout_batch_size, "sequences", self.iterations, self.epochs)
+
+    def kl_coef_for(self, mode: str) -> float:
+        """beta2 (beta for ppo): rl.kl_coef, else the paper's value for `mode`."""
+        return self.kl_coef if self.kl_coef is not None else PAPER_KL_COEF[mode]
 
 
 @dataclass
@@ -367,190 +403,31 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ------------------------------------------------------------------------------------------------ typing helpers
-
-@functools.cache
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_section(annotation) -> bool:
-    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
-
-
-def _union_members(annotation) -> tuple | None:
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return typing.get_args(annotation)
-    return None
-
-
-def _type_name(annotation) -> str:
-    members = _union_members(annotation)
-    if members is not None:
-        return " or ".join("null" if member is type(None) else _type_name(member) for member in members)
-    if typing.get_origin(annotation) is list:
-        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _value_type(value) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _all_keys(cls=Config, prefix: str = "") -> list[str]:
-    keys = []
-    for name, annotation in _hints(cls).items():
-        key = f"{prefix}{name}"
-        if _is_section(annotation):
-            keys.extend(_all_keys(annotation, key + "."))
-        else:
-            keys.append(key)
-    return keys
-
-
-def _suggest(key: str, cls) -> str:
-    """' (did you mean X?)' with the closest valid dotted key: by the whole key, else by its last part anywhere."""
-    valid = _all_keys()
-    leaf = key.rsplit(".", 1)[-1]
-    if KEY_ALIASES.get(leaf) in _hints(cls):
-        return f" (did you mean '{key[: len(key) - len(leaf)]}{KEY_ALIASES[leaf]}'?)"
-    sections = [name for name, annotation in _hints(Config).items() if _is_section(annotation)]
-    match = difflib.get_close_matches(key, valid + sections, n=1, cutoff=0.6)
-    if not match:
-        by_leaf = {candidate.rsplit(".", 1)[-1]: candidate for candidate in reversed(valid)}
-        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
-        match = [by_leaf[close[0]]] if close else []
-    if match:
-        return f" (did you mean '{match[0]}'?)"
-    return f"; valid keys here: {', '.join(sorted(_hints(cls)))}"
-
-
-def _coerce(value, annotation, key: str):
-    """`value` as `annotation`, or ConfigError naming the key and both types."""
-    members = _union_members(annotation)
-    if members is not None:
-        if value is None and type(None) in members:
-            return None
-        for member in members:
-            if member is type(None):
-                continue
-            try:
-                return _coerce(value, member, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_value_type(value)} ({value!r})")
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_value_type(value)} ({value!r})")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected dict, got {_value_type(value)} ({value!r})")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        # YAML reads 1e-5 as a string (no dot in the mantissa): accept the numeric spellings.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
-    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {_value_type(value)} ({value!r})")
-
-
-def _accepts_str(annotation) -> bool:
-    members = _union_members(annotation)
-    return annotation is str or (members is not None and str in members)
-
-
-def _build(cls, values: dict | None, prefix: str = ""):
-    """An instance of dataclass `cls` from a (possibly partial) mapping, recursively, with checks."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_value_type(values)}")
-    hints = _hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in hints:
-            raise ConfigError(f"unknown config key '{key}'{_suggest(key, cls)}")
-        annotation = hints[name]
-        if _is_section(annotation):
-            kwargs[name] = _build(annotation, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, annotation, key)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, key: str, raw: str) -> None:
-    """Apply one `key=raw` override to the nested mapping `tree`, checking the key against the dataclasses."""
-    parts = key.split(".")
-    cls = Config
-    node = tree
-    for depth, part in enumerate(parts):
-        hints = _hints(cls)
-        dotted = ".".join(parts[: depth + 1])
-        if part not in hints:
-            raise ConfigError(f"unknown config key '{key}'{_suggest(key, cls)}")
-        annotation = hints[part]
-        last = depth == len(parts) - 1
-        if _is_section(annotation):
-            if last:
-                example = next(iter(_hints(annotation)))
-                raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. {key}.{example}=...")
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"{dotted}: expected a mapping")
-            cls = annotation
-            continue
-        if not last:
-            raise ConfigError(f"unknown config key '{key}': '{dotted}' is not a section")
-        node[part] = _parse_override(raw, annotation)
-
-
-def _parse_override(raw: str, annotation):
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if value is not None and not isinstance(value, str) and _accepts_str(annotation) \
-            and not isinstance(value, (dict, list)):
-        return raw  # a path or name that YAML would read as a number or a date
-    if isinstance(value, str) and typing.get_origin(annotation) is list:
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
-
 # ------------------------------------------------------------------------------------------------ validation
+
+def validate(config: Config) -> Config:
+    """Check every value and how they fit together; ConfigError naming the first key that cannot work."""
+    _validate_stages(config)
+    _validate_data(config)
+    longest = config.data.max_prompt_length + config.data.max_response_length
+    for stage in TRAINING_STAGES:
+        _validate_training_stage(config, stage, longest)
+    if "dpo" in config.stages:
+        _positive("dpo.beta", config.dpo.beta)
+        _positive("dpo.sft_coef", config.dpo.sft_coef, allow_zero=True)
+    _validate_pairs(config)
+    _validate_rl(config, longest)
+    _validate_eval(config)
+    _validate_lora(config)
+    _validate_runtime(config.runtime)
+    return config
+
 
 def _choices_of(cls) -> dict[str, tuple]:
     return {item.name: item.metadata.get("choices") for item in dataclasses.fields(cls) if item.metadata.get("choices")}
 
 
-def _validate(config: Config) -> Config:
-    def check_choices(section, prefix):
-        for name, choices in _choices_of(type(section)).items():
-            value = getattr(section, name)
-            if value not in choices:
-                raise ConfigError(f"{prefix}{name}: must be one of {list(choices)}, got {value!r}")
-
+def _validate_stages(config: Config) -> None:
     if not config.stages:
         raise ConfigError(f"stages: list at least one of {list(STAGES)}")
     for i, stage in enumerate(config.stages):
@@ -564,10 +441,15 @@ def _validate(config: Config) -> Config:
     if config.stages != pipeline_order:
         raise ConfigError(f"stages: must follow the pipeline order {list(STAGES)} (each stage reads earlier ones' "
                           f"models): list them as {pipeline_order}")
-
     for name in ("model", "data", "runtime", "pairs", "rl", "eval", *TRAINING_STAGES):
-        check_choices(getattr(config, name), f"{name}.")
+        section = getattr(config, name)
+        for key, choices in _choices_of(type(section)).items():
+            value = getattr(section, key)
+            if value not in choices:
+                raise ConfigError(f"{name}.{key}: must be one of {list(choices)}, got {value!r}")
 
+
+def _validate_data(config: Config) -> None:
     data = config.data
     _positive("data.max_prompt_length", data.max_prompt_length)
     _positive("data.max_response_length", data.max_response_length)
@@ -576,40 +458,26 @@ def _validate(config: Config) -> Config:
     _positive("data.max_train_samples", data.max_train_samples)
     _positive("data.max_eval_samples", data.max_eval_samples, allow_zero=True)
 
-    longest = data.max_prompt_length + data.max_response_length
-    for stage in TRAINING_STAGES:
-        settings = getattr(config, stage)
-        _positive(f"{stage}.lr", settings.lr)
-        _positive(f"{stage}.weight_decay", settings.weight_decay, allow_zero=True)
-        _positive(f"{stage}.max_grad_norm", settings.max_grad_norm)
-        _positive(f"{stage}.batch_size", settings.batch_size)
-        _positive(f"{stage}.micro_batch_tokens", settings.micro_batch_tokens)
-        _positive(f"{stage}.eval_batch_tokens", settings.eval_batch_tokens)
-        _positive(f"{stage}.grad_accumulation", settings.grad_accumulation)
-        _positive(f"{stage}.epochs", settings.epochs)
-        _positive(f"{stage}.max_steps", settings.max_steps)
-        _positive(f"{stage}.eval_every", settings.eval_every, allow_zero=True)
-        _positive(f"{stage}.min_lr_ratio", settings.min_lr_ratio, allow_zero=True)
-        if not 0.0 <= settings.warmup_ratio < 1.0:
-            raise ConfigError(f"{stage}.warmup_ratio: must be in [0, 1), got {settings.warmup_ratio!r}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(settings, name) < 1.0:
-                raise ConfigError(f"{stage}.{name}: must be in [0, 1), got {getattr(settings, name)!r}")
-        # The data layer truncates to prompt + response lengths; the packer refuses longer sequences.
-        for name in ("micro_batch_tokens", "eval_batch_tokens"):
-            budget = getattr(settings, name)
-            if stage in config.stages and budget is not None and budget < longest:
-                raise ConfigError(f"{stage}.{name}={budget} is below data.max_prompt_length + "
-                                  f"data.max_response_length = {longest}: the longest sequence would not fit")
-    if "dpo" in config.stages:
-        _positive("dpo.beta", config.dpo.beta)
-        _positive("dpo.sft_coef", config.dpo.sft_coef, allow_zero=True)
-    _validate_pairs(config)
-    _validate_rl(config, longest)
-    _validate_eval(config)
-    _validate_lora(config)
 
-    runtime = config.runtime
+def _validate_training_stage(config: Config, stage: str, longest: int) -> None:
+    settings = getattr(config, stage)
+    for name in ("lr", "max_grad_norm", "batch_size", "micro_batch_tokens", "eval_batch_tokens", "grad_accumulation",
+                 "epochs", "max_steps"):
+        _positive(f"{stage}.{name}", getattr(settings, name))
+    for name in ("weight_decay", "eval_every", "min_lr_ratio"):
+        _positive(f"{stage}.{name}", getattr(settings, name), allow_zero=True)
+    for name in ("warmup_ratio", "adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(settings, name) < 1.0:
+            raise ConfigError(f"{stage}.{name}: must be in [0, 1), got {getattr(settings, name)!r}")
+    # The data layer truncates to prompt + response lengths; the packer refuses longer sequences.
+    for name in ("micro_batch_tokens", "eval_batch_tokens"):
+        budget = getattr(settings, name)
+        if stage in config.stages and budget is not None and budget < longest:
+            raise ConfigError(f"{stage}.{name}={budget} is below data.max_prompt_length + "
+                              f"data.max_response_length = {longest}: the longest sequence would not fit")
+
+
+def _validate_runtime(runtime: RuntimeConfig) -> None:
     if runtime.device != "auto" and runtime.device.split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"runtime.device: must be auto, cpu, cuda or cuda:N, got {runtime.device!r}")
     _positive("runtime.log_every", runtime.log_every)
@@ -617,14 +485,11 @@ def _validate(config: Config) -> Config:
     _positive("runtime.checkpoint_every", runtime.checkpoint_every, allow_zero=True)
     _positive("runtime.keep_last", runtime.keep_last)
     _positive("runtime.profile_step", runtime.profile_step, allow_zero=True)
-    from .trackers import TRACKERS
-
     unknown = [name for name in runtime.report_to if name not in TRACKERS]
     if unknown:
         raise ConfigError(f"runtime.report_to: unknown tracker {unknown[0]!r}; expected some of {list(TRACKERS)}")
     if not runtime.resume.strip():
         raise ConfigError("runtime.resume: must be auto, never, or a checkpoint folder")
-    return config
 
 
 def _validate_lora(config: Config) -> None:
@@ -642,9 +507,7 @@ def _validate_lora(config: Config) -> None:
         return
     if not model.lora_target_modules.replace(",", "").strip():
         raise ConfigError("model.lora_target_modules: name at least one module, or all-linear")
-    from .lora import PEFT_MISSING, peft_available
-
-    if not peft_available():
+    if not extras.peft_available():
         raise ConfigError(f"model.lora_rank > 0: {PEFT_MISSING}")
 
 
@@ -725,65 +588,3 @@ def _validate_eval(config: Config) -> None:
     if settings.judge == "truth" and prompt_task(config) is None:
         raise ConfigError(f"eval.judge: 'truth' needs a bundled task as data.source ({', '.join(TASKS)}: the only "
                           "data with a known reward) and rl.prompts null")
-
-
-# ------------------------------------------------------------------------------------------------ public API
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; checked; ConfigError if not."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(error).split())}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {_value_type(loaded)}")
-        tree = loaded or {}
-    # Validate the file's keys and types before the overrides touch the tree.
-    _build(Config, tree)
-    for override in overrides:
-        key, separator, raw = override.partition("=")
-        if not separator or not key.strip():
-            raise ConfigError(f"override {override!r} is not of the form key=value")
-        _set_dotted(tree, key.strip(), raw.strip())
-    return _validate(_build(Config, tree))
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config (every field) as YAML; `load_config(path)` gives the same config back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), encoding="utf-8")
-
-
-def config_help() -> str:
-    """Every option, section by section: dotted key, type, default, meaning and allowed values."""
-    lines = ["Configuration (YAML file sets what differs from these defaults; override with key=value):", ""]
-
-    def describe(cls, prefix: str) -> None:
-        hints = _hints(cls)
-        for item in dataclasses.fields(cls):
-            annotation = hints[item.name]
-            if _is_section(annotation):
-                continue
-            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-            default_text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            text = f"  {prefix}{item.name} ({_type_name(annotation)}, default {default_text}): {item.metadata['help']}"
-            choices = item.metadata.get("choices")
-            if choices:
-                names = ["null" if choice is None else str(choice) for choice in choices]
-                text += f" [one of: {', '.join(names)}]"
-            lines.append(text)
-
-    describe(Config, "")
-    for item in dataclasses.fields(Config):
-        annotation = _hints(Config)[item.name]
-        if _is_section(annotation):
-            lines.append("")
-            lines.append(f"{item.name}: {(annotation.__doc__ or '').strip().splitlines()[0]}")
-            describe(annotation, f"{item.name}.")
-    return "\n".join(lines)

@@ -16,16 +16,19 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models import VALUE_HEAD_FILE
+from . import extras
+from .config import ConfigError
+from .extras import PEFT_MISSING
+from .layout import VALUE_HEAD_FILE
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -66,15 +69,8 @@ class LoraSettings:
                           target_modules=self.targets(), bias="none")
 
 
-def peft_available() -> bool:
-    return importlib.util.find_spec("peft") is not None
-
-
-PEFT_MISSING = "LoRA adapters need peft: pip install 'rto_fast[lora]' (or pip install peft)"
-
-
 def _require_peft() -> None:
-    if not peft_available():
+    if not extras.peft_available():
         raise ImportError(f"model.lora_rank > 0: {PEFT_MISSING}")
 
 
@@ -148,8 +144,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapters(model: nn.Module, folder: str | Path) -> None:
     """The adapters (and a value-head model's head) in PEFT's format, into `folder`."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings: LoraSettings = _adapter_host(model).rto_fast_lora
@@ -171,7 +165,6 @@ def load_adapters(model: nn.Module, folder: str | Path) -> None:
     """Load adapters written by `save_adapters` into `model`, which already has adapters of the same settings
     (`add_adapters`); a value-head model's head too. Raises ValueError naming what does not match."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     check_checkpoint(folder, _adapter_host(model).rto_fast_lora)
@@ -194,8 +187,6 @@ def check_checkpoint(folder: str | Path, settings: LoraSettings | None) -> None:
     """Raise ConfigError (naming the model.lora_* key) when the model folder of a checkpoint cannot be resumed with
     `settings`: adapters where the run trains full weights, full weights where it trains adapters, or adapters of
     another rank, alpha or target modules. Runs before any model loads."""
-    from .config import ConfigError
-
     folder = Path(folder)
     saved_file = folder / ADAPTER_CONFIG
     if settings is None:

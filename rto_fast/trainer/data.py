@@ -61,8 +61,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+
+from ..tasks import TASKS, get_task
 from .packing import TokenizedSequence
-from .tasks import TASKS, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +172,6 @@ def _task_folder(name: str, cache_dir) -> Path:
 @contextlib.contextmanager
 def _quiet_datasets():
     """No `datasets` progress bars in the trainer's output."""
-    import datasets
-
     enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:

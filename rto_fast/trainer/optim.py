@@ -28,8 +28,8 @@ import math
 
 import torch
 
+from .. import ops
 from .config import BF16_OPTIMIZERS
-from .ops._common import backend_for
 
 logger = logging.getLogger(__name__)
 
@@ -258,14 +258,11 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         parameter; False when the torch path must run it. The kernel's seed comes from the optimizer's host generator
         (no device sync), so its draws are reproducible and resume with the state."""
         tensors = (parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"])
-        if backend_for(parameter) != "triton" or any(t.dtype != torch.bfloat16 or not t.is_contiguous()
-                                                     for t in tensors):
+        if not ops.fused_adamw_available(*tensors):
             return False
-        from .kernels import adamw as kernels  # imports triton: only when the Triton backend runs
-
         seed = int(torch.randint(0, 1 << 31, (1,), generator=self._generator(torch.device("cpu"))))
-        kernels.stochastic_rounding_adamw_(*tensors, seed=seed, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                           weight_decay=weight_decay, step=step)
+        ops.stochastic_rounding_adamw_(*tensors, seed=seed, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                       weight_decay=weight_decay, step=step)
         return True
 
     def state_dict(self):

@@ -39,11 +39,13 @@ import functools
 import inspect
 import logging
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from .models import unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -173,12 +175,25 @@ def generation_attention(model: torch.nn.Module):
 @functools.cache
 def register_packed_attention() -> None:
     """Register "rto_fast_packed" with transformers (attention function and mask function); idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
     AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention)
     # Like flash attention: no (N, N) mask is ever built; a 2D padding mask (generation) is passed through as is.
     AttentionMaskInterface.register(PACKED_IMPLEMENTATION, flash_attention_mask)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a DeepSpeed engine or DDP wraps (its `.module`), else `model` itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def forward_parameters(model: torch.nn.Module) -> frozenset:
+    """Names of the keyword arguments `model`'s forward takes (of the model a DeepSpeed engine or DDP wraps)."""
+    return _forward_parameters(type(unwrapped(model)))
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset:
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 # ------------------------------------------------------------------------------------------------ the call
@@ -382,7 +397,6 @@ def _document_block_mask(cu_seqlens: torch.Tensor, length: int, sliding_window: 
 
 @functools.cache
 def _flex_attention_function(device_type: str):
-    import warnings
 
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -16,6 +16,7 @@ optional and imported only when asked for.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import uuid
@@ -35,8 +36,6 @@ class TrackerError(ValueError):
 
 def check_trackers(names) -> None:
     """Raise TrackerError naming `runtime.report_to` for an unknown tracker or one whose package is missing."""
-    import importlib.util
-
     for name in names:
         if name not in TRACKERS:
             raise TrackerError(f"runtime.report_to: unknown tracker {name!r}; expected some of {list(TRACKERS)}")

@@ -28,16 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tasks import Task, get_task, token_true_rewards
+from ..tasks.jsonl import write_jsonl
 from .data import PreferenceExample
 from .generation import SamplingSettings, generate
-from .models import load_causal_lm
-from .stages import STAGE_SEED_OFFSET, RunContext, stage_output
-from .tasks import Task, get_task, token_true_rewards
-from .tasks.credit import write_jsonl
+from .layout import PAIRS_DIR
+from .loading import causal_lm
+from .loop import STAGE_SEED_OFFSET
+from .pipeline import Wiring
+from .run import RunContext
 
 logger = logging.getLogger(__name__)
 
-PAIRS_DIR = "pairs"
 SUMMARY_FILE = "pairs.json"
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 
@@ -139,7 +141,7 @@ def run_pairs_stage(context: RunContext) -> Path:
     task = get_task(config.data.source)
     if task is None:
         raise ValueError(f"stage pairs: data.source {config.data.source!r} is no bundled task with a known reward")
-    sft_model = stage_output("sft", context)
+    sft_model = Wiring.of(context).output("sft")
     if sft_model is None:
         raise ValueError("stage pairs samples from the SFT model: list the sft stage before it or set "
                          "model.sft_path")
@@ -162,8 +164,7 @@ def _sample_and_write(context: RunContext, task: Task, sft_model: Path, folder: 
     seed = config.runtime.seed + STAGE_SEED_OFFSET["pairs"]
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = load_causal_lm(str(sft_model), dtype=config.model.dtype, trainable=False,
-                           tokenizer=context.tokenizer).to(context.device)
+    model = causal_lm(str(sft_model), context, trainable=False).to(context.device)
     sampling = SamplingSettings(max_new_tokens=config.data.max_response_length, temperature=config.pairs.temperature,
                                 batch_size=config.pairs.batch_size)
     summary = {"settings": settings}
