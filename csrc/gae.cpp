@@ -2,9 +2,10 @@
 // logprobs.cpp. rto_fast._C.gae (generalized advantage estimation) and rto_fast._C.ppo_loss_fwd (the clipped PPO
 // loss forward with its per-token gradients).
 //
-// The stream is flat: `segment_offsets` (int64, num_segments + 1 entries) splits it into rows of a padded batch
-// or sequences of a packed stream; a False mask position also ends a response, so every maximal run of True
-// inside a segment is one response whose recursion starts from V = A = 0 after its last token (SPEC.md 4).
+// The stream is flat: `segment_offsets` (int64, num_segments + 1 entries) splits it into trajectories (rows of a
+// padded batch or sequences of a packed stream). A trajectory's action tokens are its True mask positions; False
+// positions (prompt, padding, tool output between turns) are skipped, so the recursion of an action token reads
+// the next action token of the same trajectory and starts from V = A = 0 after the last one (docs/math.md 4).
 // Accumulation is in double whatever the storage type; segments run in parallel with OpenMP.
 #include <pybind11/pybind11.h>
 
@@ -36,11 +37,9 @@ void gae_segments(const scalar_t* rewards, const scalar_t* values, const bool* m
     double next_value = 0.0;
     double next_advantage = 0.0;
     for (int64_t t = end - 1; t >= begin; --t) {
-      if (!mask[t]) {
+      if (!mask[t]) {  // not an action: written 0, and the recursion carries over it
         advantages[t] = scalar_t(0);
         returns[t] = scalar_t(0);
-        next_value = 0.0;
-        next_advantage = 0.0;
         continue;
       }
       const double value = static_cast<double>(values[t]);
@@ -70,6 +69,17 @@ void gae(uintptr_t rewards, uintptr_t values, uintptr_t mask, uintptr_t segment_
   } else {
     throw std::invalid_argument("gae: dtype must be float32 or float64, got " + dtype);
   }
+}
+
+// max / min that return NaN when either side is NaN (torch.maximum / torch.clamp semantics; std::max and a bare
+// compare-and-select drop a NaN on one side). Written with `|` so that the same code serves GCC vector types.
+template <typename T>
+RTO_INLINE T nan_max(T a, T b) {
+  return ((a < b) | (b != b)) ? b : a;
+}
+template <typename T>
+RTO_INLINE T nan_min(T a, T b) {
+  return ((b < a) | (b != b)) ? b : a;
 }
 
 // d max(u, c): the larger branch's gradient, half of each on a tie (what torch.maximum's backward does).
@@ -122,14 +132,14 @@ RTO_INLINE void ppo_token(const PpoArgs<scalar_t>& a, int64_t t, double* sums) {
   const scalar_t log_ratio = a.logprobs[t] - a.old_logprobs[t];
   const scalar_t ratio = std::exp(log_ratio);
   const scalar_t low = scalar_t(1.0 - a.clip_low), high = scalar_t(1.0 + a.clip_high);
-  const scalar_t clamped = std::min(std::max(ratio, low), high);
+  const scalar_t clamped = nan_min(nan_max(ratio, low), high);
   const scalar_t pg_unclipped = -advantage * ratio;
   const scalar_t pg_clipped = -advantage * clamped;
   const bool ratio_in_range = ratio >= low && ratio <= high;
   const scalar_t grad_pg =
       max_branch_grad(pg_unclipped, pg_clipped, pg_unclipped, ratio_in_range ? pg_unclipped : scalar_t(0));
   a.grad_logprobs[t] = static_cast<scalar_t>(weight * grad_pg);
-  sums[0] += weight * std::max(pg_unclipped, pg_clipped);
+  sums[0] += weight * nan_max(pg_unclipped, pg_clipped);
   sums[2] += pg_clipped > pg_unclipped ? weight : 0.0;
   sums[3] += weight * (0.5 * double(log_ratio) * double(log_ratio));
   if (a.values) {
@@ -140,7 +150,7 @@ RTO_INLINE void ppo_token(const PpoArgs<scalar_t>& a, int64_t t, double* sums) {
     if (a.clip_values) {
       const scalar_t value_low = a.old_values[t] - scalar_t(a.value_clip);
       const scalar_t value_high = a.old_values[t] + scalar_t(a.value_clip);
-      clipped_value = std::min(std::max(value, value_low), value_high);
+      clipped_value = nan_min(nan_max(value, value_low), value_high);
       value_in_range = value >= value_low && value <= value_high;
     }
     const scalar_t error = value - target;
@@ -150,7 +160,7 @@ RTO_INLINE void ppo_token(const PpoArgs<scalar_t>& a, int64_t t, double* sums) {
     const scalar_t grad_vf =
         max_branch_grad(vf_unclipped, vf_clipped, error, value_in_range ? clipped_error : scalar_t(0));
     a.grad_values[t] = static_cast<scalar_t>(weight * a.vf_coef * grad_vf);
-    sums[1] += weight * 0.5 * std::max(vf_unclipped, vf_clipped);
+    sums[1] += weight * 0.5 * nan_max(vf_unclipped, vf_clipped);
     sums[4] += vf_clipped > vf_unclipped ? weight : 0.0;
   }
 }
@@ -200,8 +210,7 @@ RTO_INLINE bool ppo_vector(const PpoArgs<float>& a, int64_t t, typename DoubleVe
   }
   const f ratio = exp_clamped<W>(log_ratio);
   const f low = splat<W>(float(1.0 - a.clip_low)), high = splat<W>(float(1.0 + a.clip_high));
-  f clamped = ratio < low ? low : ratio;      // std::max(ratio, low)
-  clamped = high < clamped ? high : clamped;  // std::min(clamped, high)
+  const f clamped = nan_min(nan_max(ratio, low), high);
   const f pg_unclipped = -advantage * ratio;
   const f pg_clipped = -advantage * clamped;
   // In range exactly when clamping left the ratio alone (a NaN ratio is in neither, as in ppo_token). Only `<`
@@ -211,7 +220,7 @@ RTO_INLINE bool ppo_vector(const PpoArgs<float>& a, int64_t t, typename DoubleVe
                     : pg_unclipped < pg_clipped ? grad_clipped
                                                 : 0.5f * (pg_unclipped + grad_clipped);
   store<W>(a.grad_logprobs, t, valid ? weight * grad_pg : zero);
-  add_valid<W>(sums[0], valid, weight * (pg_unclipped < pg_clipped ? pg_clipped : pg_unclipped));
+  add_valid<W>(sums[0], valid, weight * nan_max(pg_unclipped, pg_clipped));
   add_valid<W>(sums[2], valid & (pg_unclipped < pg_clipped), weight);
   add_valid<W>(sums[3], valid, weight * (0.5f * log_ratio * log_ratio));
   if (a.values) {
@@ -222,8 +231,7 @@ RTO_INLINE bool ppo_vector(const PpoArgs<float>& a, int64_t t, typename DoubleVe
     if (a.clip_values) {
       const f old_value = load<W>(a.old_values, t);
       const f value_low = old_value - float(a.value_clip), value_high = old_value + float(a.value_clip);
-      clipped_value = value < value_low ? value_low : value;
-      clipped_value = value_high < clipped_value ? value_high : clipped_value;
+      clipped_value = nan_min(nan_max(value, value_low), value_high);
       value_in_range = clipped_value == value;
     }
     const f error = value - target;
@@ -235,7 +243,7 @@ RTO_INLINE bool ppo_vector(const PpoArgs<float>& a, int64_t t, typename DoubleVe
                       : vf_unclipped < vf_clipped ? grad_clipped_vf
                                                   : 0.5f * (error + grad_clipped_vf);
     store<W>(a.grad_values, t, valid ? (weight * float(a.vf_coef)) * grad_vf : zero);
-    add_valid<W>(sums[1], valid, (weight * 0.5f) * (vf_unclipped < vf_clipped ? vf_clipped : vf_unclipped));
+    add_valid<W>(sums[1], valid, (weight * 0.5f) * nan_max(vf_unclipped, vf_clipped));
     add_valid<W>(sums[4], valid & (vf_unclipped < vf_clipped), weight);
   }
   return true;

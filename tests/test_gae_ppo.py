@@ -59,23 +59,24 @@ def _packed_stream(num_segments, max_length, with_empty=True):
 
 
 def _float32_loop_gae(rewards, values, mask, gamma, lam, cu_seqlens=None):
-    """What plain PyTorch computes in float32: a reverse loop over columns, state reset at every run end."""
-    _, run_last, _ = reference.response_run_flags(mask, cu_seqlens)
+    """What plain PyTorch computes in float32: a reverse loop over columns that carries (V, A) of the next action
+    token over holes and resets them where a new trajectory (row or packed sequence) begins."""
     length = mask.shape[-1]
     valid = mask.reshape(-1, length)
-    last = run_last.reshape(valid.shape)
+    segment = reference.segment_ids(mask.shape, cu_seqlens).reshape(valid.shape)
     rewards, values = rewards.float().reshape(valid.shape), values.float().reshape(valid.shape)
     next_value = torch.zeros(valid.shape[0])
     next_advantage = torch.zeros(valid.shape[0])
+    next_segment = torch.full((valid.shape[0],), -1)
     advantages = torch.zeros(valid.shape)
     for t in reversed(range(length)):
-        keep = valid[:, t] & ~last[:, t]
-        next_value = torch.where(keep, next_value, 0.0)
-        next_advantage = torch.where(keep, next_advantage, 0.0)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = torch.where(valid[:, t], delta + gamma * lam * next_advantage, 0.0)
-        advantages[:, t] = advantage
-        next_value, next_advantage = values[:, t], advantage
+        same = segment[:, t] == next_segment
+        delta = rewards[:, t] + gamma * torch.where(same, next_value, 0.0) - values[:, t]
+        advantage = delta + gamma * lam * torch.where(same, next_advantage, 0.0)
+        advantages[:, t] = torch.where(valid[:, t], advantage, 0.0)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+        next_advantage = torch.where(valid[:, t], advantage, next_advantage)
+        next_segment = torch.where(valid[:, t], segment[:, t], next_segment)
     returns = torch.where(valid, advantages + values, 0.0)
     return advantages.reshape(mask.shape), returns.reshape(mask.shape)
 

@@ -39,13 +39,37 @@ def test_linear_token_logprobs_is_logprobs_of_the_matmul():
     torch.testing.assert_close(reference.linear_token_logprobs(hidden, weight, labels, bias=bias), expected)
 
 
-def test_response_runs_split_at_segment_boundaries():
-    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
-    cu_seqlens = torch.tensor([0, 5, 8], dtype=torch.int32)  # the run 3..6 crosses position 5: two responses
-    run_start, run_last, segment_id = reference.response_run_flags(mask, cu_seqlens)
-    assert run_start.nonzero().flatten().tolist() == [0, 3, 5]
-    assert run_last.nonzero().flatten().tolist() == [1, 4, 6]
-    assert segment_id.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+def test_trajectories_are_segments_and_their_last_action_tokens():
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    cu_seqlens = torch.tensor([0, 5, 8, 8, 10], dtype=torch.int32)  # an empty sequence, then one with no action
+    assert reference.segment_ids(mask.shape, cu_seqlens).tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 3, 3]
+    # Sequence 0 has a hole at position 2: one trajectory whose last action token is 4.
+    assert reference.last_action_flags(mask, cu_seqlens).nonzero().flatten().tolist() == [4, 6]
+    rows = mask[:8].reshape(2, 4)
+    assert reference.last_action_flags(rows).nonzero().flatten().tolist() == [3, 6]
+
+
+def test_multi_turn_rewards_and_gae_by_hand():
+    # One trajectory of two turns, actions at 1..2 and 5..6, tool output at 3..4 (not actions), prompt at 0.
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    lp = torch.tensor([[0.0, -1.0, -2.0, 9.0, 9.0, -0.5, -1.5]], dtype=torch.float64)
+    ref = torch.tensor([[0.0, -1.5, -1.0, 9.0, 9.0, -1.0, -1.0]], dtype=torch.float64)
+    dpo = torch.tensor([[0.0, -0.5, -3.0, 1.0, 1.0, -0.5, -2.0]], dtype=torch.float64)
+    score = torch.tensor([4.0], dtype=torch.float64)
+    dppo = reference.token_rewards(lp, ref, mask, mode="dppo", dpo_logprobs=dpo, score=score, kl_coef=0.0,
+                                   dpo_coef=0.5)
+    # (dpo - ref) over the four action tokens: 1 - 2 + 0.5 - 1 = -1.5, all on the last action token, with the score.
+    assert dppo.tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5 * -1.5 + 4.0]]
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 2.0]], dtype=torch.float64)
+    values = torch.tensor([[0.0, 0.5, 0.25, 7.0, 7.0, 1.0, 0.75]], dtype=torch.float64)
+    advantages, returns = reference.gae(rewards, values, mask, gamma=0.5, lam=0.5)
+    # Backwards over the action tokens 6, 5, 2, 1 (the holes' values 7.0 are never read):
+    a6 = 2.0 - 0.75
+    a5 = 0.0 + 0.5 * 0.75 - 1.0 + 0.25 * a6
+    a2 = 1.0 + 0.5 * 1.0 - 0.25 + 0.25 * a5
+    a1 = 0.0 + 0.5 * 0.25 - 0.5 + 0.25 * a2
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, a1, a2, 0.0, 0.0, a5, a6]], dtype=torch.float64))
+    torch.testing.assert_close(returns, torch.where(mask, advantages + values, 0.0))
 
 
 def test_token_rewards_by_hand():
@@ -93,16 +117,16 @@ def test_kl_estimators_by_definition():
 
 
 def test_gae_closed_form_for_gamma_lambda_one():
-    # With gamma = lam = 1, A_h = sum_{k >= h} r_k - V_h within each response.
+    # With gamma = lam = 1, A_h = (sum of the rewards of the trajectory's action tokens from h on) - V_h.
     rewards = torch.randn(2, 6, dtype=torch.float64)
     values = torch.randn(2, 6, dtype=torch.float64)
     mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
     advantages, returns = reference.gae(rewards, values, mask, gamma=1.0, lam=1.0)
     expected = torch.zeros_like(rewards)
-    for row, runs in ((0, [(1, 4)]), (1, [(0, 2), (3, 6)])):
-        for begin, end in runs:
-            for h in range(begin, end):
-                expected[row, h] = rewards[row, h:end].sum() - values[row, h]
+    for row in range(2):
+        for h in range(6):
+            if mask[row, h]:
+                expected[row, h] = (rewards[row, h:] * mask[row, h:]).sum() - values[row, h]
     torch.testing.assert_close(advantages, expected)
     torch.testing.assert_close(returns, torch.where(mask, expected + values, torch.zeros_like(values)))
 

@@ -7,11 +7,12 @@
 
 Callers are `rto_fast.ops.gae_ppo` (input checks, autograd, dispatch); nothing here validates arguments.
 
-GAE: one program per segment (a row of a padded batch or one packed sequence) walks its positions backwards in
-blocks of BLOCK. Inside a block the recursion A_t = delta_t + c_t * A_{t+1} is a linear recurrence, solved with
-`tl.associative_scan` over (c, delta) pairs loaded in reversed position order (reversed index math, so the scan
-runs forwards and no `reverse=` / `tl.flip` is needed); c_t = gamma * lam, zeroed where a response run ends. The
-advantage of the earliest position of a block is carried into the next block. Each program also writes
+GAE: one program per trajectory (a row of a padded batch or one packed sequence) walks its positions backwards in
+blocks of BLOCK. The recursion runs over action tokens only, holes (mask False) skipped: with s = (A, V) of the
+next action token, an action token t maps s to (r_t - V_t + gamma V' + gamma lam A', V_t) and a hole leaves s
+alone. Those maps are affine with an upper-triangular 2 x 2 matrix, so a block is one `tl.associative_scan` over
+their five coefficients, loaded in reversed position order (reversed index math, so the scan runs forwards and no
+`reverse=` / `tl.flip` is needed). The state at the earliest position of a block is carried into the next block. Each program also writes
 (count, mean, M2) of its advantages so the whitening statistics need no further pass over the data.
 `method="loop"` selects the simple alternative: one lane per segment, all lanes stepping backwards together.
 
@@ -45,10 +46,12 @@ WEIGHT_PER_TOKEN = 2  # weights[t] (seq-mean-token-mean over packed sequences)
 
 
 @triton.jit
-def _compose_affine(coef_later, value_later, coef_current, value_current):
-    # Each element is the map x -> value + coef * x. The scan runs over positions in decreasing order, so the
-    # left operand holds the later positions already folded; apply it first, then the current position's map.
-    return coef_current * coef_later, value_current + coef_current * value_later
+def _compose_affine(l11, l12, l22, l1, l2, c11, c12, c22, c1, c2):
+    # Each element is the affine map s -> M s + b of the state s = (A, V) of the next action token, with M upper
+    # triangular (m11, m12, m22) and b = (b1, b2). The scan runs over positions in decreasing order, so the left
+    # operand holds the later positions already folded: apply it first, then the current position's map.
+    return (c11 * l11, c11 * l12 + c12 * l22, c22 * l22,
+            c11 * l1 + c12 * l2 + c1, c22 * l2 + c2)
 
 
 @triton.jit
@@ -59,7 +62,10 @@ def _gae_scan_kernel(rewards_ptr, values_ptr, mask_ptr, offsets_ptr, advantages_
     begin, end = segment_bounds(offsets_ptr, segment, row_length, PACKED)
     lanes = tl.arange(0, BLOCK)
     zeros = tl.zeros([BLOCK], dtype=tl.float32)
-    carry = tl.sum(zeros, axis=0)  # A at the earliest position of the previous (later) block
+    ones = zeros + 1.0
+    # (A, V) of the next action token after this block (0, 0 after the trajectory's last one).
+    carry_advantage = tl.sum(zeros, axis=0)
+    carry_value = tl.sum(zeros, axis=0)
     count = tl.sum(zeros, axis=0)
     mean = tl.sum(zeros, axis=0)
     m2 = tl.sum(zeros, axis=0)
@@ -67,19 +73,24 @@ def _gae_scan_kernel(rewards_ptr, values_ptr, mask_ptr, offsets_ptr, advantages_
     for block in range(0, num_blocks):
         positions = end - 1 - block * BLOCK - lanes  # lane 0 = latest position of the block
         inside = positions >= begin
-        has_next = inside & (positions + 1 < end)
         valid = tl.load(mask_ptr + positions, mask=inside, other=0) != 0
-        continues = valid & (tl.load(mask_ptr + positions + 1, mask=has_next, other=0) != 0)
         reward = tl.load(rewards_ptr + positions, mask=valid, other=0.0).to(tl.float32)
         value = tl.load(values_ptr + positions, mask=valid, other=0.0).to(tl.float32)
-        next_value = tl.load(values_ptr + positions + 1, mask=continues, other=0.0).to(tl.float32)
-        delta = tl.where(valid, reward + gamma * next_value - value, 0.0)
-        coef = tl.where(continues, zeros + gamma_lam, 0.0)
-        coef_scan, delta_scan = tl.associative_scan((coef, delta), 0, _compose_affine)
-        advantage = delta_scan + coef_scan * carry
+        # An action token maps (A', V') to (r - V + gamma V' + gamma lam A', V); anything else (a hole, or a lane
+        # past the trajectory's start) is the identity, so the recursion carries over it.
+        m11 = tl.where(valid, zeros + gamma_lam, ones)
+        m12 = tl.where(valid, zeros + gamma, zeros)
+        m22 = tl.where(valid, zeros, ones)
+        b1 = tl.where(valid, reward - value, zeros)
+        b2 = tl.where(valid, value, zeros)
+        m11, m12, m22, b1, b2 = tl.associative_scan((m11, m12, m22, b1, b2), 0, _compose_affine)
+        state_advantage = m11 * carry_advantage + m12 * carry_value + b1
+        state_value = m22 * carry_value + b2
+        advantage = tl.where(valid, state_advantage, 0.0)
         tl.store(advantages_ptr + positions, advantage, mask=inside)
-        tl.store(returns_ptr + positions, tl.where(valid, advantage + value, 0.0), mask=inside)
-        carry = tl.sum(tl.where(lanes == BLOCK - 1, advantage, 0.0), axis=0)
+        tl.store(returns_ptr + positions, tl.where(valid, state_advantage + value, 0.0), mask=inside)
+        carry_advantage = tl.sum(tl.where(lanes == BLOCK - 1, state_advantage, 0.0), axis=0)
+        carry_value = tl.sum(tl.where(lanes == BLOCK - 1, state_value, 0.0), axis=0)
         # Chan's parallel update of (count, mean, M2): numerically stable whitening statistics.
         block_count = tl.sum(valid.to(tl.float32), axis=0)
         block_mean = tl.sum(advantage, axis=0) / tl.maximum(block_count, 1.0)
@@ -116,11 +127,12 @@ def _gae_loop_kernel(rewards_ptr, values_ptr, mask_ptr, offsets_ptr, advantages_
         valid = tl.load(mask_ptr + positions, mask=inside, other=0) != 0
         reward = tl.load(rewards_ptr + positions, mask=valid, other=0.0).to(tl.float32)
         value = tl.load(values_ptr + positions, mask=valid, other=0.0).to(tl.float32)
-        advantage = tl.where(valid, reward + gamma * next_value - value + gamma_lam * next_advantage, 0.0)
-        tl.store(advantages_ptr + positions, advantage, mask=inside)
+        advantage = reward + gamma * next_value - value + gamma_lam * next_advantage
+        tl.store(advantages_ptr + positions, tl.where(valid, advantage, 0.0), mask=inside)
         tl.store(returns_ptr + positions, tl.where(valid, advantage + value, 0.0), mask=inside)
-        next_value = tl.where(valid, value, 0.0)
-        next_advantage = advantage
+        # Non-action positions (holes between turns) leave the recursion as it is.
+        next_value = tl.where(valid, value, next_value)
+        next_advantage = tl.where(valid, advantage, next_advantage)
 
 
 def gae_forward(rewards, values, mask, *, cu_seqlens=None, gamma=1.0, lam=0.95, method="scan", block=None,
@@ -172,6 +184,18 @@ def gae_forward(rewards, values, mask, *, cu_seqlens=None, gamma=1.0, lam=0.95, 
 
 
 @triton.jit
+def _nan_max(a, b):
+    # torch.maximum's NaN semantics: tl.maximum's default (max-num, like the GPU instruction and the interpreter's
+    # np.fmax) would return the other operand and hide a NaN input behind a finite loss.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_min(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _max_branch_grad(unclipped, clipped, grad_unclipped, grad_clipped):
     # d max(u, c): the larger branch's gradient; half of each on a tie (what torch.maximum's backward does).
     return tl.where(unclipped > clipped, grad_unclipped,
@@ -207,10 +231,10 @@ def _ppo_loss_fwd_kernel(logprobs_ptr, old_logprobs_ptr, advantages_ptr, mask_pt
 
     log_ratio = logprob - old_logprob
     ratio = tl.exp(log_ratio)
-    clamped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    clamped_ratio = _nan_min(_nan_max(ratio, 1.0 - clip_low), 1.0 + clip_high)
     pg_unclipped = -advantage * ratio
     pg_clipped = -advantage * clamped_ratio
-    pg = tl.maximum(pg_unclipped, pg_clipped)
+    pg = _nan_max(pg_unclipped, pg_clipped)
     ratio_in_range = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
     grad_pg = _max_branch_grad(pg_unclipped, pg_clipped, pg_unclipped, tl.where(ratio_in_range, pg_unclipped, 0.0))
     tl.store(grad_logprobs_ptr + offsets, tl.where(valid, weight * grad_pg, 0.0), mask=inside)
@@ -228,12 +252,12 @@ def _ppo_loss_fwd_kernel(logprobs_ptr, old_logprobs_ptr, advantages_ptr, mask_pt
             # clamp(v, old - c, old + c): equal to v exactly inside the range (old + clamp(v - old) is not).
             low = old_value - value_clip
             high = old_value + value_clip
-            clipped_value = tl.minimum(tl.maximum(value, low), high)
+            clipped_value = _nan_min(_nan_max(value, low), high)
             value_in_range = (value >= low) & (value <= high)
             clipped_error = clipped_value - target
             vf_unclipped = error * error
             vf_clipped = clipped_error * clipped_error
-            vf = 0.5 * tl.maximum(vf_unclipped, vf_clipped)
+            vf = 0.5 * _nan_max(vf_unclipped, vf_clipped)
             grad_vf = _max_branch_grad(vf_unclipped, vf_clipped, error,
                                        tl.where(value_in_range, clipped_error, 0.0))
             vf_clip_flag = (vf_clipped > vf_unclipped).to(tl.float32)

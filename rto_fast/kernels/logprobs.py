@@ -98,7 +98,7 @@ def _logprobs_fwd_kernel(logits_ptr, stride_row, labels_ptr, logprobs_ptr, stats
     m, s, t = _online_block_update(row_ptr, col_start, col_end, n_blocks, inv_temperature, valid,
                                    BLOCK, COMPUTE_ENTROPY, PREFETCH)
     if SPLIT == 1:
-        s = tl.where(s > 0.0, s, 1.0)  # s is 0 only on ignored rows, whose outputs are 0 anyway
+        s = tl.where(valid, s, 1.0)  # 0 on ignored rows; 0 on an all -inf row gives NaN outputs, as torch does
         log_s = tl.log(s)
         label_z = _label_logit(row_ptr, label, valid, inv_temperature)
         tl.store(logprobs_ptr + row, tl.where(valid, (label_z - m) - log_s, 0.0))
@@ -126,7 +126,7 @@ def _logprobs_combine_kernel(logits_ptr, stride_row, labels_ptr, logprobs_ptr, s
     m = tl.max(part_m, axis=0)
     scale = tl.exp(part_m - m)
     s = tl.sum(part_s * scale, axis=0)
-    s = tl.where(s > 0.0, s, 1.0)  # s is 0 only on ignored rows, whose outputs are 0 anyway
+    s = tl.where(valid, s, 1.0)  # 0 on ignored rows; 0 on an all -inf row gives NaN outputs, as torch does
     log_s = tl.log(s)
     label_z = _label_logit(logits_ptr + row * stride_row, label, valid, inv_temperature)
     tl.store(logprobs_ptr + row, tl.where(valid, (label_z - m) - log_s, 0.0))

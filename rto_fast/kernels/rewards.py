@@ -7,12 +7,11 @@
 
 Callers are `rto_fast.ops.rewards` (input checks, dispatch, custom ops); nothing here validates arguments.
 
-Rewards: one program per segment (a row of a padded batch or one packed sequence) walks its positions in blocks
-of BLOCK. Per position it computes the KL estimate and the dense RTO term; a position ends a response run when it
-is True and the next position is False or outside the segment. For `dppo` the per-run sums of (dpo - ref) come
-from `tl.associative_scan` over (value, run-start flag) pairs, a segmented prefix sum whose running value is
-carried from one block to the next. With `score`, a first loop over the (1-byte) mask finds the segment's last
-True position with a max-reduction. Every position of the segment is written (0 outside the mask).
+Rewards: one program per trajectory (a row of a padded batch or one packed sequence) walks its positions in blocks
+of BLOCK. Per action token (mask True) it computes the KL estimate and the dense RTO term. With `score` or for
+`dppo`, a first loop finds the trajectory's last action token (a max-reduction over the 1-byte mask) and, for
+`dppo`, the sum of (dpo - ref) over its action tokens; both land on that token. Every position of the trajectory is
+written (0 at non-action positions, whose inputs are never loaded).
 
 Log-probs from logits: one launch, one program per (row, model), reads each of the policy, reference and (optional)
 DPO logits rows once, block by block over the vocabulary, with token_logprobs' online max / sum-exp in float32
@@ -42,12 +41,6 @@ KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 
 
 @triton.jit
-def _segmented_add(sum_left, reset_left, sum_right, reset_right):
-    # Pairs (running sum, "a run started in this span"): a run start on the right drops everything to its left.
-    return tl.where(reset_right != 0, sum_right, sum_left + sum_right), reset_left | reset_right
-
-
-@triton.jit
 def _token_rewards_kernel(logprobs_ptr, ref_ptr, dpo_ptr, mask_ptr, score_ptr, offsets_ptr, out_ptr,
                           row_length, kl_coef, dpo_coef, score_coef, dpo_clip,
                           MODE: tl.constexpr, KL: tl.constexpr, HAS_SCORE: tl.constexpr, HAS_CLIP: tl.constexpr,
@@ -57,22 +50,29 @@ def _token_rewards_kernel(logprobs_ptr, ref_ptr, dpo_ptr, mask_ptr, score_ptr, o
     lanes = tl.arange(0, BLOCK)
     num_blocks = tl.cdiv(end - begin, BLOCK)
 
-    if HAS_SCORE:
-        # The segment's last True position (begin - 1 when it has none): where the score lands.
-        last_valid = begin - 1
+    # What lands on the trajectory's last action token: the score and, for dppo, dpo_coef times the sum of
+    # (dpo - ref) over all its action tokens. A first pass over the trajectory finds both.
+    last_extra = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0)
+    last_action = begin - 1  # stays begin - 1 when the trajectory has no action token
+    if HAS_SCORE or MODE == 2:
+        dpo_sum = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0)
         for block in range(0, num_blocks):
             positions = begin + block * BLOCK + lanes
-            inside = positions < end
-            valid = tl.load(mask_ptr + positions, mask=inside, other=0) != 0
-            last_valid = tl.maximum(last_valid, tl.max(tl.where(valid, positions, begin - 1), axis=0))
-        score = tl.load(score_ptr + segment).to(tl.float32) * score_coef
+            valid = tl.load(mask_ptr + positions, mask=positions < end, other=0) != 0
+            last_action = tl.maximum(last_action, tl.max(tl.where(valid, positions, begin - 1), axis=0))
+            if MODE == 2:
+                dpo = tl.load(dpo_ptr + positions, mask=valid, other=0.0).to(tl.float32)
+                ref = tl.load(ref_ptr + positions, mask=valid, other=0.0).to(tl.float32)
+                dpo_sum += tl.sum(tl.where(valid, dpo - ref, 0.0), axis=0)
+        if MODE == 2:
+            last_extra += dpo_coef * dpo_sum
+        if HAS_SCORE:
+            last_extra += tl.load(score_ptr + segment).to(tl.float32) * score_coef
 
-    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0)  # run sum up to the previous block's last lane
     for block in range(0, num_blocks):
         positions = begin + block * BLOCK + lanes
         inside = positions < end
         valid = tl.load(mask_ptr + positions, mask=inside, other=0) != 0
-        next_valid = tl.load(mask_ptr + positions + 1, mask=positions + 1 < end, other=0) != 0
         logprob = tl.load(logprobs_ptr + positions, mask=valid, other=0.0).to(tl.float32)
         ref = tl.load(ref_ptr + positions, mask=valid, other=0.0).to(tl.float32)
         log_ratio = logprob - ref
@@ -87,21 +87,12 @@ def _token_rewards_kernel(logprobs_ptr, ref_ptr, dpo_ptr, mask_ptr, score_ptr, o
             dpo = tl.load(dpo_ptr + positions, mask=valid, other=0.0).to(tl.float32)
             dense = dpo_coef * (dpo - ref)
             if HAS_CLIP:
-                dense = tl.minimum(tl.maximum(dense, -dpo_clip), dpo_clip)
+                # NaN-propagating clamp: the default max-num form would turn a NaN log-prob into +-dpo_clip.
+                dense = tl.minimum(tl.maximum(dense, -dpo_clip, propagate_nan=tl.PropagateNan.ALL), dpo_clip,
+                                   propagate_nan=tl.PropagateNan.ALL)
             reward += dense
-        if MODE == 2:
-            dpo = tl.load(dpo_ptr + positions, mask=valid, other=0.0).to(tl.float32)
-            previous = tl.load(mask_ptr + positions - 1, mask=inside & (positions > begin), other=0) != 0
-            run_start = (valid & (previous == 0)).to(tl.int32)
-            dpo_log_ratio = tl.where(valid, dpo - ref, 0.0)
-            run_sum, started = tl.associative_scan((dpo_log_ratio, run_start), 0, _segmented_add)
-            # Lanes before the block's first run start continue the run that the previous block left open.
-            run_sum = run_sum + tl.where(started == 0, carry, 0.0)
-            carry = tl.sum(tl.where(lanes == BLOCK - 1, run_sum, 0.0), axis=0)
-            run_last = valid & (next_valid == 0)
-            reward += tl.where(run_last, dpo_coef * run_sum, 0.0)
-        if HAS_SCORE:
-            reward += tl.where(positions == last_valid, score, 0.0)
+        if HAS_SCORE or MODE == 2:
+            reward += tl.where(positions == last_action, last_extra, 0.0)
         tl.store(out_ptr + positions, tl.where(valid, reward, 0.0), mask=inside)
 
 
@@ -162,7 +153,7 @@ def _row_label_logprob(row_ptr, label, valid, out_ptr, vocab_size, n_blocks, inv
     """log softmax(row / T)[label] into out_ptr (0 for an ignored row), streaming the row once."""
     running_max, sum_exp, _ = _online_block_update(row_ptr, 0, vocab_size, n_blocks, inv_temperature, valid,
                                                    BLOCK_V, False, PREFETCH)
-    sum_exp = tl.where(sum_exp > 0.0, sum_exp, 1.0)  # 0 only on ignored rows, whose output is 0 anyway
+    sum_exp = tl.where(valid, sum_exp, 1.0)  # 0 on ignored rows; 0 on an all -inf row gives NaN, as torch does
     label_z = _label_logit(row_ptr, label, valid, inv_temperature)
     tl.store(out_ptr, tl.where(valid, (label_z - running_max) - tl.log(sum_exp), 0.0))
 

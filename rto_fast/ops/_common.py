@@ -7,6 +7,7 @@ imported, the forced `triton` backend runs the kernels on CPU tensors through Tr
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -43,12 +44,42 @@ def check_tensor(name: str, tensor, *, dtypes=None, ndim=None, device=None) -> N
         raise ValueError(f"{name}: on {tensor.device}, but the other inputs are on {device}")
 
 
+def check_devices(*named_tensors) -> None:
+    """Every tensor on the device of the first one, `(name, tensor)` pairs in argument order; None and non-tensors
+    are skipped (their own checks name them). The error names the tensor that differs, not the first input."""
+    present = [(name, tensor) for name, tensor in named_tensors if isinstance(tensor, torch.Tensor)]
+    if not present:
+        return
+    first_name, first = present[0]
+    for name, tensor in present[1:]:
+        if tensor.device != first.device:
+            raise ValueError(f"{name}: on {tensor.device}, but {first_name} is on {first.device}; every tensor "
+                             f"argument must be on one device")
+
+
 def check_number(name: str, value, allow_none: bool = False) -> None:
     """A Python int or float (not a bool, not a tensor), or None where allowed."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+
+
+def check_range(name: str, value, low=None, high=None, *, allow_none: bool = False, low_open: bool = False) -> None:
+    """A number inside [low, high] (or (low, high] with low_open); NaN, inf beyond a bound, or None where not
+    allowed raise an error that names the argument and its range. A missing bound only excludes NaN and inf."""
+    check_number(name, value, allow_none=allow_none)
+    if value is None:
+        return
+    above_low = low is None or (value > low if low_open else value >= low)
+    below_high = high is None or value <= high
+    if not (above_low and below_high and math.isfinite(value)):
+        left = "(" if low_open or low is None else "["
+        allowed = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}" + \
+            (")" if high is None else "]")
+        if low is None and high is None:
+            allowed = "finite"
+        raise ValueError(f"{name}: must be {'in ' if allowed != 'finite' else ''}{allowed}, got {value}")
 
 
 def check_mask(mask) -> None:
@@ -66,16 +97,21 @@ def check_same_shape(name: str, tensor: torch.Tensor, expected_shape, expected_n
                          f"shape {tuple(expected_shape)}")
 
 
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be integer and inside [0, vocab_size) unless equal to ignore_index.
+    """Labels must be integer and inside [0, vocab_size) unless equal to ignore_index, compared in int64 (a uint8
+    or int16 comparison with vocab_size or ignore_index would wrap around).
 
     This costs one small reduction over the labels (N integers, not N x V) and one host sync; it is what keeps
     every kernel from reading out of bounds.
     """
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    if labels.dtype not in LABEL_DTYPES:
         raise ValueError(f"labels: expected an integer dtype, got {str(labels.dtype).replace('torch.', '')}")
     if labels.numel() == 0:
         return
+    labels = labels.long()
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
     if bool(bad.any()):
         position = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())

@@ -9,8 +9,11 @@
     loss, stats, advantages, returns = ops.gae_ppo_loss(rewards, values, logprobs, new_logprobs, new_values,
                                                         response_mask)
 
-Packed streams: pass `(N,)` or `(1, N)` tensors and `cu_seqlens` (int32, `(S+1,)`); responses never cross a sequence
-boundary and `agg="seq-mean-token-mean"` averages per sequence.
+A trajectory is a row, or a packed sequence: pass `(N,)` or `(1, N)` tensors and `cu_seqlens` (int32, `(S+1,)`). Its
+action tokens are its mask-True positions; False positions inside it (prompt, padding, tool output between turns)
+are skipped by GAE, not treated as ends, and `agg="seq-mean-token-mean"` averages per trajectory. NaN at an action
+token propagates as in torch (the clamps and maxima keep NaN on every backend); inputs at non-action positions are
+never read.
 
 Backends (`rto_fast.ops._common.backend_for`): Triton kernels (`rto_fast.kernels.gae_ppo`) for CUDA tensors; on
 CPU the C++ in `rto_fast._C` (`gae`, a segmented reverse scan, and `ppo_loss_fwd`, one pass with analytic
@@ -29,8 +32,8 @@ import torch
 
 from .. import _C
 from . import reference
-from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_mask, check_number,
-                      check_packed_layout, check_same_shape, check_tensor)
+from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_devices, check_mask, check_packed_layout,
+                      check_range, check_same_shape, check_tensor)
 
 __all__ = ["gae", "ppo_loss", "gae_ppo_loss"]
 
@@ -383,18 +386,19 @@ torch.library.register_autograd(
 
 
 def _check_float(name, tensor, mask):
-    check_tensor(name, tensor, dtypes=FLOAT_DTYPES, device=mask.device)
+    check_tensor(name, tensor, dtypes=FLOAT_DTYPES)
     check_same_shape(name, tensor, mask.shape, "mask")
 
 
 def _check_packing(cu_seqlens, mask, names):
     if cu_seqlens is None:
         return
+    check_devices(("mask", mask), ("cu_seqlens", cu_seqlens))
     for name in names:
         check_packed_layout(name, mask, cu_seqlens)
     if torch.compiler.is_compiling():
         # Value checks need a host sync, which would break the graph; the metadata checks still run.
-        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=mask.device)
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1)
     else:
         check_cu_seqlens(cu_seqlens, mask.numel(), mask.device)
 
@@ -404,6 +408,8 @@ def _check_ppo_arguments(logprobs, old_logprobs, advantages, mask, values, old_v
     check_mask(mask)
     _check_float("logprobs", logprobs, mask)
     _check_float("old_logprobs", old_logprobs, mask)
+    check_devices(("logprobs", logprobs), ("old_logprobs", old_logprobs), (advantages_name, advantages),
+                  ("mask", mask), ("values", values), ("old_values", old_values), ("returns", returns))
     if advantages is not None:
         _check_float(advantages_name, advantages, mask)
     if values is not None:
@@ -414,10 +420,19 @@ def _check_ppo_arguments(logprobs, old_logprobs, advantages, mask, values, old_v
             _check_float(name, tensor, mask)
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg: unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
-    for name, value in (("clip_eps", clip_eps), ("vf_coef", vf_coef)):
-        check_number(name, value)
-    check_number("clip_eps_high", clip_eps_high, allow_none=True)
-    check_number("value_clip", value_clip, allow_none=True)
+    check_range("clip_eps", clip_eps, 0.0, 1.0)
+    check_range("clip_eps_high", clip_eps_high, 0.0, allow_none=True)
+    check_range("value_clip", value_clip, 0.0, allow_none=True)
+    check_range("vf_coef", vf_coef, 0.0)
+
+
+def _check_gae_arguments(rewards, values, mask, gamma, lam, values_name="values"):
+    check_mask(mask)
+    _check_float("rewards", rewards, mask)
+    _check_float(values_name, values, mask)
+    check_devices(("rewards", rewards), (values_name, values), ("mask", mask))
+    check_range("gamma", gamma, 0.0, 1.0)
+    check_range("lam", lam, 0.0, 1.0)
 
 
 def _detach(tensor):
@@ -434,18 +449,15 @@ def _stats_dict(stats5):
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, cu_seqlens=None):
-    """Generalized advantage estimation over every response run; returns (advantages, returns), float32.
+    """Generalized advantage estimation over each trajectory's action tokens; returns (advantages, returns), float32.
 
-    rewards, values: float tensors of mask's shape; mask: bool, True on response tokens (each maximal run of True
-    is one response, the value after its last token is 0). Packed streams: `(N,)` / `(1, N)` plus `cu_seqlens`.
-    Outputs are 0 where mask is False. Not differentiable.
+    rewards, values: float tensors of mask's shape; mask: bool, True on action tokens. A trajectory is a row (or a
+    packed sequence: `(N,)` / `(1, N)` inputs plus `cu_seqlens`); False positions inside it (prompt, tool output
+    between turns) are skipped: the next value of an action token is that of the next action token of the same
+    trajectory, 0 after its last. Outputs are 0 where mask is False. gamma and lam in [0, 1]. Not differentiable.
     """
-    check_mask(mask)
-    _check_float("rewards", rewards, mask)
-    _check_float("values", values, mask)
+    _check_gae_arguments(rewards, values, mask, gamma, lam)
     _check_packing(cu_seqlens, mask, ("mask",))
-    check_number("gamma", gamma)
-    check_number("lam", lam)
     return torch.ops.rto_fast.gae(rewards.detach(), values.detach(), mask, cu_seqlens, float(gamma), float(lam))
 
 
@@ -484,14 +496,11 @@ def gae_ppo_loss(rewards, old_values, old_logprobs, logprobs, values, mask, *, g
     `gae` -> `reference.masked_whiten` -> `ppo_loss` with returns from gae and old_values as the value baseline.
     values=None gives the actor-only loss.
     """
-    check_mask(mask)
-    _check_float("rewards", rewards, mask)
-    _check_float("old_values", old_values, mask)
+    _check_gae_arguments(rewards, old_values, mask, gamma, lam, values_name="old_values")
     _check_ppo_arguments(logprobs, old_logprobs, None, mask, values, old_values, old_values, clip_eps,
                          clip_eps_high, value_clip, vf_coef, agg)
+    check_devices(("rewards", rewards), ("logprobs", logprobs))
     _check_packing(cu_seqlens, mask, ("mask",))
-    check_number("gamma", gamma)
-    check_number("lam", lam)
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if _eager_reference(mask):
         loss, stats, advantages, returns = reference.gae_ppo_loss(

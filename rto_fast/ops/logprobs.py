@@ -45,7 +45,7 @@ import torch
 
 from .. import _C
 from . import reference
-from ._common import FLOAT_DTYPES, backend_for, check_labels, check_tensor
+from ._common import FLOAT_DTYPES, LABEL_DTYPES, backend_for, check_devices, check_labels, check_tensor
 
 __all__ = ["token_logprobs", "linear_token_logprobs"]
 
@@ -458,8 +458,11 @@ def _linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, label
     row_stats = torch.stack([row_max, log_sum], dim=-1).masked_fill_(~valid.unsqueeze(-1), 0.0)
     if return_entropy:
         # t = sum exp(z - m) (z - m) of a chunk, from its entropy H = log s - t / s; moved to the row's max.
+        # A chunk whose logits are all -inf (s = 0) adds nothing; its own entropy is NaN and must not leak in. A NaN
+        # anywhere in the row still makes sum_exp, hence the entropy, NaN.
         chunk_t = chunk_sum * (chunk_log_sum - torch.stack(chunk_entropies).to(dtype))
-        entropy_sum = (scale * (chunk_t + (chunk_max - row_max) * chunk_sum)).sum(dim=0)
+        shifted_t = torch.where(chunk_sum > 0, scale * (chunk_t + (chunk_max - row_max) * chunk_sum), 0.0)
+        entropy_sum = shifted_t.sum(dim=0)
         entropy = torch.where(valid, log_sum - entropy_sum / sum_exp, 0.0).float()
     else:
         entropy = hidden.new_empty(0, dtype=torch.float32)
@@ -571,9 +574,9 @@ torch.library.register_autograd("rto_fast::linear_token_logprobs_fwd", _linear_b
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_common(labels, batch_shape, batch_name, device, temperature, ignore_index):
-    check_tensor("labels", labels, device=device)
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+def _check_common(labels, batch_shape, batch_name, temperature, ignore_index):
+    check_tensor("labels", labels)
+    if labels.dtype not in LABEL_DTYPES:
         raise ValueError(f"labels: expected an integer dtype, got {str(labels.dtype).replace('torch.', '')}")
     if tuple(labels.shape) != tuple(batch_shape):
         raise ValueError(f"labels: shape {tuple(labels.shape)} does not match {batch_name} "
@@ -586,6 +589,12 @@ def _check_common(labels, batch_shape, batch_name, device, temperature, ignore_i
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
 
 
+def _shares_a_grad_leaf(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a leaf that requires grad, or a view of one (same memory)."""
+    base = tensor if tensor._base is None else tensor._base
+    return base.is_leaf and base.requires_grad
+
+
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
                    inplace_backward=False):
     """log softmax(logits / temperature)[labels] as float32 `labels.shape`; `(logprobs, entropy)` if asked.
@@ -595,16 +604,24 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
     gradient (see the module docstring).
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    check_devices(("logits", logits), ("labels", labels))
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits: expected shape (..., V) with V >= 1, got {tuple(logits.shape)}")
-    _check_common(labels, logits.shape[:-1], "logits.shape[:-1]", logits.device, temperature, ignore_index)
+    _check_common(labels, logits.shape[:-1], "logits.shape[:-1]", temperature, ignore_index)
+    if inplace_backward and torch.is_grad_enabled() and _shares_a_grad_leaf(logits):
+        # The backward would overwrite a tensor the optimizer owns with its own gradient; torch refuses in-place
+        # changes to such leaves (and to views of them) for the same reason.
+        raise ValueError("inplace_backward: logits is (a view of) a leaf tensor that requires grad, and the in-place "
+                         "backward would overwrite it with its gradient; pass inplace_backward=False, or logits "
+                         "computed from the parameters (e.g. an LM head's output)")
     vocab_size = logits.shape[-1]
     logits_2d = logits.reshape(-1, vocab_size)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
     need_stats = torch.is_grad_enabled() and logits.requires_grad
+    # int64 labels: narrower dtypes would wrap in comparisons with V or ignore_index (uint8 156 == -100).
     logprobs, _, entropy = torch.ops.rto_fast.token_logprobs_fwd(
-        logits_2d, labels.reshape(-1), float(temperature), int(ignore_index), bool(return_entropy),
+        logits_2d, labels.reshape(-1).long(), float(temperature), int(ignore_index), bool(return_entropy),
         bool(inplace_backward), need_stats)
     logprobs = logprobs.view(labels.shape)
     if return_entropy:
@@ -620,21 +637,22 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     hidden, weight and bias. The matmuls run in the input dtype; log-probs and entropy come back as float32.
     """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    check_devices(("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias))
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden: expected shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
-    check_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2, device=hidden.device)
+    check_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2)
     if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight: expected shape (V, {hidden.shape[-1]}) with V >= 1, got {tuple(weight.shape)}")
     if bias is not None:
-        check_tensor("bias", bias, dtypes=(hidden.dtype,), ndim=1, device=hidden.device)
+        check_tensor("bias", bias, dtypes=(hidden.dtype,), ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    _check_common(labels, hidden.shape[:-1], "hidden.shape[:-1]", hidden.device, temperature, ignore_index)
+    _check_common(labels, hidden.shape[:-1], "hidden.shape[:-1]", temperature, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     need_stats = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     logprobs, _, entropy = torch.ops.rto_fast.linear_token_logprobs_fwd(
-        hidden_2d, weight, labels.reshape(-1), bias, float(temperature), int(ignore_index), bool(return_entropy),
-        need_stats)
+        hidden_2d, weight, labels.reshape(-1).long(), bias, float(temperature), int(ignore_index),
+        bool(return_entropy), need_stats)
     logprobs = logprobs.view(labels.shape)
     if return_entropy:
         return logprobs, entropy.view(labels.shape)

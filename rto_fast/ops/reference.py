@@ -9,11 +9,17 @@ Nothing here is fast and nothing here is clever: each function is the math of do
 PyTorch allows. Inputs in float64 give float64 outputs (the oracle); any lower precision is computed in float32.
 The fast paths (`rto_fast.ops`) must agree with these functions; when they disagree, this file is right.
 
-Shared conventions (DESIGN.md, "The ops contract"):
-- `mask` is bool, True on response tokens. A maximal run of True along the last dimension is one response.
-- A "segment" is a row of a padded `(B, T)` batch, or one sequence `cu_seqlens[s]:cu_seqlens[s+1]` of a packed
-  `(N,)` / `(1, N)` stream. Responses never span two segments.
-- The last token of a response is the last True position of its run.
+Shared conventions (docs/ops.md, "What a trajectory is"):
+- A trajectory is a row of a padded `(B, T)` batch, or one sequence `cu_seqlens[s]:cu_seqlens[s+1]` of a packed
+  `(N,)` / `(1, N)` stream (both are called segments here).
+- `mask` is bool: its True positions are the trajectory's action tokens (the tokens the policy sampled). False
+  positions inside a trajectory (prompt, padding, environment or tool output between turns) are not actions: their
+  inputs are never read and every output there is 0.
+- The score and DPPO's summed DPO term go on the trajectory's last action token. GAE runs over the action tokens
+  as if the holes were removed: the next value of an action token is the value of the next action token of the
+  same trajectory, 0 after its last.
+- NaN or inf at an action token propagates as torch propagates it (NaN in, NaN out); a softmax over a row whose
+  logits are all -inf is NaN, as torch.log_softmax gives.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ __all__ = [
     "gae_ppo_loss",
     "kl_penalty",
     "segment_starts",
-    "response_run_flags",
+    "segment_ids",
+    "last_action_flags",
 ]
 
 MODES = ("rto", "ppo", "dppo")
@@ -105,28 +112,33 @@ def segment_starts(shape, cu_seqlens=None, device=None) -> torch.Tensor:
     return starts
 
 
-def response_run_flags(mask, cu_seqlens=None):
-    """(run_start, run_last, segment_id) as flat tensors over the positions of `mask`.
-
-    run_start / run_last are True at the first / last token of every maximal run of True that does not cross a
-    segment boundary; segment_id numbers the segments 0..S-1.
-    """
-    flat = mask.reshape(-1)
-    starts = segment_starts(mask.shape, cu_seqlens, device=mask.device)
-    prev_valid = torch.cat([flat.new_zeros(1), flat[:-1]]) & ~starts
-    next_starts = torch.cat([starts[1:], starts.new_ones(1)])
-    next_valid = torch.cat([flat[1:], flat.new_zeros(1)]) & ~next_starts
-    run_start = flat & ~prev_valid
-    run_last = flat & ~next_valid
+def segment_ids(shape, cu_seqlens=None, device=None) -> torch.Tensor:
+    """Flat int64 tensor over prod(shape) positions: the number of the segment (trajectory) each position is in."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    positions = torch.arange(numel, device=device)
     if cu_seqlens is None:
-        segment_id = torch.cumsum(starts.long(), 0) - 1
-    else:
-        # Empty sequences (repeated cu_seqlens entries) keep their numbers: the segment of position p is the last
-        # s with cu_seqlens[s] <= p.
-        positions = torch.arange(flat.numel(), device=flat.device)
-        offsets = cu_seqlens.to(device=flat.device, dtype=torch.int64)
-        segment_id = torch.searchsorted(offsets, positions, right=True) - 1
-    return run_start, run_last, segment_id
+        row_length = shape[-1] if len(shape) else 1
+        return positions // max(row_length, 1)
+    # Empty sequences (repeated cu_seqlens entries) keep their numbers: the segment of position p is the last s
+    # with cu_seqlens[s] <= p.
+    offsets = cu_seqlens.to(device=device, dtype=torch.int64)
+    return torch.searchsorted(offsets, positions, right=True) - 1
+
+
+def last_action_flags(mask, cu_seqlens=None) -> torch.Tensor:
+    """Flat bool over the positions of `mask`: True at the last action token (last True position) of every
+    trajectory that has one."""
+    flat = mask.reshape(-1).tolist()
+    segments = segment_ids(mask.shape, cu_seqlens, device=mask.device).tolist()
+    last = {}
+    for position, (is_action, segment) in enumerate(zip(flat, segments)):
+        if is_action:
+            last[segment] = position
+    flags = torch.zeros(len(flat), dtype=torch.bool, device=mask.device)
+    flags[list(last.values())] = True
+    return flags
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,49 +160,38 @@ def kl_penalty(logprobs, ref_logprobs, kl_estimator="k1"):
 
 def token_rewards(logprobs, ref_logprobs, mask, *, mode="rto", dpo_logprobs=None, score=None, kl_coef=0.03,
                   dpo_coef=0.1, score_coef=1.0, dpo_clip=None, kl_estimator="k1", cu_seqlens=None):
-    """Per-token rewards, 0 outside `mask`.
+    """Per-token rewards on the action tokens (mask True), 0 elsewhere.
 
-    - rto:  clamp(dpo_coef * (dpo - ref), +-dpo_clip) - kl_coef * k on every response token,
-            plus score_coef * score at the last response token of each segment when `score` is given.
-    - ppo:  -kl_coef * k, plus score_coef * score at the last response token of each segment.
-    - dppo: -kl_coef * k, plus dpo_coef * sum over the response of (dpo - ref) at its last token,
-            plus score_coef * score at the last response token of each segment when `score` is given.
+    - rto:  clamp(dpo_coef * (dpo - ref), +-dpo_clip) - kl_coef * k on every action token,
+            plus score_coef * score at the trajectory's last action token when `score` is given.
+    - ppo:  -kl_coef * k, plus score_coef * score at the trajectory's last action token.
+    - dppo: -kl_coef * k, plus dpo_coef * (sum over the trajectory's action tokens of (dpo - ref)) at its last
+            action token, plus score_coef * score there when `score` is given.
 
-    `score` holds one value per segment: `(B,)` for a padded `(B, T)` batch, `(S,)` for a packed stream.
+    `score` holds one value per trajectory: `(B,)` for a padded `(B, T)` batch, `(S,)` for a packed stream.
     """
     if mode not in MODES:
         raise ValueError(f"mode: unknown mode {mode!r}; expected one of {MODES}")
     if mode in ("rto", "dppo") and dpo_logprobs is None:
         raise ValueError(f"dpo_logprobs: required for mode {mode!r}")
     dtype = _compute_dtype(logprobs.dtype)
-    lp, ref = logprobs.to(dtype), ref_logprobs.to(dtype)
-    rewards = -kl_coef * kl_penalty(lp, ref, kl_estimator)
-    run_start, run_last, segment_id = response_run_flags(mask, cu_seqlens)
-    flat_rewards = rewards.reshape(-1).clone()
+    actions = mask.reshape(-1)
+    segments = segment_ids(mask.shape, cu_seqlens, device=mask.device)
+    last = last_action_flags(mask, cu_seqlens)
+    ref = ref_logprobs.to(dtype).reshape(-1)
+    rewards = -kl_coef * kl_penalty(logprobs.to(dtype).reshape(-1), ref, kl_estimator)
     if mode == "rto":
-        dense = dpo_coef * (dpo_logprobs.to(dtype) - ref)
-        if dpo_clip is not None:
-            dense = dense.clamp(-dpo_clip, dpo_clip)
-        flat_rewards += dense.reshape(-1)
-    elif mode == "dppo":
-        # Sum (dpo - ref) over each run and put it on the run's last token.
-        log_ratio = (dpo_logprobs.to(dtype) - ref).reshape(-1) * mask.reshape(-1)
-        run_id = torch.cumsum(run_start.long(), 0) - 1
-        run_sums = torch.zeros(int(run_start.sum()), dtype=dtype, device=logprobs.device)
-        inside = mask.reshape(-1)
-        run_sums.index_add_(0, run_id[inside], log_ratio[inside])
-        flat_rewards[run_last] += dpo_coef * run_sums
+        dense = dpo_coef * (dpo_logprobs.to(dtype).reshape(-1) - ref)
+        rewards = rewards + (dense.clamp(-dpo_clip, dpo_clip) if dpo_clip is not None else dense)
+    num_segments = int(segments.max()) + 1 if segments.numel() else 0
+    if mode == "dppo":
+        # The sum of (dpo - ref) over each trajectory's action tokens, on its last action token.
+        log_ratio = torch.where(actions, dpo_logprobs.to(dtype).reshape(-1) - ref, 0.0)
+        sums = torch.zeros(num_segments, dtype=dtype, device=mask.device).index_add_(0, segments, log_ratio)
+        rewards = rewards + torch.where(last, dpo_coef * sums[segments], 0.0)
     if score is not None:
-        # The last response token of each segment: the last run_last position whose segment matches.
-        last_positions = torch.nonzero(run_last).squeeze(-1)
-        last_of_segment = {}
-        for position in last_positions.tolist():
-            last_of_segment[int(segment_id[position])] = position
-        score = score.to(dtype).reshape(-1)
-        for segment, position in last_of_segment.items():
-            flat_rewards[position] += score_coef * score[segment]
-    flat_rewards = torch.where(mask.reshape(-1), flat_rewards, torch.zeros_like(flat_rewards))
-    return flat_rewards.reshape(mask.shape)
+        rewards = rewards + torch.where(last, score_coef * score.to(dtype).reshape(-1)[segments], 0.0)
+    return torch.where(actions, rewards, 0.0).reshape(mask.shape)
 
 
 def token_rewards_from_logits(logits, ref_logits, labels, mask, *, dpo_logits=None, temperature=1.0,
@@ -211,40 +212,45 @@ def token_rewards_from_logits(logits, ref_logits, labels, mask, *, dpo_logits=No
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, cu_seqlens=None):
-    """Generalized advantage estimation over each response run; returns (advantages, returns), 0 outside mask.
+    """Generalized advantage estimation over each trajectory's action tokens; returns (advantages, returns), 0 at
+    every non-action position.
 
-    delta_h = r_h + gamma * V_{h+1} - V_h (V after the last token is 0); A_h = delta_h + gamma * lam * A_{h+1};
-    R_h = A_h + V_h. A plain reverse loop over Python floats: the definition, not a fast path.
+    For the action tokens h of one trajectory in order, with h' the next action token of the same trajectory:
+    delta_h = r_h + gamma * V_{h'} - V_h, A_h = delta_h + gamma * lam * A_{h'} (V and A after the last action token
+    are 0); R_h = A_h + V_h. Holes (False positions) are skipped, not treated as ends. A plain reverse loop over
+    Python floats: the definition, not a fast path.
     """
     dtype = _compute_dtype(rewards.dtype)
-    _, run_last, _ = response_run_flags(mask, cu_seqlens)
+    segments = segment_ids(mask.shape, cu_seqlens).tolist()
     r = rewards.to(dtype).reshape(-1).tolist()
     v = values.to(dtype).reshape(-1).tolist()
-    valid = mask.reshape(-1).tolist()
-    last = run_last.tolist()
+    actions = mask.reshape(-1).tolist()
     advantages = [0.0] * len(r)
-    next_value, next_advantage = 0.0, 0.0
+    returns = [0.0] * len(r)
+    next_value, next_advantage, next_segment = 0.0, 0.0, None
     for t in reversed(range(len(r))):
-        if not valid[t]:
+        if not actions[t]:
             continue
-        if last[t]:
-            next_value, next_advantage = 0.0, 0.0
+        if segments[t] != next_segment:  # the last action token of its trajectory
+            next_value, next_advantage, next_segment = 0.0, 0.0, segments[t]
         delta = r[t] + gamma * next_value - v[t]
         next_advantage = delta + gamma * lam * next_advantage
         next_value = v[t]
         advantages[t] = next_advantage
-    advantages = torch.tensor(advantages, dtype=dtype, device=rewards.device).reshape(mask.shape)
-    returns = torch.where(mask, advantages + values.to(dtype), torch.zeros_like(advantages))
-    return advantages, returns
+        returns[t] = next_advantage + v[t]
+    shape = mask.shape
+    return (torch.tensor(advantages, dtype=dtype, device=rewards.device).reshape(shape),
+            torch.tensor(returns, dtype=dtype, device=rewards.device).reshape(shape))
 
 
 def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
-    """(x - mean) / sqrt(var + eps) over the True positions of mask (unbiased variance, as TRL); 0 outside."""
+    """(x - mean) / sqrt(var + eps) over the True positions of mask (unbiased variance, as TRL); 0 outside.
+    Positions outside the mask are never read."""
     dtype = _compute_dtype(x.dtype)
-    x = x.to(dtype)
+    x = torch.where(mask, x.to(dtype), 0.0)
     count = mask.sum()
-    mean = (x * mask).sum() / count
-    var = ((x - mean).square() * mask).sum() / count
+    mean = x.sum() / count
+    var = torch.where(mask, (x - mean).square(), 0.0).sum() / count
     if count > 1:
         var = var * count / (count - 1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
@@ -259,17 +265,18 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
 
 
 def _aggregate(per_token, mask, agg, cu_seqlens=None):
-    """token-mean: mean over all True positions; seq-mean-token-mean: mean over segments with at least one True
-    position of the per-segment token mean."""
+    """token-mean: mean over all action tokens; seq-mean-token-mean: mean over trajectories with at least one
+    action token of the per-trajectory token mean. Non-action positions are never read."""
+    per_token = torch.where(mask, per_token, 0.0)
     if agg == "token-mean":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return per_token.sum() / mask.sum().clamp(min=1)
     if agg == "seq-mean-token-mean":
-        _, _, segment_id = response_run_flags(mask, cu_seqlens)
+        segment_id = segment_ids(mask.shape, cu_seqlens, device=mask.device)
         flat_mask = mask.reshape(-1)
         num_segments = int(segment_id.max()) + 1 if segment_id.numel() else 0
         sums = torch.zeros(num_segments, dtype=per_token.dtype, device=per_token.device)
         counts = torch.zeros(num_segments, dtype=per_token.dtype, device=per_token.device)
-        sums.index_add_(0, segment_id, (per_token.reshape(-1) * flat_mask))
+        sums.index_add_(0, segment_id, per_token.reshape(-1))
         counts.index_add_(0, segment_id, flat_mask.to(per_token.dtype))
         present = counts > 0
         if not bool(present.any()):

@@ -7,18 +7,20 @@
     rewards, logprobs, ref_logprobs, dpo_logprobs = ops.token_rewards_from_logits(
         logits, ref_logits, labels, response_mask, dpo_logits=dpo_logits, temperature=1.0)
 
-Modes (docs/math.md §3): `rto` = clamp(dpo_coef * (dpo - ref), +-dpo_clip) - kl_coef * k on every response token;
-`ppo` = -kl_coef * k; `dppo` = -kl_coef * k plus dpo_coef * sum over the response of (dpo - ref) on its last token.
-`score` (one value per row, or per packed sequence) adds score_coef * score at the segment's last response token.
-k is the `kl_estimator` ("k1", "k2", "k3") of lp - ref. Rewards are float32 and 0 outside the mask.
+A trajectory is a row, or a packed sequence between `cu_seqlens` boundaries; its action tokens are its mask-True
+positions (False positions inside it, such as tool output between turns, are not actions). Modes (docs/math.md §3):
+`rto` = clamp(dpo_coef * (dpo - ref), +-dpo_clip) - kl_coef * k on every action token; `ppo` = -kl_coef * k;
+`dppo` = -kl_coef * k plus dpo_coef * (sum over the trajectory's action tokens of (dpo - ref)) on its last action
+token. `score` (one value per trajectory) adds score_coef * score at the trajectory's last action token. k is the
+`kl_estimator` ("k1", "k2", "k3") of lp - ref. Rewards are float32 and 0 at non-action positions, whose inputs are
+never read; NaN at an action token gives NaN where it is used.
 
-Packed streams: `(N,)` or `(1, N)` tensors plus `cu_seqlens` (int32, `(S+1,)`); a run of True that crosses a
-sequence boundary is two responses.
+Packed streams: `(N,)` or `(1, N)` tensors plus `cu_seqlens` (int32, `(S+1,)`).
 
 Backends (`rto_fast.ops._common.backend_for`): the Triton kernels of `rto_fast.kernels.rewards` for CUDA tensors
-(float64 inputs take the torch path, which keeps float64 precision); on CPU a vectorized torch path (run starts
-and ends from shifted masks, run sums as differences of one float64 prefix sum, the last response token of each
-segment from a max over positions; logits in chunks of rows through log_softmax / gather); `reference` runs
+(float64 inputs take the torch path, which keeps float64 precision); on CPU a vectorized torch path (each
+trajectory's last action token from a max over positions, DPPO's per-trajectory sums by one float64 index_add;
+logits in chunks of rows through log_softmax / gather); `reference` runs
 `rto_fast.reference`. Both ops are `torch.library.custom_op`s (`rto_fast::token_rewards`,
 `rto_fast::token_rewards_from_logits`) with fake implementations, so `torch.compile`d code calls them without graph
 breaks. Nothing here is differentiable: the inputs are detached.
@@ -32,8 +34,8 @@ import torch
 
 from . import reference
 from .logprobs import _forward_torch as _logprobs_forward_torch
-from ._common import (FLOAT_DTYPES, backend_for, check_cu_seqlens, check_labels, check_mask, check_number,
-                      check_packed_layout, check_same_shape, check_tensor)
+from ._common import (FLOAT_DTYPES, LABEL_DTYPES, backend_for, check_cu_seqlens, check_devices, check_labels,
+                      check_mask, check_packed_layout, check_range, check_same_shape, check_tensor)
 
 __all__ = ["token_rewards", "token_rewards_from_logits"]
 
@@ -70,16 +72,16 @@ def _kl_penalty(log_ratio, kl_estimator):
     return torch.exp(-log_ratio) - 1 + log_ratio
 
 
-def _segment_starts(mask, cu_seqlens):
-    """Flat bool: True where a segment (row, or packed sequence) starts."""
-    numel = mask.numel()
+def _num_segments(mask, cu_seqlens):
+    return cu_seqlens.numel() - 1 if cu_seqlens is not None else mask.numel() // max(mask.shape[-1], 1)
+
+
+def _segment_of(positions, mask, cu_seqlens):
+    """The segment (row, or packed sequence) of each flat position in `positions` (int64)."""
     if cu_seqlens is None:
-        starts = torch.zeros((numel // mask.shape[-1], mask.shape[-1]), dtype=torch.bool, device=mask.device)
-        starts[:, 0] = True
-        return starts.reshape(-1)
-    starts = torch.zeros(numel + 1, dtype=torch.bool, device=mask.device)
-    starts[cu_seqlens.to(device=mask.device, dtype=torch.int64)] = True  # N (past the end) lands on the spare slot
-    return starts[:numel]
+        return positions // mask.shape[-1]
+    offsets = cu_seqlens.to(device=mask.device, dtype=torch.int64)
+    return torch.searchsorted(offsets, positions, right=True) - 1
 
 
 def _last_valid_positions(valid, mask, cu_seqlens):
@@ -115,21 +117,17 @@ def _token_rewards_torch(logprobs, ref_logprobs, mask, dpo_logprobs, score, cu_s
             dense = dense.clamp_(-dpo_clip, dpo_clip)
         rewards += dense
     rewards = torch.where(valid, rewards, 0.0)
-    if mode == "dppo":
-        starts = _segment_starts(mask, cu_seqlens)
-        false = valid.new_zeros(1)
-        run_start = valid & ~(torch.cat([false, valid[:-1]]) & ~starts)
-        run_last = valid & ~(torch.cat([valid[1:], false]) & ~torch.cat([starts[1:], ~false]))
-        # Run sums as differences of one float64 prefix sum: exact enough for float32 outputs, and no per-run
-        # loop. The k-th run start pairs with the k-th run end.
-        dpo_log_ratio = torch.where(valid, dpo_logprobs.reshape(-1).to(torch.float64) - ref.to(torch.float64), 0.0)
-        prefix = torch.cumsum(dpo_log_ratio, 0)
-        first = torch.nonzero(run_start).squeeze(1)
-        last = torch.nonzero(run_last).squeeze(1)
-        run_sums = prefix[last] - prefix[first] + dpo_log_ratio[first]
-        rewards.index_add_(0, last, (dpo_coef * run_sums).to(dtype))
-    if score is not None:
+    if mode == "dppo" or score is not None:
         positions, segments = _last_valid_positions(valid, mask, cu_seqlens)
+    if mode == "dppo":
+        # Each trajectory's sum of (dpo - ref) over its action tokens, accumulated in float64 by one index_add
+        # (not a difference of prefix sums: a NaN or inf in one trajectory must not reach the next one's sum).
+        actions = torch.nonzero(valid).squeeze(1)
+        dpo_log_ratio = dpo_logprobs.reshape(-1)[actions].to(torch.float64) - ref[actions].to(torch.float64)
+        sums = torch.zeros(_num_segments(mask, cu_seqlens), dtype=torch.float64, device=mask.device)
+        sums.index_add_(0, _segment_of(actions, mask, cu_seqlens), dpo_log_ratio)
+        rewards.index_add_(0, positions, (dpo_coef * sums[segments]).to(dtype))
+    if score is not None:
         rewards.index_add_(0, positions, score_coef * score.reshape(-1)[segments].to(dtype))
     return rewards.to(torch.float32).reshape(mask.shape)
 
@@ -249,20 +247,19 @@ def _check_reward_arguments(mask, mode, score, kl_coef, dpo_coef, score_coef, dp
         raise ValueError(f"mode: unknown mode {mode!r}; expected one of {MODES}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator: unknown estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
-    for name, value in (("kl_coef", kl_coef), ("dpo_coef", dpo_coef), ("score_coef", score_coef)):
-        check_number(name, value)
-    check_number("dpo_clip", dpo_clip, allow_none=True)
-    if dpo_clip is not None and not dpo_clip > 0:
-        raise ValueError(f"dpo_clip: must be positive (or None for no clamp), got {dpo_clip}")
+    check_range("kl_coef", kl_coef, 0.0)
+    check_range("dpo_coef", dpo_coef)
+    check_range("score_coef", score_coef)
+    check_range("dpo_clip", dpo_clip, 0.0, low_open=True, allow_none=True)  # None: no clamp
     if cu_seqlens is not None:
         check_packed_layout("mask", mask, cu_seqlens)
         if torch.compiler.is_compiling():
             # Value checks need a host sync, which would break the graph; the metadata checks still run.
-            check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=mask.device)
+            check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1)
         else:
             check_cu_seqlens(cu_seqlens, mask.numel(), mask.device)
     if score is not None:
-        check_tensor("score", score, dtypes=FLOAT_DTYPES, device=mask.device)
+        check_tensor("score", score, dtypes=FLOAT_DTYPES)
         if cu_seqlens is not None:
             expected = [(cu_seqlens.shape[0] - 1,)]
         else:
@@ -287,17 +284,19 @@ def token_rewards(logprobs, ref_logprobs, mask, *, mode="rto", dpo_logprobs=None
     """Per-token RLHF rewards, float32 of mask's shape, 0 where mask is False. Not differentiable.
 
     logprobs, ref_logprobs, dpo_logprobs: per-token log-probs of the sampled tokens under the sampling policy, the
-    reference and the DPO model (float, mask's shape). mask: bool, True on response tokens; each maximal run of
-    True is one response. mode: "rto" (dense DPO reward, clamped to +-dpo_clip when given), "ppo" or "dppo"
+    reference and the DPO model (float, mask's shape). mask: bool, True on action tokens; a trajectory is a row (or
+    a packed sequence) and may hold several turns with non-action holes between them. mode: "rto" (dense DPO reward, clamped to +-dpo_clip when given), "ppo" or "dppo"
     (summed DPO reward on the last token); the KL penalty kl_coef * k uses kl_estimator "k1", "k2" or "k3".
-    score: one value per row (`(B,)`) or per packed sequence (`(S,)`), added times score_coef at the segment's
-    last response token. Packed streams: `(N,)` / `(1, N)` inputs plus `cu_seqlens` (int32).
+    score: one value per row (`(B,)`) or per packed sequence (`(S,)`), added times score_coef at the trajectory's
+    last action token; dppo's summed term lands there too. Packed streams: `(N,)` / `(1, N)` inputs plus `cu_seqlens` (int32).
     """
     check_mask(mask)
     for name, tensor in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("dpo_logprobs", dpo_logprobs)):
         if tensor is not None or name != "dpo_logprobs":
-            check_tensor(name, tensor, dtypes=FLOAT_DTYPES, device=mask.device)
+            check_tensor(name, tensor, dtypes=FLOAT_DTYPES)
             check_same_shape(name, tensor, mask.shape, "mask")
+    check_devices(("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("mask", mask),
+                  ("dpo_logprobs", dpo_logprobs), ("score", score), ("cu_seqlens", cu_seqlens))
     if mode in MODES:
         _check_dpo_needed(mode, dpo_logprobs, "dpo_logprobs")
     _check_reward_arguments(mask, mode, score, kl_coef, dpo_coef, score_coef, dpo_clip,
@@ -318,10 +317,12 @@ def token_rewards_from_logits(logits, ref_logits, labels, mask, *, dpo_logits=No
     labels == ignore_index. Returns (rewards, logprobs, ref_logprobs, dpo_logprobs), all float32 of labels' shape;
     dpo_logprobs is None when dpo_logits is None. The reward keywords are token_rewards'. Not differentiable.
     """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    check_devices(("logits", logits), ("ref_logits", ref_logits), ("labels", labels), ("mask", mask),
+                  ("dpo_logits", dpo_logits), ("score", score), ("cu_seqlens", cu_seqlens))
     check_mask(mask)
-    check_tensor("labels", labels, device=mask.device)
+    check_tensor("labels", labels)
     check_same_shape("mask", mask, labels.shape, "labels")
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, device=mask.device)
     if logits.dim() != labels.dim() + 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
         raise ValueError(f"logits: shape {tuple(logits.shape)} must be labels' shape {tuple(labels.shape)} plus a "
                          f"vocabulary dimension")
@@ -329,24 +330,23 @@ def token_rewards_from_logits(logits, ref_logits, labels, mask, *, dpo_logits=No
         raise ValueError("logits: the vocabulary dimension is empty")
     for name, tensor in (("ref_logits", ref_logits), ("dpo_logits", dpo_logits)):
         if tensor is not None or name != "dpo_logits":
-            check_tensor(name, tensor, dtypes=FLOAT_DTYPES, device=mask.device)
+            check_tensor(name, tensor, dtypes=FLOAT_DTYPES)
             check_same_shape(name, tensor, logits.shape, "logits")
     if mode in MODES:
         _check_dpo_needed(mode, dpo_logits, "dpo_logits")
-    check_number("temperature", temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be positive, got {temperature}")
+    check_range("temperature", temperature, 0.0, low_open=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     _check_reward_arguments(mask, mode, score, kl_coef, dpo_coef, score_coef, dpo_clip,
                             kl_estimator, cu_seqlens)
     if torch.compiler.is_compiling():
-        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if labels.dtype not in LABEL_DTYPES:
             raise ValueError(f"labels: expected an integer dtype, got {str(labels.dtype).replace('torch.', '')}")
     else:
         check_labels(labels, logits.shape[-1], ignore_index)
+    # int64 labels: narrower dtypes would wrap in comparisons with V or ignore_index (uint8 156 == -100).
     rewards, logprobs, ref_logprobs, dpo_logprobs = torch.ops.rto_fast.token_rewards_from_logits(
-        logits.detach(), ref_logits.detach(), labels, mask, _detach(dpo_logits), _detach(score), cu_seqlens,
+        logits.detach(), ref_logits.detach(), labels.long(), mask, _detach(dpo_logits), _detach(score), cu_seqlens,
         float(temperature), int(ignore_index), mode, float(kl_coef), float(dpo_coef), float(score_coef),
         None if dpo_clip is None else float(dpo_clip), kl_estimator)
     return rewards, logprobs, ref_logprobs, (dpo_logprobs if dpo_logits is not None else None)
