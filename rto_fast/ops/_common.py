@@ -100,23 +100,27 @@ def check_same_shape(name: str, tensor: torch.Tensor, expected_shape, expected_n
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be integer and inside [0, vocab_size) unless equal to ignore_index, compared in int64 (a uint8
-    or int16 comparison with vocab_size or ignore_index would wrap around).
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index, *, name: str = "labels",
+                 item: str = "label") -> None:
+    """Labels must be integer and inside [0, vocab_size) unless equal to ignore_index (None: no label is ignored),
+    compared in int64 (a uint8 or int16 comparison with vocab_size or ignore_index would wrap around).
 
     This costs one small reduction over the labels (N integers, not N x V) and one host sync; it is what keeps
     every kernel from reading out of bounds.
     """
     if labels.dtype not in LABEL_DTYPES:
-        raise ValueError(f"labels: expected an integer dtype, got {str(labels.dtype).replace('torch.', '')}")
+        raise ValueError(f"{name}: expected an integer dtype, got {str(labels.dtype).replace('torch.', '')}")
     if labels.numel() == 0:
         return
     labels = labels.long()
-    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    bad = (labels < 0) | (labels >= vocab_size)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
     if bool(bad.any()):
         position = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
-        raise ValueError(f"labels: label {int(labels[position])} at position {position} is outside "
-                         f"[0, {vocab_size}) and is not ignore_index={ignore_index}")
+        ignored = f" and is not ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise ValueError(f"{name}: {item} {int(labels[position])} at position {position} is outside "
+                         f"[0, {vocab_size}){ignored}")
 
 
 def check_cu_seqlens(cu_seqlens, total: int, device) -> None:
