@@ -52,7 +52,7 @@ seed=$RANDOM$RANDOM
 echo "test seed: RTO_FAST_TEST_SEED=$seed" | tee -a "$out/summary.log"
 export RTO_FAST_TEST_SEED=$seed
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))" || echo "")
-kernel_tests="tests/test_logprobs.py tests/test_rewards.py tests/test_gae_ppo.py tests/test_ops_contract.py tests/test_reference.py tests/test_optim.py"
+kernel_tests="tests/test_logprobs.py tests/test_rewards.py tests/test_gae_ppo.py tests/test_ops_contract.py tests/test_drop_in.py tests/test_reference.py tests/test_optim.py"
 pytest_options="-q -p no:cacheprovider --timeout 120 $workers"
 step tests_kernels 90 python3 -m pytest $kernel_tests $pytest_options
 # The trainer tests and a short tiny-pipeline run share the GPU (neither is timed).
