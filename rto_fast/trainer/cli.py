@@ -32,7 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import data, distributed, trackers
 from .checkpoint import STATE_FILE
-from .config import RL_MODES, TRAINING_STAGES, Config, ConfigError
+from .config import RL_MODES, TRAINING_STAGES, Config, ConfigError, validate
 from .config_file import config_help, load_config, save_config
 from .distributed import DistributedError
 from .evaluation import run_eval
@@ -358,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = None
     try:
-        config = load_config(args.config, args.overrides)
-        run(config)
+        # Values checked apart: when one is bad, the run folder it names is known (its train.log gets the reason).
+        config = load_config(args.config, args.overrides, checked=False)
+        run(validate(config))
     except (ConfigError, UsageError, DistributedError) as error:
         return _fail(config, f"error: {error}", EXIT_USAGE)
     except StopRequested as stop:
