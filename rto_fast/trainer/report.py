@@ -127,7 +127,8 @@ def draw_eval_figure(result: dict, path: Path) -> Path:
     for a in range(len(names)):
         for b in range(len(names)):
             if a != b:
-                heat.text(b, a, f"{matrix[a][b]:.0f}", ha="center", va="center", fontsize=9)
+                heat.text(b, a, f"{matrix[a][b]:.0f}", ha="center", va="center", fontsize=9,
+                          color="white" if abs(matrix[a][b] - 50) > 30 else "black")  # readable on dark cells
     heat.set_title("win rate (%) of row against column", fontsize=10)
     figure.colorbar(image, ax=heat, fraction=0.046)
     figure.suptitle(verdict(result), fontsize=9)
