@@ -377,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             f"crashed: {type(error).__name__}: {error}"
         _log_exit(config, reason, error)
         raise  # Python prints the traceback on the terminal and sets the exit code
+    finally:
+        # This run's train.log is closed: a later run in the same process (tests, notebooks) never writes to it.
+        for handler in _run_log_handlers():
+            logging.getLogger("rto_fast").removeHandler(handler)
+            handler.close()
     return 0
 
 
