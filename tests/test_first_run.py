@@ -46,7 +46,8 @@ def test_summary_opens_with_scores_win_rates_and_verdict(tmp_path, capsys):
         assert any(line.startswith(f"| {name} | ") for line in lines[scores:matrix])
         assert any(line.startswith(f"| {name} | ") for line in lines[matrix:verdict])
     assert "| model | SFT | DPO | RTO |" in summary
-    assert (" beats SFT on " in lines[verdict] or " does not beat SFT" in lines[verdict]) and "true reward" in lines[verdict]
+    assert " beats SFT on " in lines[verdict] or " does not beat SFT" in lines[verdict]
+    assert "true reward" in lines[verdict]
     # Every plot is linked and exists, the eval stage's figure among them; no all-"-" eval row in the stage table.
     for name in ("eval", "sft", "dpo", "rto"):
         assert f"(plots/{name}.png)" in lines[plots] and (run_dir / "plots" / f"{name}.png").stat().st_size > 0

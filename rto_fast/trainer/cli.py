@@ -2,7 +2,7 @@
 each feeding the next.
 
 Usage:
-    python -m rto_fast.train --config configs/tiny.yaml                  # SFT, DPO, RTO, eval: tiny model, CPU
+    python -m rto_fast.train --config configs/tiny.yaml                  # SFT, pairs, DPO, RTO, eval: credit task, CPU
     python -m rto_fast.train --config configs/tiny.yaml sft.lr=1e-4 runtime.output_dir=runs/try2
     python -m rto_fast.train --config my.yaml stages=dpo model.sft_path=runs/x/sft/model
     python -m rto_fast.train --help                                              # every option
@@ -12,7 +12,8 @@ The run folder (`runtime.output_dir`) gets: config.yaml (the resolved config), m
 logged step), train.log, <stage>/checkpoints/step-XXXXXXXX (atomic, the last `runtime.keep_last` kept),
 <stage>/model (the stage's output: save_pretrained safetensors + tokenizer; RL stages also <mode>/critic),
 pairs/ (the pairs stage's sampled preference pairs), eval/win_rates.{md,json} and eval/samples.jsonl,
-plots/<stage>.png and summary.md (rto_fast.trainer.layout). `runtime.resume=auto` (the default) skips finished
+plots/<stage>.png, plots/eval.png and summary.md (the answer first: each model's judge score, the win rates, a verdict;
+rto_fast.trainer.layout). `runtime.resume=auto` (the default) skips finished
 stages and continues an interrupted one from its latest checkpoint.
 
 A bad config, a missing model path, a data set without the needed columns or a resume path that is no checkpoint

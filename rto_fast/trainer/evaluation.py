@@ -10,10 +10,11 @@ Usage (the CLI runs the stage when a config lists `eval`):
     rates = win_rate_matrix([scores_a, scores_b])      # rates[0, 1]: A's win rate against B
 
 Protocol. Every model listed in `eval.models` (stage names sft / dpo / rto / ppo / dppo of this run, or model
-folders; null: the stages of the config that train one) samples one response to each of the first `eval.num_prompts` test prompts (temperature 0.9, top-p 0.99 by
-default). Sampling restarts from the same seed (`eval.seed`) for every model, so two models draw the same random
-numbers (common random numbers): identical models give identical responses (a tie on every prompt), and similar
-models mostly differ where their distributions do, which lowers the variance of a win rate. A judge scores each response:
+folders; null: the stages of the config that train one) samples one response to each of the first
+`eval.num_prompts` test prompts (temperature 0.9, top-p 0.99 by default). Sampling restarts from the same seed
+(`eval.seed`) for every model, so two models draw the same random numbers (common random numbers): identical models
+give identical responses (a tie on every prompt), and similar models mostly differ where their distributions do,
+which lowers the variance of a win rate. A judge scores each response:
 - `rm`: the reward model's output at the response's last token (its eos when it has one);
 - `dpo`: the DPO implicit reward at RTO's scale, beta1 * sum_h log(pi_dpo(y_h | x, y_<h) / pi_ref(y_h | x, y_<h))
   (beta1 = `rl.dpo_coef`, as the RL stages log it);

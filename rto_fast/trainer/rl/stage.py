@@ -22,8 +22,9 @@ Each iteration logs (metrics.jsonl, stage = the mode, step = iteration): the DPO
 (`dpo_reward`, the paper's Figure 3 curve), the RM score, the true reward r* on a bundled task, the mean token reward
 and return, KL, entropy, response length, eos fraction, clip fractions, approx KL, value loss, explained variance,
 kl_coef, the time split (generate / score / train), tokens/s and prompts seen. Before the first iteration (logged
-as iteration 0: the starting policy, the baseline), every `rl.eval_every` iterations and at the end, the policy samples the first `rl.eval_prompts` test prompts with the eval stage's sampling settings and
-logs `eval_*` means of the same judges (without disturbing the training RNG).
+as iteration 0: the starting policy, the baseline), every `rl.eval_every` iterations and at the end, the policy
+samples the first `rl.eval_prompts` test prompts with the eval stage's sampling settings and logs `eval_*` means of
+the same judges (without disturbing the training RNG).
 
 Checkpoints hold policy, critic, both optimizers and schedules, the RNG states, kl_coef and the iteration; a resumed
 run repeats exactly what the uninterrupted run does. Data parallel (`runtime.deepspeed`, several processes): policy
