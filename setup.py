@@ -49,7 +49,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "trl", "liger-kernel", "pybind11>=2.12", "wheel", "tensorboard", "wandb", "peft>=0.15"],
+        # pytest-xdist: the README's test command runs two processes (-n 2).
+        "test": ["pytest>=8", "pytest-xdist", "trl", "liger-kernel", "pybind11>=2.12", "wheel", "tensorboard", "wandb",
+                 "peft>=0.15"],
         "bench": ["trl", "liger-kernel"],
         "trackers": ["tensorboard", "wandb"],  # runtime.report_to
         "lora": ["peft>=0.15"],  # model.lora_rank

@@ -202,7 +202,8 @@ def load_seed(folder: Path) -> dict:
             if record.get("stage") != stage:
                 continue
             if "eval_true_reward" in record:
-                curves.setdefault(name, []).append((record["prompts_seen"], record["eval_true_reward"]))
+                # The evaluation before the first iteration (step 0) has seen no prompts.
+                curves.setdefault(name, []).append((record.get("prompts_seen", 0), record["eval_true_reward"]))
             if "dpo_reward" in record:
                 dpo_rewards.setdefault(name, []).append((record["step"], record["dpo_reward"]))
     diagnosis_path = folder / "base" / "diagnose" / "report.json"

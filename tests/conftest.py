@@ -13,6 +13,11 @@ NATIVE = os.environ.get("RTO_FAST_TEST_NATIVE", "0") == "1" or torch.cuda.is_ava
 if not NATIVE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The trainer uses every core unless OMP_NUM_THREADS is set; its tests run tiny models, often two workers at once
+# (pytest -n 2), where two OpenMP threads each made a step up to 50x slower: one thread, in process (the one_thread
+# fixture) and in the subprocesses they start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Tests choose backends explicitly; a value inherited from the shell must not change what they test.
 os.environ.pop("RTO_FAST_BACKEND", None)
 

@@ -62,7 +62,7 @@ def test_pairs_stage_is_not_sampled_again_on_rerun(credit_run):
 
 def test_pairs_stage_needs_a_bundled_task(tmp_path, capsys):
     code = main(["runtime.device=cpu", f"runtime.output_dir={tmp_path}", "stages=[sft,pairs]",
-                 f"data.source={tmp_path / 'x.jsonl'}"])
+                 "data.source=org/pairs"])  # a Hub name: a missing local file would be reported first
     error = capsys.readouterr().err
     assert code == 2 and "'pairs' labels samples with a bundled task's true reward" in error
 

@@ -31,15 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 deepspeed_installed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
                                          reason="deepspeed is not installed")
 
-# Two optimizer steps of SFT, DPO and the reward model, then two RTO iterations and the win rates, on the tiny model,
-# several
+# Two optimizer steps of SFT, DPO and the reward model, then two RTO iterations and the win rates, on the tiny model
+# and the letters task (configs/tiny_compare.yaml, the settings these tolerances were set on), several
 # micro-batches per step (so that accumulation, token-balanced shards and zero-weight padding passes all happen).
 # RTO samples greedily here: ranks sample different prompts with their own random numbers, so only greedy rollouts
 # can be compared with one process token for token. The critic starts from the SFT model, not the reward model: the
 # reward model's value-head bias has an exactly zero gradient under the pairwise loss in one process, and a ~1e-10
 # one when the gradient is summed over ranks, which Adam turns into a 4e-5 step; a critic started from it drifts
 # apart by design of Adam, not of the data-parallel math (the reward model itself is compared below).
-RUN_ARGS = ["--config", str(REPO / "configs" / "tiny.yaml"), "stages=[sft,dpo,rm,rto,eval]", "sft.max_steps=2",
+RUN_ARGS = ["--config", str(REPO / "configs" / "tiny_compare.yaml"), "stages=[sft,dpo,rm,rto,eval]", "sft.max_steps=2",
             "dpo.max_steps=2", "rm.max_steps=2", "sft.micro_batch_tokens=512", "dpo.micro_batch_tokens=1024",
             "rm.micro_batch_tokens=1024", "sft.eval_every=0", "dpo.eval_every=0", "rm.eval_every=0",
             "rl.iterations=2", "rl.rollout_batch_size=8", "rl.mini_batch_size=4", "rl.micro_batch_tokens=256",

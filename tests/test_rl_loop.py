@@ -136,7 +136,10 @@ def test_each_mode_runs_and_logs(tmp_path, assets, mode):
     assert run_cli(run_dir, assets, f"stages=[{mode}]", "rl.iterations=2", "rl.eval_prompts=4",
                    "rl.eval_every=1") == 0
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == mode]
-    assert [r["step"] for r in records] == [1, 2]
+    # Iteration 0: the evaluation of the starting policy, before any update (the plots' baseline).
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert {"eval_true_reward", "eval_dpo_reward", "eval_rm_score"} <= set(records[0])
+    records = records[1:]
     keys = {"dpo_reward", "true_reward", "token_reward", "sequence_reward", "kl", "kl_coef", "entropy",
             "response_length", "eos_fraction", "clipfrac", "approx_kl", "vf_clipfrac", "pg_loss", "vf_loss",
             "explained_variance", "time_generate_s", "time_score_s", "time_train_s", "tokens_per_s",
@@ -578,7 +581,7 @@ def test_a_nonfinite_iteration_leaves_policy_and_critic_as_they_were(tmp_path, a
     (["stages=[rto]", "rl.gamma=1.5"], "rl.gamma"),
     (["stages=[rto,ppo]", "rl.true_reward=dense"], "rl.true_reward: dense replaces the reward of stage rto"),
     (["stages=[ppo]", "rl.true_reward=sparse", "rl.reward_model=true"], "rl.true_reward: sparse puts r*"),
-    (["stages=[rto]", "rl.true_reward=dense", "rl.prompts=x.jsonl"], "needs a bundled task"),
+    (["stages=[rto]", "rl.true_reward=dense", "rl.prompts=org/prompts"], "needs a bundled task"),
 ])
 def test_bad_settings_fail_early(tmp_path, assets, capsys, overrides, message):
     paths = [path for path in assets["paths"] if path.split("=")[0] not in {o.split("=")[0] for o in overrides}]

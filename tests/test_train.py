@@ -72,7 +72,7 @@ def mean(values):
 
 # ------------------------------------------------------------------------------------------------ learning
 # These runs are seconds long on 32 pairs, so they show that each stage optimises its objective on the data it
-# sees; held-out generalisation needs the full task (configs/tiny.yaml: DPO eval margin ~0.3, accuracy ~0.69).
+# sees; held-out generalisation needs the full task (configs/tiny_compare.yaml: DPO eval margin ~0.3, accuracy ~0.69).
 
 def test_sft_loss_decreases(pipeline_run):
     records = stage_records(pipeline_run, "sft")

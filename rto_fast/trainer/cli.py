@@ -2,7 +2,7 @@
 each feeding the next.
 
 Usage:
-    python -m rto_fast.train --config configs/tiny.yaml                  # SFT, DPO, RTO, eval: tiny model, CPU
+    python -m rto_fast.train --config configs/tiny.yaml                  # SFT, pairs, DPO, RTO, eval: credit task, CPU
     python -m rto_fast.train --config configs/tiny.yaml sft.lr=1e-4 runtime.output_dir=runs/try2
     python -m rto_fast.train --config my.yaml stages=dpo model.sft_path=runs/x/sft/model
     python -m rto_fast.train --help                                              # every option
@@ -12,7 +12,8 @@ The run folder (`runtime.output_dir`) gets: config.yaml (the resolved config), m
 logged step), train.log, <stage>/checkpoints/step-XXXXXXXX (atomic, the last `runtime.keep_last` kept),
 <stage>/model (the stage's output: save_pretrained safetensors + tokenizer; RL stages also <mode>/critic),
 pairs/ (the pairs stage's sampled preference pairs), eval/win_rates.{md,json} and eval/samples.jsonl,
-plots/<stage>.png and summary.md (rto_fast.trainer.layout). `runtime.resume=auto` (the default) skips finished
+plots/<stage>.png, plots/eval.png and summary.md (the answer first: each model's judge score, the win rates, a verdict;
+rto_fast.trainer.layout). `runtime.resume=auto` (the default) skips finished
 stages and continues an interrupted one from its latest checkpoint.
 
 A bad config, a missing model path, a data set without the needed columns or a resume path that is no checkpoint
@@ -32,7 +33,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import data, distributed, trackers
 from .checkpoint import STATE_FILE
-from .config import RL_MODES, TRAINING_STAGES, Config, ConfigError
+from .config import RL_MODES, TRAINING_STAGES, Config, ConfigError, validate
 from .config_file import config_help, load_config, save_config
 from .distributed import DistributedError
 from .evaluation import run_eval
@@ -45,7 +46,7 @@ from .pairs import load_finished_pairs, run_pairs_stage
 from .pipeline import PipelineError, Wiring, prompt_data_config
 from .rl import RLStage
 from .run import RunContext
-from .run_log import METRICS_FILE, MetricsLog, write_plots, write_summary
+from .run_log import METRICS_FILE, SUMMARY_FILE, MetricsLog, write_plots, write_summary
 from .stopping import StopRequested, StopSignals, stop_requested
 from .supervised import STAGE_CLASSES
 
@@ -215,6 +216,23 @@ def _setup_logging(run_dir: Path, main: bool = True) -> None:
     package_logger.propagate = False
 
 
+class _NoAcceleratorNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning: transformers imports deepspeed (when installed) on every
+    save_pretrained, even in a run that does not use it, and the warning would land inside the progress bar."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def _quiet_unused_deepspeed(dist) -> None:
+    if dist.engine:
+        return
+    # A filter, not a level: deepspeed sets its logger's level when it is imported, after this.
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(item, _NoAcceleratorNotice) for item in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_NoAcceleratorNotice())
+
+
 def _context(config: Config) -> RunContext:
     """The run folder, logging, device, process group, tokenizer and data: everything the stages share."""
     device = device_for(config.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -225,12 +243,13 @@ def _context(config: Config) -> RunContext:
         save_config(config, run_dir / "config.yaml")
     dist.barrier()
     _setup_logging(run_dir, dist.main)
-    if device.type == "cpu" and config.model.name_or_path == TINY and "OMP_NUM_THREADS" not in os.environ:
-        # The tiny model's matmuls are too small for intra-op threads to pay reliably. Measured, one 2560-token SFT
-        # step on 2 cores: idle, 2 threads 0.18 s; with another job on the machine, 1 thread 0.33 s but 2 threads
-        # 0.7-2.8 s (OpenMP barriers waiting for a descheduled thread).
-        torch.set_num_threads(1)
-        logger.info("tiny model on CPU: 1 intra-op thread (set OMP_NUM_THREADS to choose)")
+    _quiet_unused_deepspeed(dist)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # torch defaults to the physical cores, which is 1 on a 2-vCPU machine: use every core this process may run on.
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+        logger.info("CPU: %d intra-op thread%s, the cores available (set OMP_NUM_THREADS to choose)", threads,
+                    "" if threads == 1 else "s")
     # Our own bar shows progress; transformers' per-save and per-load bars would interleave with it.
     transformers_logging.disable_progress_bar()
     tokenizer_source = config.model.tokenizer or config.model.name_or_path
@@ -294,11 +313,42 @@ def run(config: Config) -> Path:
         context.metrics.close()
     if dist.main:
         plots = write_plots(context.run_dir)
-        table = write_summary(context.run_dir)
+        summary = write_summary(context.run_dir, plots)
         logger.info("plots: %s", ", ".join(str(path) for path in plots) or "none")
-        print(table, flush=True)
+        # The run ends with its answer (scores, win rates, verdict), also in summary.md.
+        print(f"\n{summary}", flush=True)
+        logger.info("summary: %s", context.run_dir / SUMMARY_FILE)
     dist.barrier()
     return context.run_dir
+
+
+def _run_log_handlers() -> list[logging.FileHandler]:
+    """The train.log handler of this process's run (rank 0, once the run folder is set up), else none."""
+    return [handler for handler in logging.getLogger("rto_fast").handlers
+            if getattr(handler, "_rto_fast_run", False) and isinstance(handler, logging.FileHandler)]
+
+
+def _log_exit(config: Config | None, message: str, error: BaseException | None = None) -> None:
+    """Write why the run ended (and, with `error`, its traceback) to train.log, which otherwise stops at the last info
+    line; the terminal gets the message (or Python's traceback) on its own. Before the run folder is set up, the
+    line is appended to the train.log of an existing run folder (a resumed run's); a fresh run's stays unwritten."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (),
+                               (type(error), error, error.__traceback__) if error is not None else None)
+    handlers = _run_log_handlers()
+    for handler in handlers:
+        handler.handle(record)
+    if handlers or config is None or int(os.environ.get("RANK", "0")) != 0:
+        return
+    log_path = Path(config.runtime.output_dir) / "train.log"
+    if log_path.parent.is_dir():
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S").format(record) + "\n")
+
+
+def _fail(config: Config | None, message: str, code: int) -> int:
+    print(f"rto_fast.train: {message}", file=sys.stderr, flush=True)
+    _log_exit(config, f"exit code {code}: {message}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,22 +357,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:
         parser.print_help()
         return 0
+    config = None
     try:
-        config = load_config(args.config, args.overrides)
-        run(config)
+        # Values checked apart: when one is bad, the run folder it names is known (its train.log gets the reason).
+        config = load_config(args.config, args.overrides, checked=False)
+        run(validate(config))
     except (ConfigError, UsageError, DistributedError) as error:
-        print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        return _fail(config, f"error: {error}", EXIT_USAGE)
     except StopRequested as stop:
-        print(f"rto_fast.train: {stop}", file=sys.stderr, flush=True)
-        return stop.exit_code
+        return _fail(config, str(stop), stop.exit_code)
     except NonFiniteGradients as error:
-        print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
+        return _fail(config, f"error: {error}", EXIT_NONFINITE)
     except OutOfMemory as error:
         logger.error("%s", error.__cause__)  # torch's whole message (allocator numbers) goes to train.log
-        print(f"rto_fast.train: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_OUT_OF_MEMORY
+        return _fail(config, f"error: {error}", EXIT_OUT_OF_MEMORY)
+    except SystemExit:
+        raise
+    except BaseException as error:  # a crash, or Ctrl-C pressed twice: the traceback reaches train.log too
+        reason = "stopped by a second Ctrl-C (KeyboardInterrupt)" if isinstance(error, KeyboardInterrupt) else \
+            f"crashed: {type(error).__name__}: {error}"
+        _log_exit(config, reason, error)
+        raise  # Python prints the traceback on the terminal and sets the exit code
+    finally:
+        # This run's train.log is closed: a later run in the same process (tests, notebooks) never writes to it.
+        for handler in _run_log_handlers():
+            logging.getLogger("rto_fast").removeHandler(handler)
+            handler.close()
     return 0
 
 

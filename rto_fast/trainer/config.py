@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..tasks import TASKS, prompt_task
+from ..tasks import TASKS, get_task, prompt_task
 from . import extras
 from .extras import PEFT_MISSING
 from .trackers import TRACKERS
@@ -32,6 +34,8 @@ TRUE_REWARD_MODES = {"dense": "rto", "sparse": "ppo"}
 # The KL coefficient the paper used per mode (Table 5, Pythia-2.8B on HH-RLHF) when rl.kl_coef is null.
 PAPER_KL_COEF = {"rto": 0.03, "ppo": 0.05, "dppo": 0.05}
 DATA_FORMATS = ("hh-rlhf", "preference", "prompt")
+# File types of a local data source (rto_fast.trainer.data reads each with its datasets builder).
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DTYPE_CHOICES = ("fp32", "bf16")
 # How AdamW updates bf16 weights (rto_fast.trainer.optim).
 BF16_OPTIMIZERS = ("master_weights", "stochastic_rounding", "pure")
@@ -334,9 +338,11 @@ class PairsConfig:
 class EvalConfig:
     """Evaluation: win rates between models on the same test prompts (paper Table 1 protocol)."""
 
-    models: list[str] = option(help="models compared: stage names of this run (sft, dpo, rto, ppo, dppo), model "
-                                    "folders, or name=folder; stage names whose stage did not run are skipped",
-                               factory=lambda: ["sft", "dpo", "rto", "ppo", "dppo"])
+    models: list[str] | None = option(None, "models compared: stage names (sft, dpo, rto, ppo, dppo: each must be "
+                                            "listed in stages, have its output in the run folder or an explicit "
+                                            "model.* path), model folders, or name=folder; null: every stage of "
+                                            "this config that trains a language model (with only eval listed: those "
+                                            "the run folder holds)")
     judge: str = option("auto", "who scores responses: rm (the reward model), dpo (the implicit reward beta * "
                                 "sum log(pi_dpo / pi_ref)), truth (a bundled task's true reward r*), or auto (rm "
                                 "when one exists, else dpo, else truth on a bundled task)",
@@ -408,6 +414,8 @@ class Config:
 def validate(config: Config) -> Config:
     """Check every value and how they fit together; ConfigError naming the first key that cannot work."""
     _validate_stages(config)
+    # First among the values: a missing data file explains later complaints about what the data is (eval.judge).
+    _validate_local_sources(config)
     _validate_data(config)
     longest = config.data.max_prompt_length + config.data.max_response_length
     for stage in TRAINING_STAGES:
@@ -447,6 +455,24 @@ def _validate_stages(config: Config) -> None:
             value = getattr(section, key)
             if value not in choices:
                 raise ConfigError(f"{name}.{key}: must be one of {list(choices)}, got {value!r}")
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a data source names a local file or folder (rather than a Hub dataset such as 'org/name')."""
+    lowered = source.lower()
+    return (lowered.endswith(LOCAL_DATA_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1
+            or (os.sep != "/" and os.sep in source))
+
+
+def _validate_local_sources(config: Config) -> None:
+    sources = [("data.source", config.data.source)]
+    if any(stage in RL_MODES or stage == "eval" for stage in config.stages):
+        sources.append(("rl.prompts", config.rl.prompts))
+    for key, source in sources:
+        if (source and source.strip() and get_task(source) is None and looks_like_path(source)
+                and not Path(source).expanduser().exists()):
+            raise ConfigError(f"{key}: {source!r} does not exist (no such file or folder, and not a Hub dataset "
+                              "name like 'org/name')")
 
 
 def _validate_data(config: Config) -> None:
@@ -576,9 +602,10 @@ def _validate_eval(config: Config) -> None:
     settings = config.eval
     if "eval" not in config.stages:
         return
-    if not settings.models:
-        raise ConfigError("eval.models: list at least one model (stage names or folders)")
-    if len(set(settings.models)) != len(settings.models):
+    if settings.models is not None and not settings.models:
+        raise ConfigError("eval.models: list at least one model (stage names or folders), or null for the stages "
+                          "this config trains")
+    if settings.models is not None and len(set(settings.models)) != len(settings.models):
         raise ConfigError(f"eval.models: a model is listed twice: {settings.models}")
     for name in ("num_prompts", "batch_size", "micro_batch_tokens", "max_new_tokens"):
         _positive(f"eval.{name}", getattr(settings, name))

@@ -209,8 +209,10 @@ def _parse_override(raw: str, annotation):
 
 # ------------------------------------------------------------------------------------------------ public API
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; checked; ConfigError if not."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                checked: bool = True) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; ConfigError for unknown keys and
+    wrong types, and (`checked`, the default) for values that cannot work (`config.validate`)."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -230,7 +232,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not separator or not key.strip():
             raise ConfigError(f"override {override!r} is not of the form key=value")
         _set_dotted(tree, key.strip(), raw.strip())
-    return validate(_build(Config, tree))
+    config = _build(Config, tree)
+    return validate(config) if checked else config
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -64,6 +64,7 @@ from typing import Any
 import datasets
 
 from ..tasks import TASKS, get_task
+from .config import looks_like_path
 from .packing import TokenizedSequence
 
 logger = logging.getLogger(__name__)
@@ -130,12 +131,6 @@ class _Source:
     data_dir: str | None = None  # a Hub dataset's subfolder (data.data_dir)
 
 
-def _looks_like_path(source: str) -> bool:
-    lowered = source.lower()
-    return (lowered.endswith(tuple(LOCAL_BUILDERS)) or source.startswith((".", "/", "~")) or source.count("/") > 1
-            or (os.sep != "/" and os.sep in source))
-
-
 def _resolve_source(data_cfg, data_format: str, cache_dir: str | os.PathLike | None, write: bool) -> _Source:
     """Where the rows come from. `write`: materialise a bundled task (loading); validation only checks."""
     source = data_cfg.source
@@ -159,7 +154,7 @@ def _resolve_source(data_cfg, data_format: str, cache_dir: str | os.PathLike | N
             raise DataError(f"data.source {source!r}: unsupported file type {path.suffix!r}; use one of "
                             f"{', '.join(LOCAL_BUILDERS)}")
         return _Source("file", str(path), source)
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise DataError(f"data.source {source!r} does not exist (and is not a Hub dataset name like 'org/name')")
     return _Source("hub", source, source, getattr(data_cfg, "data_dir", None))
 
@@ -443,6 +438,7 @@ class _SplitReport:
     """What happened to the rows of one split."""
 
     split: str
+    pairs: bool = True  # rows read as preference pairs (else as prompts)
     rows: int = 0
     kept: int = 0
 
@@ -465,7 +461,7 @@ def _process_rows(dataset, indices: list[int], data_cfg, data_format: str, token
                   want_responses: bool, limit: int | None, label: str) -> tuple[list, _SplitReport]:
     """Parse, tokenize and truncate dataset[indices] until `limit` examples are kept; skip and count bad rows."""
     renderer = _Renderer(tokenizer)
-    report = _SplitReport(split)
+    report = _SplitReport(split, pairs=want_responses)
     bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     max_prompt, max_response = data_cfg.max_prompt_length, data_cfg.max_response_length
     drop = data_cfg.truncation == "drop"
@@ -529,7 +525,9 @@ def _process_rows(dataset, indices: list[int], data_cfg, data_format: str, token
 
 def _log_and_check(report: _SplitReport, data_cfg, label: str) -> None:
     parts = [f"{reason} {count}" for reason, count in (report.malformed + report.skipped).most_common()]
-    message = f"data {label!r} {report.split}: kept {report.kept} of {report.rows} rows"
+    # Pairs (sft, dpo, rm) and prompts (RL, eval) are read separately, often from the same source: say which this is.
+    what = "preference pairs" if report.pairs else "prompts"
+    message = f"data {label!r} {report.split} {what}: kept {report.kept} of {report.rows} rows"
     if parts:
         message += "; skipped: " + ", ".join(parts)
     (logger.warning if report.malformed else logger.info)(message)

@@ -10,10 +10,11 @@ Usage (the CLI runs the stage when a config lists `eval`):
     rates = win_rate_matrix([scores_a, scores_b])      # rates[0, 1]: A's win rate against B
 
 Protocol. Every model listed in `eval.models` (stage names sft / dpo / rto / ppo / dppo of this run, or model
-folders) samples one response to each of the first `eval.num_prompts` test prompts (temperature 0.9, top-p 0.99 by
-default). Sampling restarts from the same seed (`eval.seed`) for every model, so two models draw the same random
-numbers (common random numbers): identical models give identical responses (a tie on every prompt), and similar
-models mostly differ where their distributions do, which lowers the variance of a win rate. A judge scores each response:
+folders; null: the stages of the config that train one) samples one response to each of the first
+`eval.num_prompts` test prompts (temperature 0.9, top-p 0.99 by default). Sampling restarts from the same seed
+(`eval.seed`) for every model, so two models draw the same random numbers (common random numbers): identical models
+give identical responses (a tie on every prompt), and similar models mostly differ where their distributions do,
+which lowers the variance of a win rate. A judge scores each response:
 - `rm`: the reward model's output at the response's last token (its eos when it has one);
 - `dpo`: the DPO implicit reward at RTO's scale, beta1 * sum_h log(pi_dpo(y_h | x, y_<h) / pi_ref(y_h | x, y_<h))
   (beta1 = `rl.dpo_coef`, as the RL stages log it);
@@ -51,7 +52,7 @@ from ..tasks import Task, prompt_task, true_rewards
 from . import distributed
 from .config import RL_MODES
 from .generation import Rollout, SamplingSettings, generate
-from .layout import EVAL_DIR
+from .layout import EVAL_DIR, WIN_RATES_JSON
 from .models import TINY, ValueHeadModel, check_model_source, load_causal_lm
 from .packing import build_micro_batches
 from .pipeline import Wiring
@@ -60,7 +61,6 @@ from .scoring import response_sequence, sequence_judge_scores
 
 logger = logging.getLogger(__name__)
 
-WIN_RATES_JSON = "win_rates.json"
 WIN_RATES_MD = "win_rates.md"
 SAMPLES_FILE = "samples.jsonl"
 JUDGES = ("rm", "dpo", "truth")
@@ -268,12 +268,20 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def model_entries(config) -> list[str]:
+    """eval.models, or when it is null the stages of this config that train a language model (with none listed,
+    every such stage: those without output in the run folder are skipped)."""
+    if config.eval.models is not None:
+        return list(config.eval.models)
+    return [stage for stage in config.stages if stage in MODEL_STAGES] or list(MODEL_STAGES)
+
+
 def resolve_models(context: RunContext) -> list[tuple[str, Path | str]]:
     """(name, model folder) per entry of eval.models: stage names through their stage's output (skipped with a
     warning when that stage produced nothing), `name=folder` as that folder under that name, anything else as a model
     folder or Hub name (named by itself)."""
     resolved = []
-    for entry in context.config.eval.models:
+    for entry in model_entries(context.config):
         name, separator, folder = entry.partition("=")
         if separator:
             if not name or not folder:
@@ -286,8 +294,9 @@ def resolve_models(context: RunContext) -> list[tuple[str, Path | str]]:
         elif name in MODEL_STAGES:
             path = Wiring.of(context).output(name)
             if path is None:
-                logger.warning("eval: skipping %s: the %s stage has no output in %s (and no model.* path)", name,
-                               name, context.run_dir)
+                if context.config.eval.models is not None:  # listed on purpose (preflight stops a fresh run sooner)
+                    logger.warning("eval: skipping %s: the %s stage has no output in %s (and no model.* path)",
+                                   name, name, context.run_dir)
                 continue
             resolved.append((name, path))
         elif name in ("rm", "eval"):
@@ -300,7 +309,7 @@ def resolve_models(context: RunContext) -> list[tuple[str, Path | str]]:
                 raise ValueError(f"eval.models: {error}") from None
             resolved.append((name, name))
     if not resolved:
-        raise ValueError(f"eval.models: none of {context.config.eval.models} has a model (no listed stage has run "
+        raise ValueError(f"eval.models: none of {model_entries(context.config)} has a model (no listed stage has run "
                          "in this run folder, and no folder is listed)")
     return resolved
 
@@ -414,10 +423,12 @@ def _write_results(context: RunContext, eval_dir: Path, plan: dict, scores: dict
     names, judge = plan["models"], plan["judge"]
     rates, stderr = win_rate_matrix([scores[name][judge] for name in names])
     means = {name: {key: float(values.mean()) for key, values in scores[name].items()} for name in names}
+    stds = {name: {key: float(values.std()) for key, values in scores[name].items()} for name in names}
     table = markdown_tables(names, rates, means, judge, plan["settings"]["num_prompts"])
     result = {
         **plan,
         "means": means,
+        "stds": stds,  # over prompts: the spread the summary and plots/eval.png show
         "matrix": rates.tolist(),
         "stderr": stderr.tolist(),
         "win_rates": {a: {b: float(rates[i, j]) for j, b in enumerate(names) if j != i} for i, a in enumerate(names)},

@@ -14,3 +14,4 @@ CRITIC_DIR = "critic"
 VALUE_HEAD_FILE = "value_head.safetensors"
 PAIRS_DIR = "pairs"
 EVAL_DIR = "eval"
+WIN_RATES_JSON = "win_rates.json"  # in EVAL_DIR; the summary reads it

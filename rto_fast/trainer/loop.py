@@ -52,6 +52,7 @@ class StageRun:
     total_steps = 0
     parts: dict[str, Optimization] = {}  # what checkpoints hold: "" the main model, others in subfolders
     eval_every = 0
+    eval_at_start = False  # also evaluate before the first step (RL: the policy before any update, the baseline)
 
     def check_resume(self, checkpoint: Path) -> None:
         """Raise (naming the setting) when this run cannot continue `checkpoint`."""
@@ -152,7 +153,9 @@ def run_stage(stage: StageRun, context: RunContext) -> Path:
     state = {"stage": name, "tokens_seen": 0, "elapsed_s": 0.0, "evaluated_at": -1}
     step = _restore(stage, resume_from, state, context) if resume_from is not None else 0
     if dist.main:  # records past the checkpoint were written by the interrupted run; this run writes them again
-        context.metrics.truncate(name, after_step=step)
+        context.metrics.truncate(name, after_step=step if step else -1)
+    if step == 0 and stage.eval_at_start and stage.has_eval():
+        _evaluate_at_start(stage, context)
 
     def save(at_step: int) -> None:
         save_checkpoint(stage_dir / CHECKPOINT_DIR, at_step, stage.parts,
@@ -178,6 +181,15 @@ def run_stage(stage: StageRun, context: RunContext) -> Path:
     logger.info("%s: finished after %d %s; model in %s", name, step, stage.unit, output_dir)
     context.outputs[name] = output_dir
     return output_dir
+
+
+def _evaluate_at_start(stage: StageRun, context: RunContext) -> None:
+    """Evaluate before the first step and log it as step 0 (not counted in the stage's elapsed time)."""
+    started = time.perf_counter()
+    metrics = stage.evaluate()  # every rank: the evaluation may be collective
+    if context.dist.main:
+        context.metrics.write({"stage": stage.name, "step": 0, **metrics,
+                               "time_eval_s": time.perf_counter() - started})
 
 
 def _one_step(stage: StageRun, step: int, state: dict, context: RunContext, stage_dir: Path) -> dict:

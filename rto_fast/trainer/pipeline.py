@@ -133,6 +133,13 @@ class Wiring:
                                 "model.sft_path")
         for mode in (stage for stage in self.config.stages if stage in RL_MODES):
             self.rl_models(mode)
+        if "eval" in self.config.stages and self.config.eval.models is not None:
+            # A stage name the run never trains would only be skipped at the end, after all the training.
+            for name in self.config.eval.models:
+                if name in ("sft", "dpo", *RL_MODES) and self.output(name) is None:
+                    raise PipelineError(f"eval.models: {name!r} is not trained by this config (stages "
+                                        f"{', '.join(self.config.stages)}) and {self.run_dir / name / MODEL_DIR} "
+                                        "does not exist: list only models the run has, or leave eval.models null")
 
 
 __all__ = ["Wiring", "PipelineError", "uses_reward_model", "needs_dpo_model", "prompt_data_config",

@@ -7,8 +7,8 @@ Usage:
     bar = ProgressBar(total=100, initial=10, desc="sft", enabled=True)
     bar.update(step=11, tokens=2048, loss=1.2)          # shows step, ETA, tokens/s and the loss
     bar.close()
-    write_plots(run_dir)                                # run_dir/plots/<stage>.png from metrics.jsonl
-    text = write_summary(run_dir)                       # run_dir/summary.md: one row per stage; returns the text
+    plots = write_plots(run_dir)                        # run_dir/plots/<stage>.png from metrics.jsonl, plots/eval.png
+    text = write_summary(run_dir, plots)                # run_dir/summary.md: the answer, the plots, one row per stage
 
 Plots are drawn with matplotlib's object interface (no pyplot: the process's matplotlib backend is left alone).
 """
@@ -24,6 +24,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
+
+from .layout import EVAL_DIR
+from .report import answer_lines, draw_eval_figure, read_eval_result
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,8 @@ RL_PANELS = [("true_reward", "eval_true_reward", "true reward r* (bundled task)"
              ("dpo_reward", "eval_dpo_reward", "DPO implicit reward"), ("rm_score", "eval_rm_score", "RM score"),
              ("kl", None, "KL(policy || ref) per response"), ("response_length", "eval_length", "response length"),
              ("vf_loss", None, "value loss"), ("clipfrac", None, "clip fraction")]
-STAGE_PANELS.update({mode: RL_PANELS for mode in ("rto", "ppo", "dppo")})
+RL_STAGES = ("rto", "ppo", "dppo")
+STAGE_PANELS.update({mode: RL_PANELS for mode in RL_STAGES})
 # Columns of the summary table, when a stage has them.
 SUMMARY_KEYS = ("loss", "eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_accuracy", "kl",
                 "eval_dpo_reward", "eval_true_reward")
@@ -147,13 +151,26 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _plot_eval(axis, stage: str, points: list[tuple]) -> None:
+    """Eval points over the train curve; an RL stage's evaluation at iteration 0 (the policy before any update: the SFT
+    model) is also drawn across the panel as the baseline RL has to beat."""
+    if not points:
+        return
+    axis.plot(*zip(*points), "o-", label="eval", markersize=4)
+    start = [value for step, value in points if step == 0]
+    if stage in RL_STAGES and start:
+        axis.axhline(start[0], color="gray", linestyle="--", linewidth=1, label="SFT (iteration 0)")
+
+
 def write_plots(run_dir: str | os.PathLike) -> list[Path]:
-    """One PNG per stage (a panel per main curve, eval points over the train curve); returns the files written."""
+    """One PNG per stage (a panel per main curve, eval points over the train curve), and plots/eval.png from the eval
+    stage's win rates; returns the files written."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / METRICS_FILE)
-    if not records:
-        return []
     written = []
+    result = read_eval_result(run_dir)
+    if result is not None:
+        written.append(draw_eval_figure(result, run_dir / PLOTS_DIR / f"{EVAL_DIR}.png"))
     stages = list(dict.fromkeys(record.get("stage") for record in records if record.get("stage")))
     for stage in stages:
         stage_records = [record for record in records if record.get("stage") == stage]
@@ -172,11 +189,9 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
             if points:
                 axis.plot(*zip(*points), label="train", linewidth=1.2)
             if eval_key is not None:
-                points = [(r["step"], r[eval_key]) for r in stage_records if _finite(r.get(eval_key))]
-                if points:
-                    axis.plot(*zip(*points), "o-", label="eval", markersize=4)
+                _plot_eval(axis, stage, [(r["step"], r[eval_key]) for r in stage_records if _finite(r.get(eval_key))])
             axis.set_title(title)
-            axis.set_xlabel("iteration" if stage in ("rto", "ppo", "dppo") else "optimizer step")
+            axis.set_xlabel("iteration" if stage in RL_STAGES else "optimizer step")
             axis.grid(alpha=0.3)
             if eval_key is not None:
                 axis.legend()
@@ -202,6 +217,8 @@ def summarize(records: list[dict]) -> list[dict]:
     train loss and the last value of each eval metric."""
     rows = []
     for stage in dict.fromkeys(record.get("stage") for record in records if record.get("stage")):
+        if stage == EVAL_DIR:  # no steps or tokens: the summary's answer section reports the eval stage
+            continue
         stage_records = [record for record in records if record.get("stage") == stage]
         last = stage_records[-1]
         row = {"stage": stage, "steps": last.get("step"), "tokens": last.get("tokens_seen"),
@@ -229,9 +246,18 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(run_dir: str | os.PathLike) -> str:
-    """run_dir/summary.md from metrics.jsonl; returns the table."""
+def write_summary(run_dir: str | os.PathLike, plots: list[Path] | tuple = ()) -> str:
+    """run_dir/summary.md: the answer (each evaluated model's judge score, the win-rate matrix, the verdict) when the
+    eval stage ran, links to `plots`, then the per-stage table; returns the text."""
     run_dir = Path(run_dir)
-    table = summary_table(summarize(read_metrics(run_dir / METRICS_FILE)))
-    (run_dir / SUMMARY_FILE).write_text(f"# Summary of {run_dir.name}\n\n{table}\n", encoding="utf-8")
-    return table
+    lines = [f"# Summary of {run_dir.name}", ""]
+    result = read_eval_result(run_dir)
+    if result is not None:
+        lines += answer_lines(result) + [""]
+    if plots:
+        lines += ["Plots: " + ", ".join(f"[{Path(path).name}]({Path(path).relative_to(run_dir).as_posix()})"
+                                        for path in plots), ""]
+    lines += ["Stages:", "", summary_table(summarize(read_metrics(run_dir / METRICS_FILE)))]
+    text = "\n".join(lines) + "\n"
+    (run_dir / SUMMARY_FILE).write_text(text, encoding="utf-8")
+    return text

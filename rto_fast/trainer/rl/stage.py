@@ -21,9 +21,10 @@ are about pi, pi_ref and pi_dpo; `rl.temperature` only shapes the sampling.
 Each iteration logs (metrics.jsonl, stage = the mode, step = iteration): the DPO implicit reward of the samples
 (`dpo_reward`, the paper's Figure 3 curve), the RM score, the true reward r* on a bundled task, the mean token reward
 and return, KL, entropy, response length, eos fraction, clip fractions, approx KL, value loss, explained variance,
-kl_coef, the time split (generate / score / train), tokens/s and prompts seen. Every `rl.eval_every` iterations (and
-at the end) the policy samples the first `rl.eval_prompts` test prompts with the eval stage's sampling settings and
-logs `eval_*` means of the same judges (without disturbing the training RNG).
+kl_coef, the time split (generate / score / train), tokens/s and prompts seen. Before the first iteration (logged
+as iteration 0: the starting policy, the baseline), every `rl.eval_every` iterations and at the end, the policy
+samples the first `rl.eval_prompts` test prompts with the eval stage's sampling settings and logs `eval_*` means of
+the same judges (without disturbing the training RNG).
 
 Checkpoints hold policy, critic, both optimizers and schedules, the RNG states, kl_coef and the iteration; a resumed
 run repeats exactly what the uninterrupted run does. Data parallel (`runtime.deepspeed`, several processes): policy
@@ -95,6 +96,7 @@ class RLStage(StageRun):
     """RL stage `mode` (rto, ppo or dppo): see the module docstring."""
 
     unit = "iterations"
+    eval_at_start = True  # iteration 0: the policy before RL, the baseline the eval curve is read against
 
     def __init__(self, mode: str, context: RunContext):
         self.name = self.mode = mode
@@ -168,7 +170,10 @@ class RLStage(StageRun):
         return evaluate_policy(self, self.eval_prompts)
 
     def progress(self, record: dict) -> dict:
-        return {"reward": record.get("true_reward", record.get("dpo_reward"))}
+        # Named for what it is: a bundled task's true reward r* when known, else the DPO implicit reward.
+        if record.get("true_reward") is not None:
+            return {"true_reward": record["true_reward"]}
+        return {"dpo_reward": record.get("dpo_reward")}
 
     def export(self, stage_dir: Path) -> None:
         self.actor.export(stage_dir / MODEL_DIR, self.tokenizer)
