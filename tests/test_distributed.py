@@ -10,6 +10,7 @@ tiny model and compare with the plain single-process run of the same global batc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -376,6 +377,17 @@ def test_zero3_dpo_with_the_reference_scored_once(single_process_run, tmp_path):
     for want, got in zip(expected, records):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
         assert got["reward_margin"] == pytest.approx(want["reward_margin"], rel=1e-3, abs=1e-5)
+    assert "reference freed" in (run / "train.log").read_text()
+
+
+def test_zero3_dpo_reference_table_with_fewer_batches_than_ranks(tmp_path):
+    """One evaluation pair, so one reference micro-batch for two ranks: the rank without a batch of its own still
+    joins every collective pass of the partitioned reference (it used to fail with an IndexError)."""
+    run = tmp_path / "run"
+    _run(run, "runtime.deepspeed={zero_optimization: {stage: 3}}", "stages=[sft,dpo]", "data.max_eval_samples=1",
+         "dpo.precompute_ref_logprobs=true", processes=2)
+    records = [r for r in _records(run) if r["stage"] == "dpo"]
+    assert records and all(math.isfinite(r["loss"]) for r in records)
     assert "reference freed" in (run / "train.log").read_text()
 
 

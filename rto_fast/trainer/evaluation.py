@@ -56,7 +56,7 @@ from .layout import EVAL_DIR, WIN_RATES_JSON
 from .models import TINY, ValueHeadModel, check_model_source, load_causal_lm
 from .packing import build_micro_batches
 from .pipeline import Wiring
-from .run import RunContext, autocast, split_even
+from .run import RunContext, autocast, rank_share
 from .scoring import response_sequence, sequence_judge_scores
 
 logger = logging.getLogger(__name__)
@@ -385,8 +385,7 @@ def _sample_and_judge(context: RunContext, models: list, prompts: list, judge: s
     scores: dict[str, dict[str, np.ndarray]] = {}
     samples: list[dict] = []
     # This rank's slice of the prompts (all of them in one process); slices are contiguous and gathered in rank order.
-    slices = split_even(list(range(len(prompts))), dist.world_size)
-    mine = slices[dist.rank] if dist.rank < len(slices) else []
+    mine = rank_share(list(range(len(prompts))), dist.world_size, dist.rank)
     my_prompts = [prompts[index] for index in mine]
     devices = [context.device] if context.device.type == "cuda" else []
     for name, path in models:

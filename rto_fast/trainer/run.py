@@ -66,6 +66,12 @@ def split_even(items: list, parts: int) -> list[list]:
     return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
+def rank_share(items: list, world_size: int, rank: int) -> list:
+    """This rank's chunk of `split_even(items, world_size)`: empty when there are fewer items than ranks."""
+    chunks = split_even(items, world_size)
+    return chunks[rank] if rank < len(chunks) else []
+
+
 class DataPlan:
     """Which examples each optimizer step (or RL iteration) uses; a pure function of (seed, step)."""
 

@@ -48,7 +48,7 @@ from .optimization import Optimization
 from .packing import PackedBatch, TokenizedSequence, first_fit_decreasing, pack, sequence_sums
 from .pipeline import Wiring
 from .profiling import phase
-from .run import DataPlan, RunContext, autocast, split_even
+from .run import DataPlan, RunContext, autocast, rank_share, split_even
 from .scoring import packed_logprobs
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,8 @@ class DPOStage(SupervisedStage):
         if not examples:
             return table
         batches = self.micro_batches(examples, list(range(len(examples))), budget)
-        mine = split_even(batches, dist.world_size)[dist.rank] if dist.parallel else batches
+        # A rank may get no batch at all (fewer batches than ranks): under ZeRO-3 it still joins every pass.
+        mine = rank_share(batches, dist.world_size, dist.rank) if dist.parallel else batches
         # A partitioned (ZeRO-3) reference runs collective forwards: every rank runs as many, extras are dropped.
         passes = dist.max(len(mine)) if distributed.zero_stage(dist) == 3 else len(mine)
         scored = []
