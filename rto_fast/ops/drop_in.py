@@ -132,9 +132,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
         logprobs = token_logprobs(logits, index, temperature=float(temperature),
                                   ignore_index=_NEVER_AN_INDEX).to(logits.dtype)
     else:
-        vocab_size = logits.shape[-1]
-        logits_2d = logits.reshape(-1, vocab_size)
-        logits_2d = logits_2d if logits_2d.is_contiguous() else logits_2d.contiguous()
+        logits_2d = logits.reshape(-1, logits.shape[-1]).contiguous()
         logprobs = _MultiIndexLogSoftmax.apply(logits_2d, index.reshape(logits_2d.shape[0], -1).long(),
                                                float(temperature))
         logprobs = logprobs.reshape(index.shape).to(logits.dtype)

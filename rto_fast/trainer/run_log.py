@@ -25,6 +25,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from .config import RL_MODES
 from .layout import EVAL_DIR
 from .report import answer_lines, draw_eval_figure, read_eval_result
 
@@ -46,8 +47,7 @@ RL_PANELS = [("true_reward", "eval_true_reward", "true reward r* (bundled task)"
              ("dpo_reward", "eval_dpo_reward", "DPO implicit reward"), ("rm_score", "eval_rm_score", "RM score"),
              ("kl", None, "KL(policy || ref) per response"), ("response_length", "eval_length", "response length"),
              ("vf_loss", None, "value loss"), ("clipfrac", None, "clip fraction")]
-RL_STAGES = ("rto", "ppo", "dppo")
-STAGE_PANELS.update({mode: RL_PANELS for mode in RL_STAGES})
+STAGE_PANELS.update({mode: RL_PANELS for mode in RL_MODES})
 # Columns of the summary table, when a stage has them.
 SUMMARY_KEYS = ("loss", "eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_accuracy", "kl",
                 "eval_dpo_reward", "eval_true_reward")
@@ -158,7 +158,7 @@ def _plot_eval(axis, stage: str, points: list[tuple]) -> None:
         return
     axis.plot(*zip(*points), "o-", label="eval", markersize=4)
     start = [value for step, value in points if step == 0]
-    if stage in RL_STAGES and start:
+    if stage in RL_MODES and start:
         axis.axhline(start[0], color="gray", linestyle="--", linewidth=1, label="SFT (iteration 0)")
 
 
@@ -191,7 +191,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
             if eval_key is not None:
                 _plot_eval(axis, stage, [(r["step"], r[eval_key]) for r in stage_records if _finite(r.get(eval_key))])
             axis.set_title(title)
-            axis.set_xlabel("iteration" if stage in RL_STAGES else "optimizer step")
+            axis.set_xlabel("iteration" if stage in RL_MODES else "optimizer step")
             axis.grid(alpha=0.3)
             if eval_key is not None:
                 axis.legend()

@@ -58,7 +58,7 @@ from ..optim import NonFiniteSteps
 from ..optimization import Optimization
 from ..pipeline import Wiring, uses_reward_model
 from ..profiling import phase
-from ..run import DataPlan, RunContext, split_even
+from ..run import DataPlan, RunContext, rank_share
 from . import rollout as rollouts
 from .update import ppo_update
 
@@ -316,7 +316,7 @@ class RLStage(StageRun):
         prompts = [self.context.train_prompts[i] for i in indices for _ in range(settings.samples_per_prompt)]
         started = time.perf_counter()
         if self.dist.parallel:  # this rank samples and scores its slice of the prompts; all slices are gathered after
-            prompts = split_even(prompts, self.dist.world_size)[self.dist.rank]
+            prompts = rank_share(prompts, self.dist.world_size, self.dist.rank)
         with phase("generate"):
             sampled = self.sample(prompts)
         generated = time.perf_counter()
