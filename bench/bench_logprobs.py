@@ -19,7 +19,9 @@ then `ops.token_logprobs`), "matmul + plain", and Liger's fused linear cross ent
 token_rewards_from_logits: `ops.token_rewards_from_logits` on three logits tensors vs "3x token_logprobs +
 token_rewards" and vs the floor of reading each logits tensor once (`x.sum(dtype=float32)` per tensor).
 
-Time: median of `--repeats` calls after one warmup call. Peak memory:
+Time: median of `--repeats` calls after one warmup call. On CPU the speed-up against TRL is also measured on
+`--pairs` alternating rto_fast / TRL calls (median of the per-pair ratios): the number the 3x forward target is
+checked on, since cases timed one after another on a shared machine can see different loads. Peak memory:
 - CUDA: `torch.cuda.max_memory_allocated()` during one call minus the memory allocated before it (inputs excluded).
 - CPU: for every case a fresh subprocess makes one tiny call (imports, one-time set-up), allocates the inputs, then
   makes one call; peak memory is the growth of the process's peak resident set (VmHWM, reset just before the
@@ -57,6 +59,8 @@ GPU_SHAPES = [(n, v) for n in (4096, 16384) for v in (32000, 128256, 151936)]
 CPU_SHAPES = [(2048, 32000, "float32"), (2048, 32000, "bfloat16")]
 CPU_SHAPES_QUICK = [(2048, 32000, "float32"), (2048, 32000, "bfloat16")]
 TRL_BATCH = 8
+# The CPU forward's speed-up target against TRL, in float32 and in bfloat16 (checked on the paired calls).
+CPU_TARGET_X_TRL = 3.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,6 +338,59 @@ def reward_impls():
             "3x token_logprobs + token_rewards": unfused, "read 3 logits once (floor)": read_once}
 
 
+def paired_times(kind, n, v, dtype, device, pairs):
+    """[(rto_fast ms, TRL ms)] for `pairs` pairs of calls, the two alternating on the same inputs.
+
+    A long run on a shared machine drifts (other tenants, clocks): cases timed one after the other can see different
+    machines, so the speed-up against TRL is also taken pair by pair, each pair seeing the same conditions.
+    """
+    impls = logprob_impls(device)
+    if impls["TRL"] is None:
+        return None
+    _trl()
+    backward = kind == "backward"
+    logits, labels = _logits_case(n, v, getattr(torch, dtype), device, backward)()
+
+    def timed(fn):
+        logits.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        if backward:
+            fn(logits, labels).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(logits, labels)
+        _sync(device)
+        return (time.perf_counter() - start) * 1e3
+
+    timed(impls["rto_fast"]), timed(impls["TRL"])  # warmup
+    return [(timed(impls["rto_fast"]), timed(impls["TRL"])) for _ in range(pairs)]
+
+
+def paired_section(shapes, device, pairs, target):
+    lines = [f"## token_logprobs against TRL, paired calls (the speed-up target: forward >= {target:g}x TRL)", "",
+             f"rto_fast and TRL called alternately, {pairs} pairs on the same inputs; the ratio is TRL time / rto_fast "
+             "time per pair (median, and the middle half of the pairs). This is the number the target is checked "
+             "on: each pair sees the same machine, which the sequential tables above cannot promise.", "",
+             "| N x V dtype | pass | rto_fast ms | TRL ms | x TRL (median) | x TRL (25%-75%) | target |",
+             "|---|---|---|---|---|---|---|"]
+    for n, v, dtype in shapes:
+        for kind, title in (("forward", "forward"), ("backward", "forward + backward")):
+            times = paired_times(kind, n, v, dtype, device, pairs)
+            if times is None:
+                lines.append(f"| {n} x {v} {dtype} | {title} | n/a | n/a (TRL not installed) | | | |")
+                continue
+            ratios = sorted(peer / ours for ours, peer in times)
+            quartile = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            median = statistics.median(ratios)
+            verdict = ("met" if median >= target else "NOT met") if kind == "forward" else ""
+            lines.append(f"| {n} x {v} {dtype} | {title} | {statistics.median(t[0] for t in times):.1f} | "
+                         f"{statistics.median(t[1] for t in times):.1f} | {median:.2f}x | "
+                         f"{quartile[0]:.2f}x-{quartile[2]:.2f}x | {verdict} |")
+            print("paired", kind, n, v, dtype, f"{median:.2f}x", flush=True)
+    return lines + [""]
+
+
 def _available(spec, device):
     """False for peers that cannot run here (no need to start a subprocess to find out)."""
     kind, impl = spec["kind"], spec["impl"]
@@ -419,6 +476,8 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="alternating rto_fast / TRL call pairs for the paired speed-up (CPU; default 15, 7 with --quick)")
     parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = args.device
@@ -495,6 +554,9 @@ def main():
                     f"{results[x][3]:.1e}" if _ok(results[x]) and len(results[x]) > 3 else "n/a"
                     for x in shown) + " |")
             lines.append("")
+
+    if device == "cpu":
+        lines += paired_section(shapes, device, args.pairs or (7 if args.quick else 15), CPU_TARGET_X_TRL)
 
     # linear_token_logprobs
     if device == "cuda":

@@ -60,10 +60,10 @@ RTO_INLINE float row_max(const T* x, int64_t vocab) {
   int64_t i = 0;
   for (; i + 2 * W <= vocab; i += 2 * W) {
     const f u = load<W>(x, i), v = load<W>(x, i + W);
-    a = u > a ? u : a;
-    b = v > b ? v : b;
+    a = max_ps<W>(u, a);
+    b = max_ps<W>(v, b);
   }
-  float best = horizontal_max<W>(a > b ? a : b);
+  float best = horizontal_max<W>(max_ps<W>(a, b));
   for (; i < vocab; ++i) best = std::max(best, load1(x, i));
   return best;
 }
@@ -77,14 +77,21 @@ RTO_INLINE float block_max(const float* x, int64_t count, float* /*converted*/) 
 template <int W>
 RTO_INLINE float block_max(const Bf16* x, int64_t count, float* converted) {
   using f = typename Vec<W>::f;
-  f a = splat<W>(-INFINITY);
+  f a = splat<W>(-INFINITY), b = a;  // two chains: one max per vector would wait on the previous one
   int64_t i = 0;
+  for (; i + 2 * W <= count; i += 2 * W) {
+    const f u = load<W>(x, i), v = load<W>(x, i + W);
+    store<W>(converted, i, u);
+    store<W>(converted, i + W, v);
+    a = max_ps<W>(u, a);
+    b = max_ps<W>(v, b);
+  }
   for (; i + W <= count; i += W) {
     const f u = load<W>(x, i);
     store<W>(converted, i, u);
-    a = u > a ? u : a;
+    a = max_ps<W>(u, a);
   }
-  float best = horizontal_max<W>(a);
+  float best = horizontal_max<W>(max_ps<W>(a, b));
   for (; i < count; ++i) {
     converted[i] = load1(x, i);
     best = std::max(best, converted[i]);
@@ -102,8 +109,9 @@ RTO_INLINE void prefetch_block(const T* block) {
   for (int64_t offset = 0; offset < kBlock * int64_t(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
 }
 
-// One row of the forward: log-prob of `label`, (m, log s) and optionally the entropy.
-template <int W, bool Scale, typename T>
+// One row of the forward: log-prob of `label`, (m, log s) and, with Entropy, the entropy. Entropy is a compile-time
+// flag: tested inside the loop, it kept the entropy accumulators in memory rather than in registers.
+template <int W, bool Scale, bool Entropy, typename T>
 RTO_INLINE void forward_row(const T* x, int64_t label, int64_t vocab, float temperature, float* logprob,
                             float* stats, float* entropy) {
   using f = typename Vec<W>::f;
@@ -133,12 +141,12 @@ RTO_INLINE void forward_row(const T* x, int64_t label, int64_t vocab, float temp
     int64_t i = 0;
     for (; i + 2 * W <= count; i += 2 * W) {
       // The clamped d keeps 0 * -inf out of the entropy sum.
-      const f d_a = clamp_exp_input(scaled(load<W>(values, i), scale, temperature) - m);
-      const f d_b = clamp_exp_input(scaled(load<W>(values, i + W), scale, temperature) - m);
+      const f d_a = clamp_exp_input<W>(scaled(load<W>(values, i), scale, temperature) - m);
+      const f d_b = clamp_exp_input<W>(scaled(load<W>(values, i + W), scale, temperature) - m);
       const f e_a = exp_clamped<W>(d_a), e_b = exp_clamped<W>(d_b);
       s_a += e_a;
       s_b += e_b;
-      if (entropy) {
+      if constexpr (Entropy) {
         t_a += e_a * d_a;
         t_b += e_b * d_b;
       }
@@ -151,22 +159,33 @@ RTO_INLINE void forward_row(const T* x, int64_t label, int64_t vocab, float temp
       tail_t += e * d;
     }
     s += horizontal_sum<W>(s_a + s_b) + tail_s;
-    if (entropy) t += horizontal_sum<W>(t_a + t_b) + tail_t;
+    if constexpr (Entropy) t += horizontal_sum<W>(t_a + t_b) + tail_t;
   }
   const double log_s = std::log(s);
   *logprob = static_cast<float>(double(scaled(load1(x, label), scale, temperature) - m) - log_s);
   stats[0] = m;
   stats[1] = static_cast<float>(log_s);
-  if (entropy) *entropy = static_cast<float>(log_s - t / s);
+  if constexpr (Entropy) *entropy = static_cast<float>(log_s - t / s);
+}
+
+// The gradient of `W` logits at x[i]: -p (g_lp + g_h (log p + H)) / T (the label's column is done separately).
+template <int W, bool Scale, bool Entropy, typename T>
+RTO_INLINE void backward_vector(const T* x, T* out, int64_t i, float temperature, float m, float log_s, float g_h,
+                                float base) {
+  using f = typename Vec<W>::f;
+  const f log_p = clamp_exp_input<W>((scaled(load<W>(x, i), Scale, temperature) - m) - log_s);
+  const f p = exp_clamped<W>(log_p);
+  f grad = Entropy ? -p * (base + g_h * log_p) : -p * base;
+  if (Scale) grad *= 1.0f / temperature;
+  store<W>(out, i, grad);
 }
 
 // One row of the backward: grad = (g_lp [col == label] - p (g_lp + g_h (log p + H))) / T into `out`, which may be
 // the row itself (every element is read before it is written; the label's column is finished last). p = 0 wherever
-// log p is clamped, so the clamp never shows in the gradient.
-template <int W, bool Scale, typename T>
+// log p is clamped, so the clamp never shows in the gradient. Blocks of kBlock as in the forward, for the prefetch.
+template <int W, bool Scale, bool Entropy, typename T>
 RTO_INLINE void backward_row(const T* x, T* out, int64_t label, int64_t vocab, float temperature, float m, float log_s,
-                             float g_lp, float g_h, float entropy, bool with_entropy) {
-  using f = typename Vec<W>::f;
+                             float g_lp, float g_h, float entropy) {
   constexpr bool scale = Scale;
   const float inv_temperature = 1.0f / temperature;
   const float base = g_lp + g_h * entropy;
@@ -174,23 +193,24 @@ RTO_INLINE void backward_row(const T* x, T* out, int64_t label, int64_t vocab, f
   float label_grad = 0.0f;
   if (has_label) {
     const float log_p = clamp_exp_input((scaled(load1(x, label), scale, temperature) - m) - log_s);
-    label_grad = g_lp - exp_clamped(log_p) * (with_entropy ? base + g_h * log_p : base);
+    label_grad = g_lp - exp_clamped(log_p) * (Entropy ? base + g_h * log_p : base);
     if (scale) label_grad *= inv_temperature;
   }
-  int64_t i = 0;
-  for (; i + W <= vocab; i += W) {
-    if (i % kBlock == 0) prefetch_block(x + i + kPrefetchBlocks * kBlock);
-    const f log_p = clamp_exp_input((scaled(load<W>(x, i), scale, temperature) - m) - log_s);
-    const f p = exp_clamped<W>(log_p);
-    f grad = with_entropy ? -p * (base + g_h * log_p) : -p * base;
-    if (scale) grad *= inv_temperature;
-    store<W>(out, i, grad);
-  }
-  for (; i < vocab; ++i) {
-    const float log_p = clamp_exp_input((scaled(load1(x, i), scale, temperature) - m) - log_s);
-    float grad = -exp_clamped(log_p) * (with_entropy ? base + g_h * log_p : base);
-    if (scale) grad *= inv_temperature;
-    store1(out, i, grad);
+  for (int64_t begin = 0; begin < vocab; begin += kBlock) {
+    const int64_t end = std::min(vocab, begin + kBlock);
+    prefetch_block(x + begin + kPrefetchBlocks * kBlock);
+    int64_t i = begin;
+    for (; i + 2 * W <= end; i += 2 * W) {
+      backward_vector<W, Scale, Entropy>(x, out, i, temperature, m, log_s, g_h, base);
+      backward_vector<W, Scale, Entropy>(x, out, i + W, temperature, m, log_s, g_h, base);
+    }
+    for (; i + W <= end; i += W) backward_vector<W, Scale, Entropy>(x, out, i, temperature, m, log_s, g_h, base);
+    for (; i < end; ++i) {
+      const float log_p = clamp_exp_input((scaled(load1(x, i), scale, temperature) - m) - log_s);
+      float grad = -exp_clamped(log_p) * (Entropy ? base + g_h * log_p : base);
+      if (scale) grad *= inv_temperature;
+      store1(out, i, grad);
+    }
   }
   if (has_label) store1(out, label, label_grad);
 }
@@ -201,19 +221,29 @@ RTO_INLINE void backward_row(const T* x, T* out, int64_t label, int64_t vocab, f
   template <typename T>                                                                                              \
   ATTRIBUTES void forward_row_##SUFFIX(const T* x, int64_t label, int64_t vocab, float temperature, float* logprob,  \
                                        float* stats, float* entropy) {                                              \
-    if (temperature != 1.0f)                                                                                         \
-      forward_row<WIDTH, true>(x, label, vocab, temperature, logprob, stats, entropy);                              \
+    const bool scale = temperature != 1.0f;                                                                          \
+    if (scale && entropy)                                                                                            \
+      forward_row<WIDTH, true, true>(x, label, vocab, temperature, logprob, stats, entropy);                        \
+    else if (scale)                                                                                                  \
+      forward_row<WIDTH, true, false>(x, label, vocab, temperature, logprob, stats, entropy);                       \
+    else if (entropy)                                                                                                \
+      forward_row<WIDTH, false, true>(x, label, vocab, temperature, logprob, stats, entropy);                       \
     else                                                                                                             \
-      forward_row<WIDTH, false>(x, label, vocab, temperature, logprob, stats, entropy);                             \
+      forward_row<WIDTH, false, false>(x, label, vocab, temperature, logprob, stats, entropy);                      \
   }                                                                                                                  \
   template <typename T>                                                                                              \
   ATTRIBUTES void backward_row_##SUFFIX(const T* x, T* out, int64_t label, int64_t vocab, float temperature,        \
                                         float m, float log_s, float g_lp, float g_h, float entropy,                 \
                                         bool with_entropy) {                                                         \
-    if (temperature != 1.0f)                                                                                         \
-      backward_row<WIDTH, true>(x, out, label, vocab, temperature, m, log_s, g_lp, g_h, entropy, with_entropy);     \
+    const bool scale = temperature != 1.0f;                                                                          \
+    if (scale && with_entropy)                                                                                       \
+      backward_row<WIDTH, true, true>(x, out, label, vocab, temperature, m, log_s, g_lp, g_h, entropy);             \
+    else if (scale)                                                                                                  \
+      backward_row<WIDTH, true, false>(x, out, label, vocab, temperature, m, log_s, g_lp, g_h, entropy);            \
+    else if (with_entropy)                                                                                           \
+      backward_row<WIDTH, false, true>(x, out, label, vocab, temperature, m, log_s, g_lp, g_h, entropy);            \
     else                                                                                                             \
-      backward_row<WIDTH, false>(x, out, label, vocab, temperature, m, log_s, g_lp, g_h, entropy, with_entropy);    \
+      backward_row<WIDTH, false, false>(x, out, label, vocab, temperature, m, log_s, g_lp, g_h, entropy);           \
   }
 
 RTO_SIMD_COPIES(RTO_ROW_FUNCTIONS, 4, 8, 16)

@@ -262,6 +262,30 @@ def test_cpu_implementations_special_values(cpu_impl, dtype):
     assert torch.isfinite(grad).all() and torch.all(grad[:, 600:] == 0)
 
 
+@pytest.mark.cpu_path
+@pytest.mark.parametrize("cpu_impl", CPU_IMPLS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_implementations_far_tail(cpu_impl, dtype):
+    # Logits 80 to 104 below the row's max: where exp(z - m) leaves float32's normal range, and where the C++ exp's
+    # clamp (z - m >= -88) and its 2^n from exponent bits meet. The gradient of the max's log-prob there is
+    # -exp(z - m) (the sum is 1 to float precision): a wrong exponent would show as a huge or positive number.
+    offsets = torch.cat([torch.linspace(-104.0, -80.0, 481), torch.tensor([-88.0, -87.68, -87.34, 0.0])])
+    logits = (offsets + 5.0).to(dtype).repeat(3, 1)
+    labels = torch.tensor([len(offsets) - 1, 0, 200])
+    leaf = logits.clone().requires_grad_()
+    logprobs, entropy = ops.token_logprobs(leaf, labels, return_entropy=True)
+    expected_lp, expected_h = reference.token_logprobs(logits.double(), labels, return_entropy=True)
+    assert_within_budget(logprobs, expected_lp, name="far-tail logprobs")
+    assert_within_budget(entropy, expected_h, name="far-tail entropy")
+    logprobs[0].backward()
+    tail = leaf.grad[0, :-1].double()  # every column but the max, which is row 0's label
+    exact = -(logits[0, :-1].double() - logits[0, -1].double()).exp()
+    tolerance = (2.0**-7 if dtype == torch.bfloat16 else 1e-5) * exact.abs() + 2.0**-126  # subnormals may flush
+    assert torch.all((tail - exact).abs() <= tolerance)
+    if cpu_impl != "aten":  # ATen's exp keeps subnormals down to about -103.3; the C++ exp is exactly 0 from -88
+        assert torch.all(tail[logits[0, :-1].float() - logits[0, -1].float() <= -88.0] == 0)
+
+
 def test_set_cpu_isa_rejects_unknown_names():
     from rto_fast import _C
 
