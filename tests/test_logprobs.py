@@ -403,7 +403,9 @@ def test_linear_token_logprobs(backend, device, dtype, shape, hidden_size, vocab
             assert grad is None
             continue
         assert grad.dtype == dtype
-        assert_within_budget(grad, expected, baseline, dtype=budget_dtype, name=f"grad {name}")
+        # GRAD_SLACK, as for token_logprobs: over 200 draws of each case (C++ row kernels) the float32 gradients reached
+        # 2.01x (weight, chunked) and 1.91x (bias) the slack-1 budget, so slack 2 failed about 1 draw in 300.
+        assert_within_budget(grad, expected, baseline, dtype=budget_dtype, name=f"grad {name}", slack=GRAD_SLACK)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
