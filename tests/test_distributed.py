@@ -221,6 +221,10 @@ def single_process_run(tmp_path_factory):
 # Adam's first steps move every weight by about lr (3e-3 for SFT); summing the step's gradient over ranks in another
 # order changes the weights by ~1e-6 after two steps. A wrong loss scale or a lost micro-batch moves them by ~1e-3.
 WEIGHT_TOLERANCE = 1e-4
+# Logged values compared between runs to rel 1e-4, abs 1e-6, except: the KL is a mean of log-prob differences near 0,
+# each log-prob carrying float32 rounding of about 1e-6, and under ZeRO-3 it moved by 2e-7 to 1e-6 from the one-process
+# value (LoRA, step 3: 5.4e-7 with the earlier exp of the CPU row kernels, 1.0e-6 with the current one).
+ABSOLUTE_SLACK = {"kl": 5e-6}
 
 
 @deepspeed_installed
@@ -255,7 +259,8 @@ def test_two_ranks_match_one_process(single_process_run, tmp_path, zero_stage):
         for key in ("loss", "grad_norm", "kl", "dpo_reward", "pg_loss", "vf_loss", "grad_norm_actor",
                     "grad_norm_critic", "entropy", "response_length"):
             if key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"{want['stage']} {key}"
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=ABSOLUTE_SLACK.get(key, 1e-6)), \
+                    f"{want['stage']} {key}"
     # Eval: each rank sampled (greedily) and judged its slice of the prompts; rank 0 wrote the gathered result.
     expected_eval = json.loads((single_process_run / "eval" / "win_rates.json").read_text())
     got_eval = json.loads((run / "eval" / "win_rates.json").read_text())
@@ -410,7 +415,8 @@ def test_lora_under_zero_matches_one_process_and_resumes_identically(tmp_path, z
     for want, got in zip(_records(plain), _records(full)):
         for key in ("loss", "kl", "pg_loss", "vf_loss"):
             if key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"{want['stage']} {key}"
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=ABSOLUTE_SLACK.get(key, 1e-6)), \
+                    f"{want['stage']} {key}"
     checkpoint = full / "rto" / "checkpoints" / "step-00000002"
     assert (checkpoint / "model" / "adapter_model.safetensors").is_file()
     engine_files = [path.stat().st_size for path in checkpoint.rglob("*model_states.pt")]
